@@ -1,0 +1,1 @@
+"""clorch orchestrator: experiment files, the command line, and (later) Ray sweeps and MLflow tracking."""

@@ -1,0 +1,1 @@
+"""clorch workloads: the science in plain PyTorch (never imports ray or mlflow)."""

@@ -1,0 +1,257 @@
+"""The Discrete Key-Value Bottleneck (Träuble et al., ICML 2023).
+
+An embedding x (D) is projected into C heads (d_k each) by fixed random matrices; each head looks up its
+nearest key(s) in its own codebook of K keys and fetches the paired value(s) (d_v). Keys are learned once on
+unlabelled data and then frozen; only the values train on the non-stationary stream, so an update touches
+only the values that the current inputs select.
+
+Shapes: B samples, D input dim, C codebooks (= heads), K keys per codebook, d_k key dim, d_v value dim.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The lookup materialises (C, b, K) scores; b is chosen so that this stays near 64M floats (256 MB).
+SCORE_BUDGET = 64 * 2**20
+
+
+def random_projection(input_dim: int, num_codebooks: int, key_dim: int, gen: torch.Generator,
+                      density: float | None = None) -> torch.Tensor:
+    """(D, C * d_k) Gaussian (or sparse +-1) projection, every column unit-norm over the input dimension."""
+    if density is None:
+        proj = torch.randn(input_dim, num_codebooks * key_dim, generator=gen)
+    else:
+        # Very sparse random projection (Li et al. 2006): +-1 with probability density / 2 each, else 0.
+        u = torch.rand(input_dim, num_codebooks * key_dim, generator=gen)
+        proj = torch.where(u < density / 2, 1.0, torch.where(u < density, -1.0, 0.0))
+        empty = (proj != 0).sum(0) == 0  # a column of zeros would make a head constant
+        rows = torch.randint(input_dim, (int(empty.sum()),), generator=gen)
+        proj[rows, empty.nonzero().squeeze(1)] = 1.0
+    return proj / proj.norm(dim=0, keepdim=True)
+
+
+class KeyValueBottleneck(nn.Module):
+    """C codebooks of K (key, value) pairs behind fixed random projections; values are the trained tensor."""
+
+    def __init__(self, input_dim: int, num_codebooks: int, num_keys: int, key_dim: int, value_dim: int,
+                 topk: int = 1, projection: Literal["fixed", "learnable", "sparse"] = "fixed",
+                 projection_density: float | None = None, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.num_codebooks, self.key_dim, self.value_dim, self.topk = num_codebooks, key_dim, value_dim, topk
+        self.projection = projection
+        if projection == "sparse":
+            density = projection_density or 1.0 / math.sqrt(input_dim)
+            proj = random_projection(input_dim, num_codebooks, key_dim, gen, density)
+            self.register_buffer("proj_t", proj.t().contiguous().to_sparse_csr())  # (C*d_k, D)
+        else:
+            proj = random_projection(input_dim, num_codebooks, key_dim, gen)
+            if projection == "learnable":
+                self.proj = nn.Parameter(proj)  # (D, C*d_k)
+            else:
+                self.register_buffer("proj", proj)
+        self.register_buffer("keys", torch.randn(num_codebooks, num_keys, key_dim, generator=gen))  # (C, K, d_k)
+        self.register_buffer("usage", torch.zeros(num_codebooks, num_keys, dtype=torch.long))  # selections
+        self.register_buffer("alive", torch.ones(num_codebooks, num_keys, dtype=torch.bool))  # False once pruned
+        self.values = nn.Parameter(torch.zeros(num_codebooks, num_keys, value_dim))  # (C, K, d_v)
+        self.mask_unused = False  # set by the owner: at evaluation, never-selected keys cannot be fetched
+
+    @property
+    def num_keys(self) -> int:
+        return self.keys.shape[1]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, C, d_k)."""
+        if self.projection == "sparse":
+            z = (self.proj_t @ x.t()).t()
+        else:
+            z = x @ self.proj
+        return z.reshape(len(x), self.num_codebooks, self.key_dim)
+
+    def lookup(self, z: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """(B, C, d_k) -> (B, C, k) indices of the nearest keys, batched over heads and samples."""
+        k = k or self.topk
+        keys = self.keys
+        # ||z - key||^2 = ||z||^2 - 2 z.key + ||key||^2; ||z||^2 does not change the ranking.
+        bias = (keys * keys).sum(-1, keepdim=True).transpose(1, 2)  # (C, 1, K)
+        allowed = self.alive
+        if self.mask_unused and not self.training:
+            used = self.usage > 0
+            allowed = allowed & torch.where(used.any(1, keepdim=True), used, True)  # codebooks with no use: all keys
+        bias = bias.masked_fill(~allowed.unsqueeze(1), float("inf"))
+        zc = z.transpose(0, 1)  # (C, B, d_k)
+        step = max(1, SCORE_BUDGET // (self.num_codebooks * self.num_keys))
+        out = []
+        for start in range(0, zc.shape[1], step):  # bounded memory, not a loop over heads or samples
+            scores = torch.baddbmm(bias, zc[:, start:start + step], keys.transpose(1, 2), alpha=-2.0)  # (C, b, K)
+            out.append(scores.topk(k, dim=-1, largest=False).indices)  # (C, b, k)
+        return torch.cat(out, 1).transpose(0, 1)  # (B, C, k)
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, C, k) indices -> (B, C, d_v): the selected values, averaged over the k nearest keys."""
+        heads = torch.arange(self.num_codebooks, device=idx.device).view(1, -1, 1)
+        return self.values[heads, idx].mean(2)
+
+    def count_usage(self, idx: torch.Tensor) -> None:
+        """Add one selection per (sample, codebook, key) in idx (B, C, k) to the usage counters."""
+        flat = (idx + self._row_offsets(idx.device)).reshape(-1)
+        self.usage.view(-1).add_(torch.bincount(flat, minlength=self.usage.numel()))
+
+    def _row_offsets(self, device) -> torch.Tensor:
+        return (torch.arange(self.num_codebooks, device=device) * self.num_keys).view(1, -1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, C, d_v). A learnable projection gets gradients through a straight-through estimator."""
+        z = self.project(x)
+        if self.projection != "learnable" or not self.training:
+            with torch.no_grad():
+                idx = self.lookup(z)
+            return self.fetch(idx)
+        # Straight-through: forward = hard lookup; backward = soft attention over the nearest candidates.
+        with torch.no_grad():
+            cand = self.lookup(z, k=min(self.num_keys, max(4, 2 * self.topk)))  # (B, C, m)
+        idx = cand[:, :, : self.topk]
+        heads = torch.arange(self.num_codebooks, device=x.device).view(1, -1, 1)
+        dist = (z.unsqueeze(2) - self.keys[heads, cand]).pow(2).sum(-1)  # (B, C, m)
+        weights = torch.softmax(-dist / dist.detach().mean(-1, keepdim=True).clamp_min(1e-8), -1)
+        soft = (weights.unsqueeze(-1) * self.values[heads, cand]).sum(2)  # (B, C, d_v)
+        return self.fetch(idx) + soft - soft.detach()
+
+    @torch.no_grad()
+    def prune(self) -> int:
+        """Drop key-value pairs never selected; codebooks keep a common K (padding marked not alive)."""
+        keep = (self.usage > 0) & self.alive
+        new_k = max(1, int(keep.sum(1).max()))
+        order = torch.sort(keep.int(), dim=1, descending=True, stable=True).indices[:, :new_k]  # kept first
+        gather = lambda t: torch.gather(t, 1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand(
+            -1, -1, *t.shape[2:]))
+        removed = int(self.alive.sum() - keep.sum())
+        self.keys = gather(self.keys)
+        self.usage = gather(self.usage)
+        self.alive = gather(keep)
+        self.values = nn.Parameter(gather(self.values.data))
+        log.info("pruned %d never-selected key-value pairs; %d keys per codebook remain", removed, new_k)
+        return removed
+
+    def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Reshape keys / values / usage / alive to a (possibly pruned) state's sizes before loading it."""
+        k = state[prefix + "keys"].shape[1]
+        if k != self.num_keys:
+            c = self.num_codebooks
+            self.keys = torch.empty(c, k, self.key_dim, device=self.keys.device)
+            self.usage = torch.empty(c, k, dtype=torch.long, device=self.usage.device)
+            self.alive = torch.empty(c, k, dtype=torch.bool, device=self.alive.device)
+            self.values = nn.Parameter(torch.empty(c, k, self.value_dim, device=self.values.device))
+
+
+# --- key learning ---------------------------------------------------------------------------------------------
+
+def _assign(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(N, C, d_k), (C, K, d_k) -> (N, C) index of the nearest key, memory-bounded."""
+    bias = (keys * keys).sum(-1).unsqueeze(1)  # (C, 1, K)
+    zc = z.transpose(0, 1)
+    step = max(1, SCORE_BUDGET // (keys.shape[0] * keys.shape[1]))
+    parts = [torch.baddbmm(bias, zc[:, s:s + step], keys.transpose(1, 2), alpha=-2.0).argmin(-1)
+             for s in range(0, zc.shape[1], step)]
+    return torch.cat(parts, 1).t()
+
+
+def _sample_rows(z: torch.Tensor, num_keys: int, gen: torch.Generator) -> torch.Tensor:
+    """(N, C, d_k) -> (C, K, d_k): for each codebook, K inputs drawn at random (independently per codebook)."""
+    n, c, _ = z.shape
+    if n >= num_keys:
+        idx = torch.argsort(torch.rand(c, n, generator=gen), dim=1)[:, :num_keys]  # without replacement
+    else:
+        idx = torch.randint(n, (c, num_keys), generator=gen)
+    return z.transpose(0, 1)[torch.arange(c).unsqueeze(1), idx.to(z.device)]
+
+
+def _cluster_sums(z: torch.Tensor, assign: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per codebook: sum of assigned inputs (C, K, d_k) and their count (C, K)."""
+    n, c, d = z.shape
+    flat = (assign + torch.arange(c, device=z.device) * num_keys).reshape(-1)  # (N*C,)
+    sums = torch.zeros(c * num_keys, d, device=z.device).index_add_(0, flat, z.reshape(-1, d))
+    counts = torch.bincount(flat, minlength=c * num_keys).to(z.dtype)
+    return sums.view(c, num_keys, d), counts.view(c, num_keys)
+
+
+@torch.no_grad()
+def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans", "ema"], epochs: int = 10,
+               decay: float = 0.95, batch_size: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Keys (C, K, d_k) from unlabelled projected inputs z (N, C, d_k).
+
+    random: K inputs drawn per codebook. kmeans: Lloyd's algorithm for `epochs` iterations. ema: VQ-style
+    EMA k-means over mini-batches (cluster sizes and sums decayed by `decay`); after each epoch, keys that no
+    input selected during it (dead keys) are replaced by random inputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    keys = _sample_rows(z, num_keys, gen)
+    if method == "random":
+        return keys
+    n, c, _ = z.shape
+    if method == "kmeans":
+        for epoch in range(epochs):
+            sums, counts = _cluster_sums(z, _assign(z, keys), num_keys)
+            empty = counts == 0
+            keys = torch.where(empty.unsqueeze(-1), _sample_rows(z, num_keys, gen), sums / counts.clamp_min(1).unsqueeze(-1))
+            log.info("key k-means epoch %d/%d: %.1f%% empty keys re-seeded", epoch + 1, epochs, 100 * empty.float().mean())
+        return keys
+    ema_count = torch.ones(c, num_keys, device=z.device)
+    ema_sum = keys.clone()
+    for epoch in range(epochs):
+        hits = torch.zeros(c, num_keys, device=z.device)
+        order = torch.randperm(n, generator=gen).to(z.device)
+        for start in range(0, n, batch_size):
+            batch = z[order[start:start + batch_size]]
+            sums, counts = _cluster_sums(batch, _assign(batch, keys), num_keys)
+            hits += counts
+            ema_count.mul_(decay).add_(counts, alpha=1 - decay)
+            ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
+            # Laplace smoothing keeps keys with tiny counts finite.
+            total = ema_count.sum(1, keepdim=True)
+            smoothed = (ema_count + 1e-5) / (total + num_keys * 1e-5) * total
+            keys = ema_sum / smoothed.unsqueeze(-1)
+        dead = hits == 0
+        if dead.any():
+            fresh = _sample_rows(z, num_keys, gen)
+            keys = torch.where(dead.unsqueeze(-1), fresh, keys)
+            ema_sum = torch.where(dead.unsqueeze(-1), fresh, ema_sum)
+            ema_count = torch.where(dead, 1.0, ema_count)
+        log.info("key EMA epoch %d/%d: %.1f%% dead keys replaced", epoch + 1, epochs, 100 * dead.float().mean())
+    return keys
+
+
+def bottleneck_bytes(num_codebooks: int, num_keys: int, key_dim: int, value_dim: int) -> int:
+    """Memory of keys, values, their gradient and the usage / alive counters, in bytes."""
+    return num_codebooks * num_keys * (4 * key_dim + 8 * value_dim + 8 + 1)
+
+
+def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr: float,
+                    grad_clip: float | None, label_smoothing: float) -> float:
+    """One SGD step of the voting decoder's loss that reads and writes only the value rows idx selects.
+
+    Exact for SGD without momentum or weight decay: the dense gradient is zero outside those rows, so its norm
+    (for clipping) and the update agree with the plain autograd path. values: (C, K, d_v), idx: (B, C, k).
+    """
+    b, c, k = idx.shape
+    num_keys, d_v = values.shape[1], values.shape[2]
+    flat = (idx + (torch.arange(c, device=idx.device) * num_keys).view(1, -1, 1)).reshape(-1)
+    rows, inverse = torch.unique(flat, return_inverse=True)
+    table = values.view(-1, d_v)
+    touched = table[rows].requires_grad_()  # (R, d_v)
+    logits = touched[inverse].view(b, c, k, d_v).mean(2).mean(1)  # vote: average over keys, then codebooks
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    (grad,) = torch.autograd.grad(loss, touched)
+    if grad_clip is not None:
+        # Same rule as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1.
+        grad = grad * (grad_clip / (grad.norm() + 1e-6)).clamp(max=1.0)
+    table.index_add_(0, rows, grad, alpha=-lr)
+    return float(loss.detach())

@@ -1,0 +1,279 @@
+"""The run configuration: one dataclass tree, its defaults, and strict parsing from plain dicts.
+
+Every option a run accepts is a field below (or a field of a learner's own options class, registered in
+`workloads.learners`). `parse_run_config` turns a dict (from YAML) into a `RunConfig`, rejecting unknown keys
+and wrong types with a `ConfigError` that names the dotted key and what is accepted.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message names the offending key or value and what is accepted."""
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled data comes from and how it is cut into class-incremental stages."""
+
+    source: Literal["toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "digits"
+    root: str | None = None  # cifar: folder holding (or receiving) the archive; image_folder: the folder; npz: the file
+    download: bool = False  # cifar only: let torchvision download into `root` (needs a network)
+    classes_per_stage: int = 2
+    stages: list[list[int]] | None = None  # explicit stages (lists of class ids); overrides classes_per_stage
+    class_order_seed: int | None = None  # None keeps the natural class order; kept apart from the training seed
+    image_size: int = 32  # image_folder: images are resized to image_size x image_size
+    test_fraction: float = 0.3  # digits / image_folder: stratified held-out fraction (fixed split seed 0)
+    train_samples_per_class: int = 50  # toy2d: 50 per class = the paper's 100 samples per stage
+    test_samples_per_class: int = 200  # toy2d
+
+
+@dataclass
+class KeyInitData:
+    """Unlabelled inputs that a DKVB learns its keys on, when not the stream's own training inputs."""
+
+    source: Literal["unit_square", "toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "unit_square"
+    root: str | None = None
+    download: bool = False
+    num_samples: int = 10000  # unit_square: uniform samples of [0, 1]^2; other sources: at most this many
+    image_size: int = 32
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen encoder in front of the learner (`identity` for vector data)."""
+
+    name: str = "identity"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    layer: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """How each stage is trained: the same for every learner."""
+
+    epochs: int = 1  # passes over each stage's training data
+    batch_size: int | None = 256  # None = full batch
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class RunConfig:
+    """One run: data stream, backbone, learner, training schedule, seed."""
+
+    name: str = "run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    learner: Any = None  # the chosen learner's options dataclass (has a `name` field); see workloads.learners
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None  # a named config from PRESETS, applied under the file's own keys
+
+
+# Named configs: merged under the user's keys, so anything set explicitly wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Träuble et al. (ICML 2023): 256 codebooks of 4096 keys of dimension 14, values of dimension = number of
+    # classes read by the voting decoder, SGD lr 0.3 without momentum, gradient clipping 1.0, batch 256,
+    # label smoothing 0.1. Only the values are trained.
+    "dkvb_paper": {
+        "learner": {
+            "name": "dkvb", "num_codebooks": 256, "num_keys": 4096, "key_dim": 14, "value_dim": None,
+            "decoder": "vote", "key_init": "ema", "key_init_decay": 0.95,
+        },
+        "train": {
+            "optimizer": "sgd", "lr": 0.3, "momentum": 0.0, "weight_decay": 0.0, "grad_clip": 1.0,
+            "batch_size": 256, "label_smoothing": 0.1,
+        },
+    },
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A new dict: `override` laid over `base`, recursing into nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_run_config(raw: dict | None) -> RunConfig:
+    """Validate a plain dict into a RunConfig, applying its preset; raises ConfigError on any mistake."""
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the run config must be a mapping, got {type(raw).__name__}")
+    preset = raw.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r}; accepted: {', '.join(sorted(PRESETS))}")
+        raw = deep_merge(PRESETS[preset], raw)
+    learner_raw = raw.pop("learner", None)
+    config = from_dict(RunConfig, raw, "")
+    config.learner = parse_learner(learner_raw)
+    check_run_config(config)
+    return config
+
+
+def parse_learner(raw: Any):
+    """The learner block: `name` picks the learner, whose options class validates the rest."""
+    from workloads.learners import LEARNERS  # the registry imports learners, which import this module
+
+    raw = {"name": "dkvb"} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"learner: expected a mapping with a 'name', got {raw!r}")
+    name = raw.get("name", "dkvb")
+    if name not in LEARNERS:
+        raise ConfigError(f"learner.name: unknown learner {name!r}; accepted: {', '.join(sorted(LEARNERS))}")
+    return from_dict(LEARNERS[name].Options, raw, "learner")
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Checks that span fields (ranges, combinations); types were checked while parsing."""
+    positive = {
+        "data.classes_per_stage": config.data.classes_per_stage,
+        "data.image_size": config.data.image_size,
+        "data.train_samples_per_class": config.data.train_samples_per_class,
+        "data.test_samples_per_class": config.data.test_samples_per_class,
+        "train.epochs": config.train.epochs,
+        "train.eval_batch_size": config.train.eval_batch_size,
+    }
+    if config.train.batch_size is not None:
+        positive["train.batch_size"] = config.train.batch_size
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be a positive integer, got {value}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {config.train.lr}")
+    if not 0 < config.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {config.data.test_fraction}")
+    if not 0 <= config.train.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing: must lie in [0, 1), got {config.train.label_smoothing}")
+    if config.data.stages is not None:
+        seen: set[int] = set()
+        for i, stage in enumerate(config.data.stages):
+            if not stage:
+                raise ConfigError(f"data.stages[{i}]: a stage needs at least one class")
+            repeated = seen.intersection(stage)
+            if repeated or len(set(stage)) != len(stage):
+                raise ConfigError(f"data.stages[{i}]: class {sorted(repeated or stage)[0]} appears twice; "
+                                  "each class belongs to one stage")
+            seen.update(stage)
+    if hasattr(config.learner, "check"):
+        config.learner.check()
+
+
+def to_dict(config: Any) -> Any:
+    """A config dataclass as plain dicts and lists (JSON / YAML ready)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys that `--set` and sweeps address."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+# --- strict dict -> dataclass conversion -------------------------------------------------------------------
+
+def from_dict(cls: type, raw: Any, path: str):
+    """Build dataclass `cls` from `raw`, checking keys and types; `path` is the dotted prefix for messages."""
+    where = path or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"{key}: unknown key; accepted keys{' in ' + path if path else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: got {value!r}; accepted: {_describe(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: got {value!r}; accepted: {_describe(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {value!r}; accepted: {_describe(tp)}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: got {value!r}; accepted: {_describe(tp)}")

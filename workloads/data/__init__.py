@@ -1,0 +1,1 @@
+"""Data: labelled sources (`sources`) and class-incremental streams of stages (`streams`)."""

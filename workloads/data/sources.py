@@ -1,0 +1,274 @@
+"""Labelled data sources: each returns a `LabelledData` (train and test tensors with integer labels).
+
+Vector sources give float tensors (N, D); image sources give uint8 tensors (N, 3 or 1, H, W), which the
+backbone's transform turns into floats. Nothing here downloads unless `download: true` is asked for.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data source could not be read: the message names the path or option and what is expected."""
+
+
+@dataclass
+class LabelledData:
+    """Train and test splits of one labelled source, with the names of its classes."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor  # int64, values in [0, num_classes)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+
+
+SOURCES: dict[str, Callable[..., LabelledData]] = {}
+
+
+def register_source(name: str):
+    """Decorator: add a loader to the SOURCES registry under `name`."""
+    def deco(fn):
+        SOURCES[name] = fn
+        return fn
+    return deco
+
+
+def load_source(cfg) -> LabelledData:
+    """Load the source a DataConfig (or KeyInitData) names."""
+    if cfg.source not in SOURCES:
+        raise DataError(f"data.source: unknown source {cfg.source!r}; accepted: {', '.join(sorted(SOURCES))}")
+    data = SOURCES[cfg.source](cfg)
+    log.info("data %s: %d train / %d test samples, %d classes, input %s", cfg.source, len(data.y_train),
+             len(data.y_test), data.num_classes, tuple(data.x_train.shape[1:]))
+    return data
+
+
+# --- toy2d: the DKVB paper's 2D problem (Figure 2) ----------------------------------------------------------
+
+TOY2D_CENTRES = [(0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75),
+                 (0.75, 0.5), (0.5, 0.75), (0.25, 0.5), (0.5, 0.25)]
+TOY2D_STD = 0.035
+TOY2D_STAGES = [[0, 4], [1, 5], [2, 6], [3, 7]]  # the paper's stage order
+
+
+def _toy2d_split(per_class: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    centres = torch.tensor(TOY2D_CENTRES)  # (8, 2)
+    y = torch.arange(len(centres)).repeat_interleave(per_class)
+    x = centres[y] + TOY2D_STD * torch.randn(len(y), 2, generator=gen)
+    return x, y
+
+
+@register_source("toy2d")
+def load_toy2d(cfg) -> LabelledData:
+    """8 Gaussian blobs (std 0.035) in the unit square; train and test drawn with fixed, distinct seeds."""
+    per_train = getattr(cfg, "train_samples_per_class", 50)
+    per_test = getattr(cfg, "test_samples_per_class", 200)
+    x_train, y_train = _toy2d_split(per_train, torch.Generator().manual_seed(2023))
+    x_test, y_test = _toy2d_split(per_test, torch.Generator().manual_seed(2024))
+    return LabelledData(x_train, y_train, x_test, y_test, 8, [str(i) for i in range(8)])
+
+
+def unit_square(num_samples: int, seed: int) -> torch.Tensor:
+    """Uniform samples of [0, 1]^2: the unlabelled data the paper learns the toy problem's keys on."""
+    return torch.rand(num_samples, 2, generator=torch.Generator().manual_seed(seed))
+
+
+# --- digits: scikit-learn's 8x8 digits (ship with the package) ----------------------------------------------
+
+def _stratified_split(n_labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(n_labels))
+    train, test = train_test_split(idx, test_size=test_fraction, stratify=n_labels, random_state=0)
+    return np.sort(train), np.sort(test)
+
+
+@register_source("digits")
+def load_digits(cfg) -> LabelledData:
+    """1797 images of 8x8 pixels, 10 classes, as (N, 1, 8, 8) floats in [0, 1]; a fixed stratified split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    train, test = _stratified_split(bunch.target, getattr(cfg, "test_fraction", 0.3))
+    return LabelledData(x[train], y[train], x[test], y[test], 10, [str(i) for i in range(10)])
+
+
+# --- CIFAR-10 / CIFAR-100 in their python-pickle format -----------------------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a data file must never run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays are allowed in data files")
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a readable CIFAR batch file ({e})") from e
+
+
+CIFAR_LAYOUT = {
+    # source: (folder, train files, test files, label key, meta file, names key, torchvision class name)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
+                "batches.meta", b"label_names", "CIFAR10"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names",
+                 "CIFAR100"),
+}
+
+
+def _load_cifar(cfg, source: str) -> LabelledData:
+    folder, train_files, test_files, label_key, meta_file, names_key, tv_name = CIFAR_LAYOUT[source]
+    if cfg.root is None:
+        raise DataError(f"data.root: {source} needs a root folder (holding {folder}/, or receiving it with "
+                        "download: true)")
+    base = Path(cfg.root).expanduser() / folder
+    if not base.is_dir():
+        if getattr(cfg, "download", False):
+            import torchvision
+
+            log.info("downloading %s into %s", source, cfg.root)
+            getattr(torchvision.datasets, tv_name)(root=str(cfg.root), train=True, download=True)
+        else:
+            raise DataError(f"data.root: {base} not found; put the python-version {source} archive's "
+                            f"{folder}/ folder under {cfg.root}, or set data.download: true on a networked machine")
+
+    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for name in files:
+            path = base / name
+            if not path.is_file():
+                raise DataError(f"data.root: {path} missing from the {source} folder")
+            batch = _read_pickle(path)
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    x_train, y_train = read(train_files)
+    x_test, y_test = read(test_files)
+    num_classes = 10 if source == "cifar10" else 100
+    names = [str(i) for i in range(num_classes)]
+    if (base / meta_file).is_file():
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _read_pickle(base / meta_file)[names_key]]
+    return LabelledData(x_train, y_train, x_test, y_test, num_classes, names)
+
+
+@register_source("cifar10")
+def load_cifar10(cfg) -> LabelledData:
+    """CIFAR-10 from `root`/cifar-10-batches-py (the python-pickle release), uint8 (N, 3, 32, 32)."""
+    return _load_cifar(cfg, "cifar10")
+
+
+@register_source("cifar100")
+def load_cifar100(cfg) -> LabelledData:
+    """CIFAR-100 (fine labels) from `root`/cifar-100-python, uint8 (N, 3, 32, 32)."""
+    return _load_cifar(cfg, "cifar100")
+
+
+# --- image_folder: one sub-folder per class ------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@register_source("image_folder")
+def load_image_folder(cfg) -> LabelledData:
+    """`root`/<class>/<image>: classes sorted by folder name, images resized to image_size, RGB uint8."""
+    from PIL import Image
+
+    if cfg.root is None:
+        raise DataError("data.root: image_folder needs a root folder with one sub-folder per class")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: folder {root} not found")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"data.root: {root} has no class sub-folders")
+    size = cfg.image_size
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"data.root: class folder {root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for path in files:
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images))
+    y_np = np.asarray(labels, dtype=np.int64)
+    train, test = _stratified_split(y_np, getattr(cfg, "test_fraction", 0.3))
+    y = torch.from_numpy(y_np)
+    return LabelledData(x[train], y[train], x[test], y[test], len(classes), classes)
+
+
+# --- npz: a user's own arrays ----------------------------------------------------------------------------------
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@register_source("npz")
+def load_npz(cfg) -> LabelledData:
+    """A .npz file with x_train, y_train, x_test, y_test; x as vectors (N, D) or images (N, C, H, W)."""
+    if cfg.root is None:
+        raise DataError("data.root: npz needs the path of a .npz file with arrays " + ", ".join(NPZ_KEYS))
+    path = Path(cfg.root).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.root: file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise DataError(f"data.root: {path} lacks array(s) {', '.join(missing)}; "
+                                f"needed: {', '.join(NPZ_KEYS)}")
+            arrays = {k: f[k] for k in NPZ_KEYS}
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.root: {path} is not a readable .npz file ({e})") from e
+
+    def as_x(a: np.ndarray) -> torch.Tensor:
+        if a.dtype == np.uint8:
+            return torch.from_numpy(a.copy())
+        return torch.from_numpy(a.astype(np.float32))
+
+    y_train = arrays["y_train"].astype(np.int64).reshape(-1)
+    y_test = arrays["y_test"].astype(np.int64).reshape(-1)
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(f"data.root: {path}: x_{split} has {len(arrays[f'x_{split}'])} rows but "
+                            f"y_{split} has {len(arrays[f'y_{split}'])}")
+    labels = np.concatenate([y_train, y_test])
+    if labels.min() < 0:
+        raise DataError(f"data.root: {path}: labels must be integers >= 0, found {labels.min()}")
+    num_classes = int(labels.max()) + 1
+    return LabelledData(as_x(arrays["x_train"]), torch.from_numpy(y_train), as_x(arrays["x_test"]),
+                        torch.from_numpy(y_test), num_classes, [str(i) for i in range(num_classes)])
+
+
+def unlabelled_inputs(cfg, seed: int) -> torch.Tensor:
+    """Training inputs of a KeyInitData source, labels dropped, at most `num_samples` of them."""
+    if cfg.source == "unit_square":
+        return unit_square(cfg.num_samples, seed)
+    x = load_source(cfg).x_train
+    if len(x) > cfg.num_samples:
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: cfg.num_samples]
+        x = x[keep.sort().values]
+    return x

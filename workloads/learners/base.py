@@ -1,0 +1,103 @@
+"""The one learner interface every method implements; the stage loop lives in workloads.runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workloads.config import TrainConfig
+
+
+@dataclass
+class LearnerContext:
+    """What a learner learns about the run when it is built."""
+
+    num_classes: int
+    input_dim: int  # embedding dimension (frozen backbone) or flattened input size
+    train: TrainConfig
+    seed: int
+    device: torch.device
+    encode: Callable[[torch.Tensor], torch.Tensor]  # raw source inputs -> what observe() sees (frozen backbone)
+    backbone: nn.Module | None = None  # only for learners that train it (trains_backbone = True)
+
+
+class Learner(nn.Module):
+    """Base class: subclasses build their model and override `observe` where the plain step does not fit.
+
+    Call order, driven by the runner: setup (once, fresh runs only) -> for each stage: begin_stage,
+    stage_inputs, observe per batch, end_stage -> predict for evaluation. `state` / `load_state` round-trip
+    everything a resume needs.
+    """
+
+    Options: ClassVar[type]
+    trains_backbone: ClassVar[bool] = False  # True: observe() gets transformed raw inputs, not embeddings
+
+    def __init__(self, options, ctx: LearnerContext):
+        super().__init__()
+        self.options, self.ctx = options, ctx
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def setup(self, unlabelled: torch.Tensor) -> None:
+        """Before the first stage of a fresh run: unsupervised preparation on the stream's training inputs."""
+
+    def begin_stage(self, stage) -> None:
+        """Before training on a stage: make the optimiser the first time (or when parameters changed)."""
+        if self.optimizer is None:
+            self.optimizer = self.make_optimizer()
+
+    def stage_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What observe() receives for this stage's training inputs (default: the inputs themselves)."""
+        return x
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step on a batch; returns the loss."""
+        self.train()
+        loss = self.loss(self(x), y)
+        self.step(loss)
+        return float(loss.detach())
+
+    def end_stage(self, stage, is_last: bool) -> None:
+        """After training on a stage."""
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes) for evaluation."""
+        self.eval()
+        return self(x)
+
+    # --- shared pieces ----------------------------------------------------------------------------------------
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.ctx.train.label_smoothing)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.ctx.train
+        params = self.trainable_parameters()
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.ctx.train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ctx.train.grad_clip)
+        self.optimizer.step()
+
+    def state(self) -> dict[str, Any]:
+        """Model tensors and optimiser state: everything a resume needs."""
+        return {"model": self.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state` returned."""
+        self.load_state_dict(state["model"])
+        if state.get("optimizer") is not None:
+            self.optimizer = self.make_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])

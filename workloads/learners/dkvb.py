@@ -1,0 +1,136 @@
+"""DKVB: frozen projections and keys, trained values, a decoder (Träuble et al., ICML 2023)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import psutil
+import torch
+
+from workloads.bottleneck import KeyValueBottleneck, bottleneck_bytes, learn_keys, sparse_sgd_step
+from workloads.config import ConfigError, KeyInitData
+from workloads.data.sources import unlabelled_inputs
+from workloads.decoders import build_decoder
+from workloads.learners.base import Learner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DKVBOptions:
+    """Options of the Discrete Key-Value Bottleneck learner (the `dkvb_paper` preset sets the paper's sizes)."""
+
+    name: Literal["dkvb"] = "dkvb"
+    num_codebooks: int = 64  # C: heads, one codebook each
+    num_keys: int = 256  # K: keys per codebook
+    key_dim: int = 8  # d_k
+    value_dim: int | None = None  # d_v; None = number of classes (required by the vote decoder)
+    topk: int = 1  # values of the k nearest keys are averaged
+    projection: Literal["fixed", "learnable", "sparse"] = "fixed"
+    projection_density: float | None = None  # sparse: fraction of non-zeros (default 1 / sqrt(D))
+    key_init: Literal["random", "kmeans", "ema"] = "kmeans"
+    key_init_epochs: int = 10
+    key_init_decay: float = 0.95  # ema
+    key_init_batch_size: int = 1024  # ema
+    key_init_data: KeyInitData | None = None  # None: the stream's own training inputs, unlabelled
+    decoder: Literal["vote", "linear", "mlp"] = "vote"
+    decoder_hidden: int = 128  # mlp decoder
+    mask_unused: bool = True  # at evaluation, keys never selected in training cannot be fetched
+    prune: bool = False  # after the last stage, drop never-selected key-value pairs
+    index_cache: bool = True  # keys and projection frozen: look each training input up once per stage (exact)
+
+    def check(self) -> None:
+        for key in ("num_codebooks", "num_keys", "key_dim", "topk", "key_init_epochs", "key_init_batch_size",
+                    "decoder_hidden"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"learner.{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.topk > self.num_keys:
+            raise ConfigError(f"learner.topk: {self.topk} exceeds learner.num_keys ({self.num_keys})")
+        if not 0 < self.key_init_decay < 1:
+            raise ConfigError(f"learner.key_init_decay: must lie in (0, 1), got {self.key_init_decay}")
+        if self.projection_density is not None and not 0 < self.projection_density <= 1:
+            raise ConfigError(f"learner.projection_density: must lie in (0, 1], got {self.projection_density}")
+
+
+class DKVB(Learner):
+    """Projection -> C codebooks (key lookup, value fetch) -> decoder; only values (and decoder) train."""
+
+    Options = DKVBOptions
+
+    def __init__(self, options: DKVBOptions, ctx):
+        super().__init__(options, ctx)
+        o = options
+        value_dim = o.value_dim or ctx.num_classes
+        if o.decoder == "vote" and value_dim != ctx.num_classes:
+            raise ConfigError(f"learner.value_dim: the vote decoder reads values as class logits, so value_dim "
+                              f"must equal the number of classes ({ctx.num_classes}) or be null; got {o.value_dim}")
+        need = bottleneck_bytes(o.num_codebooks, o.num_keys, o.key_dim, value_dim)
+        available = psutil.virtual_memory().available
+        if need > 0.8 * available:
+            raise ConfigError(
+                f"learner.num_codebooks x learner.num_keys: {o.num_codebooks} x {o.num_keys} codebook entries need "
+                f"{need / 2**30:.1f} GiB for keys and values; {available / 2**30:.1f} GiB is available; "
+                "lower num_codebooks, num_keys or key_dim")
+        self.bottleneck = KeyValueBottleneck(ctx.input_dim, o.num_codebooks, o.num_keys, o.key_dim, value_dim,
+                                             o.topk, o.projection, o.projection_density, seed=ctx.seed)
+        self.bottleneck.mask_unused = o.mask_unused
+        self.decoder = build_decoder(o.decoder, o.num_codebooks, value_dim, ctx.num_classes, o.decoder_hidden)
+        t = ctx.train
+        # Plain SGD on the voting decoder touches only the selected value rows: update just those (exact).
+        self.sparse_update = (o.decoder == "vote" and o.projection != "learnable" and t.optimizer == "sgd"
+                              and t.momentum == 0 and t.weight_decay == 0)
+        self.index_cache = o.index_cache and o.projection != "learnable"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.bottleneck(x))  # (B, D) -> (B, C, d_v) -> (B, num_classes)
+
+    def setup(self, unlabelled: torch.Tensor) -> None:
+        """Learn the keys on unlabelled inputs (the stream's, or key_init_data's), then freeze them."""
+        o = self.options
+        if o.key_init_data is not None:
+            unlabelled = self.ctx.encode(unlabelled_inputs(o.key_init_data, self.ctx.seed))
+        device = self.bottleneck.keys.device
+        with torch.no_grad():
+            z = torch.cat([self.bottleneck.project(unlabelled[i:i + 4096].to(device))
+                           for i in range(0, len(unlabelled), 4096)])
+        log.info("learning %s keys: %d codebooks x %d keys on %d unlabelled inputs", o.key_init, o.num_codebooks,
+                 o.num_keys, len(z))
+        keys = learn_keys(z, o.num_keys, o.key_init, o.key_init_epochs, o.key_init_decay, o.key_init_batch_size,
+                          seed=self.ctx.seed)
+        self.bottleneck.keys.copy_(keys)
+
+    def stage_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """With the index cache: the selected key indices (N, C, k), computed once for the stage."""
+        if not self.index_cache:
+            return x
+        self.bottleneck.train()
+        with torch.no_grad():
+            idx = torch.cat([self.bottleneck.lookup(self.bottleneck.project(x[i:i + 1024]))
+                             for i in range(0, len(x), 1024)])
+        return idx.to(torch.int32) if self.bottleneck.num_keys < 2**31 else idx
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.train()
+        if self.index_cache:
+            idx = x.long()
+        else:
+            with torch.no_grad():
+                idx = self.bottleneck.lookup(self.bottleneck.project(x))
+        self.bottleneck.count_usage(idx)
+        if self.sparse_update:
+            t = self.ctx.train
+            return sparse_sgd_step(self.bottleneck.values.data, idx, y, t.lr, t.grad_clip, t.label_smoothing)
+        logits = self.decoder(self.bottleneck.fetch(idx) if self.index_cache else self.bottleneck(x))
+        loss = self.loss(logits, y)
+        self.step(loss)
+        return float(loss.detach())
+
+    def end_stage(self, stage, is_last: bool) -> None:
+        if is_last and self.options.prune:
+            self.bottleneck.prune()
+            self.optimizer = None  # values were replaced; a later stage (after resume) makes a new optimiser
+
+    def load_state(self, state) -> None:
+        self.bottleneck.resize_for_state(state["model"], prefix="bottleneck.")
+        super().load_state(state)

@@ -1,0 +1,171 @@
+"""The one stage loop: train a learner on each stage in turn, evaluate on every stage, fill the accuracy matrix.
+
+`run_stream(config, resume_state, on_stage_end)` is what both `clorch run` and the Ray trials call; nothing
+else loops over stages.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from workloads import metrics
+from workloads.backbones import build_backbone, encode
+from workloads.config import RunConfig, to_dict
+from workloads.data.sources import load_source
+from workloads.data.streams import Stream, make_stream, stage_classes
+from workloads.learners import LEARNERS, LearnerContext, build_learner
+
+log = logging.getLogger(__name__)
+
+StageCallback = Callable[[int, dict, dict], None]
+
+
+@dataclass
+class RunResult:
+    """What a finished run hands back: the raw matrices, the derived metrics, per-stage timings."""
+
+    config: dict
+    stages: list[list[int]]
+    accuracy_matrix: list[list[float]]  # R[i][j]
+    class_accuracy_matrix: list[list[float | None]]  # A[i][c]
+    stage_seconds: list[float]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accuracy_matrix": self.accuracy_matrix, **self.metrics,
+                "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(self.class_accuracy_matrix, self.stages),
+                "class_accuracy_matrix": self.class_accuracy_matrix, "stages": self.stages,
+                "stage_seconds": self.stage_seconds, "config": self.config}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA where present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """Each stage draws its batches from its own seed, so a resumed run replays the same batches."""
+    return seed * 1_000_003 + stage
+
+
+@dataclass
+class PreparedStream:
+    """A stream ready for a learner: inputs already through the frozen backbone (or transformed only)."""
+
+    stream: Stream
+    context: LearnerContext
+
+
+def prepare(config: RunConfig) -> PreparedStream:
+    """Load the source, build the backbone, encode (frozen backbone) and cut the stream into stages."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    data = load_source(config.data)
+    backbone = build_backbone(config.backbone, tuple(data.x_train.shape[1:]))
+    trains_backbone = LEARNERS[config.learner.name].trains_backbone
+    if trains_backbone:
+        def to_inputs(x: torch.Tensor) -> torch.Tensor:
+            return backbone.transform(x)
+        input_dim = backbone.output_dim
+    else:
+        backbone.requires_grad_(False)
+
+        def to_inputs(x: torch.Tensor) -> torch.Tensor:
+            return encode(backbone, x, device=str(device))
+        input_dim = backbone.output_dim
+    t0 = time.perf_counter()
+    x_train, x_test = to_inputs(data.x_train), to_inputs(data.x_test)
+    log.info("inputs ready through backbone %s in %.1fs: %s", config.backbone.name, time.perf_counter() - t0,
+             tuple(x_train.shape))
+    present = set(torch.unique(torch.cat([data.y_train, data.y_test])).tolist())
+    classes = stage_classes(data.num_classes, config.data.classes_per_stage, config.data.stages,
+                            config.data.class_order_seed, present)
+    stream = make_stream(x_train, data.y_train, x_test, data.y_test, data.num_classes, classes)
+    ctx = LearnerContext(num_classes=data.num_classes, input_dim=input_dim, train=config.train, seed=config.seed,
+                         device=device, encode=to_inputs, backbone=backbone if trains_backbone else None)
+    return PreparedStream(stream, ctx)
+
+
+def evaluate(learner, stream: Stream, batch_size: int) -> tuple[list[float], list[float | None]]:
+    """Predict every stage's test set; return a row of R and a row of A."""
+    x = torch.cat([s.x_test for s in stream])
+    y = torch.cat([s.y_test for s in stream])
+    device = learner.ctx.device
+    preds = torch.cat([learner.predict(x[i:i + batch_size].to(device)).argmax(1).cpu()
+                       for i in range(0, len(x), batch_size)])
+    return (metrics.stage_accuracies(preds, y, [list(s.classes) for s in stream]),
+            metrics.class_accuracies(preds, y, stream.num_classes))
+
+
+def train_stage(learner, stage, config: RunConfig, total_stages: int) -> float:
+    """Run `train.epochs` passes over the stage's training data; returns the last epoch's mean loss."""
+    t = config.train
+    device = learner.ctx.device
+    inputs = learner.stage_inputs(stage.x_train.to(device))
+    labels = stage.y_train.to(device)
+    n = len(labels)
+    batch = n if t.batch_size is None else min(t.batch_size, n)
+    gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index))
+    last_report = time.perf_counter()
+    mean_loss = float("nan")
+    for epoch in range(t.epochs):
+        order = torch.randperm(n, generator=gen).to(device) if batch < n else torch.arange(n, device=device)
+        total = 0.0
+        for start in range(0, n, batch):
+            sel = order[start:start + batch]
+            total += learner.observe(inputs[sel], labels[sel]) * len(sel)
+        mean_loss = total / max(n, 1)
+        if time.perf_counter() - last_report > 10 or epoch + 1 == t.epochs:
+            log.info("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs,
+                     mean_loss)
+            last_report = time.perf_counter()
+    return mean_loss
+
+
+def run_stream(config: RunConfig, resume_state: dict | None = None,
+               on_stage_end: StageCallback | None = None, prepared: PreparedStream | None = None) -> RunResult:
+    """Train `config.learner` on the stream stage by stage; resume after the stages `resume_state` holds.
+
+    After each stage, `on_stage_end(stage_index, stage_metrics, state)` receives the metrics so far and the
+    full state to resume from (learner tensors and optimiser, the matrices so far).
+    """
+    prepared = prepared or prepare(config)
+    stream, ctx = prepared.stream, prepared.context
+    learner = build_learner(config.learner, ctx).to(ctx.device)
+    stages = [list(s.classes) for s in stream]
+    R: list[list[float]] = []
+    A: list[list[float | None]] = []
+    seconds: list[float] = []
+    first = 0
+    if resume_state is not None:
+        learner.load_state(resume_state["learner"])
+        R, A, seconds = resume_state["accuracy_matrix"], resume_state["class_accuracy_matrix"], resume_state["stage_seconds"]
+        first = resume_state["next_stage"]
+        log.info("resuming at stage %d/%d", first + 1, len(stream))
+    else:
+        torch.manual_seed(config.seed)
+        learner.setup(torch.cat([s.x_train for s in stream]).to(ctx.device))
+    for stage in stream[first:]:
+        t0 = time.perf_counter()
+        torch.manual_seed(stage_seed(config.seed, stage.index))
+        learner.begin_stage(stage)
+        loss = train_stage(learner, stage, config, len(stream))
+        learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
+        row, class_row = evaluate(learner, stream, config.train.eval_batch_size)
+        R.append(row)
+        A.append(class_row)
+        seconds.append(time.perf_counter() - t0)
+        stage_metrics = {"stage": stage.index, "classes": list(stage.classes), "loss": loss,
+                         "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(A, stages)[-1],
+                         "stage_accuracies": row, "seconds": seconds[-1], **metrics.summarise(R, A, stages)}
+        if on_stage_end is not None:
+            state = {"next_stage": stage.index + 1, "learner": learner.state(), "accuracy_matrix": R,
+                     "class_accuracy_matrix": A, "stage_seconds": seconds}
+            on_stage_end(stage.index, stage_metrics, state)
+    return RunResult(to_dict(config), stages, R, A, seconds, metrics.summarise(R, A, stages))
