@@ -50,10 +50,43 @@ class SmallCNN(Backbone):
         return self.net(x)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TimmResNet50(Backbone):
+    """ResNet-50 trained on ImageNet-1k (timm `resnet50.tv2_in1k`), layer 4 globally pooled: 2048-d."""
+
+    resolution = 224
+
+    def __init__(self, pretrained: bool):
+        super().__init__()
+        import timm
+
+        try:
+            self.model = timm.create_model("resnet50.tv2_in1k", pretrained=pretrained, num_classes=0)
+        except OSError as e:
+            raise ConfigError("backbone.pretrained: could not download the resnet50_in1k weights (no network?); "
+                              "set backbone.pretrained: false and backbone.checkpoint: PATH to a local file") from e
+        self.output_dim = self.model.num_features
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (B, 3, H, W) -> resized to 224 x 224, ImageNet-normalised floats."""
+        x = nn.functional.interpolate(super().transform(x), size=self.resolution, mode="bilinear", antialias=True,
+                                      align_corners=False)
+        return (x - self.mean.cpu()) / self.std.cpu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "identity": lambda cfg, shape: Identity(shape),
     "small_cnn": lambda cfg, shape: SmallCNN(shape),
+    "resnet50_in1k": lambda cfg, shape: TimmResNet50(cfg.pretrained),
 }
+WITH_PRETRAINED_WEIGHTS = {"resnet50_in1k"}
 
 
 def build_backbone(cfg, input_shape: tuple[int, ...]) -> Backbone:
@@ -62,9 +95,11 @@ def build_backbone(cfg, input_shape: tuple[int, ...]) -> Backbone:
         raise ConfigError(f"backbone.name: unknown backbone {cfg.name!r}; accepted: {', '.join(sorted(BACKBONES))}")
     if cfg.name == "small_cnn" and len(input_shape) != 3:
         raise ConfigError(f"backbone.name: small_cnn needs images (C, H, W), the data gives {tuple(input_shape)}")
-    if cfg.pretrained or cfg.checkpoint:
-        if cfg.name in ("identity",):
-            raise ConfigError("backbone.pretrained / backbone.checkpoint: identity has no weights to load")
+    if cfg.pretrained and cfg.name not in WITH_PRETRAINED_WEIGHTS:
+        raise ConfigError(f"backbone.pretrained: {cfg.name} has no pretrained weights; "
+                          f"backbones that do: {', '.join(sorted(WITH_PRETRAINED_WEIGHTS))}")
+    if cfg.checkpoint and cfg.name == "identity":
+        raise ConfigError("backbone.checkpoint: the identity backbone has no weights to load")
     backbone = BACKBONES[cfg.name](cfg, tuple(input_shape))
     if cfg.checkpoint:
         from pathlib import Path

@@ -51,7 +51,7 @@ class KeyValueBottleneck(nn.Module):
         if projection == "sparse":
             density = projection_density or 1.0 / math.sqrt(input_dim)
             proj = random_projection(input_dim, num_codebooks, key_dim, gen, density)
-            self.register_buffer("proj_t", proj.t().contiguous().to_sparse_csr())  # (C*d_k, D)
+            self.register_buffer("proj_t", proj.t().to_sparse().coalesce())  # (C*d_k, D), COO
         else:
             proj = random_projection(input_dim, num_codebooks, key_dim, gen)
             if projection == "learnable":
@@ -71,7 +71,7 @@ class KeyValueBottleneck(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, C, d_k)."""
         if self.projection == "sparse":
-            z = (self.proj_t @ x.t()).t()
+            z = torch.sparse.mm(self.proj_t, x.t()).t()
         else:
             z = x @ self.proj
         return z.reshape(len(x), self.num_codebooks, self.key_dim)
@@ -202,7 +202,7 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
             sums, counts = _cluster_sums(z, _assign(z, keys), num_keys)
             empty = counts == 0
             keys = torch.where(empty.unsqueeze(-1), _sample_rows(z, num_keys, gen), sums / counts.clamp_min(1).unsqueeze(-1))
-            log.info("key k-means epoch %d/%d: %.1f%% empty keys re-seeded", epoch + 1, epochs, 100 * empty.float().mean())
+            log.debug("key k-means epoch %d/%d: %.1f%% empty keys re-seeded", epoch + 1, epochs, 100 * empty.float().mean())
         return keys
     ema_count = torch.ones(c, num_keys, device=z.device)
     ema_sum = keys.clone()
@@ -225,7 +225,7 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
             keys = torch.where(dead.unsqueeze(-1), fresh, keys)
             ema_sum = torch.where(dead.unsqueeze(-1), fresh, ema_sum)
             ema_count = torch.where(dead, 1.0, ema_count)
-        log.info("key EMA epoch %d/%d: %.1f%% dead keys replaced", epoch + 1, epochs, 100 * dead.float().mean())
+        log.debug("key EMA epoch %d/%d: %.1f%% dead keys replaced", epoch + 1, epochs, 100 * dead.float().mean())
     return keys
 
 

@@ -174,6 +174,11 @@ def check_run_config(config: RunConfig) -> None:
                 raise ConfigError(f"data.stages[{i}]: class {sorted(repeated or stage)[0]} appears twice; "
                                   "each class belongs to one stage")
             seen.update(stage)
+    from workloads.backbones import BACKBONES
+
+    if config.backbone.name not in BACKBONES:
+        raise ConfigError(f"backbone.name: unknown backbone {config.backbone.name!r}; "
+                          f"accepted: {', '.join(sorted(BACKBONES))}")
     if hasattr(config.learner, "check"):
         config.learner.check()
 

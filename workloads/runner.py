@@ -5,6 +5,7 @@ else loops over stages.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -145,7 +146,8 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
     first = 0
     if resume_state is not None:
         learner.load_state(resume_state["learner"])
-        R, A, seconds = resume_state["accuracy_matrix"], resume_state["class_accuracy_matrix"], resume_state["stage_seconds"]
+        R, A, seconds = copy.deepcopy([resume_state[k] for k in ("accuracy_matrix", "class_accuracy_matrix",
+                                                                 "stage_seconds")])
         first = resume_state["next_stage"]
         log.info("resuming at stage %d/%d", first + 1, len(stream))
     else:
@@ -165,7 +167,8 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
                          "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(A, stages)[-1],
                          "stage_accuracies": row, "seconds": seconds[-1], **metrics.summarise(R, A, stages)}
         if on_stage_end is not None:
-            state = {"next_stage": stage.index + 1, "learner": learner.state(), "accuracy_matrix": R,
-                     "class_accuracy_matrix": A, "stage_seconds": seconds}
+            # A snapshot: later stages must not change what the callback was handed.
+            state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(), "accuracy_matrix": R,
+                                   "class_accuracy_matrix": A, "stage_seconds": seconds})
             on_stage_end(stage.index, stage_metrics, state)
     return RunResult(to_dict(config), stages, R, A, seconds, metrics.summarise(R, A, stages))

@@ -1,0 +1,166 @@
+"""Time one value-training step of the Discrete Key-Value Bottleneck: the reference package against clorch.
+
+One step = forward + backward + SGD update of the values (batch 256) at the paper's sizes: ResNet-50 embedding
+D=2048, C=256 codebooks of K=4096 keys, key dim 14, value dim 10 (classes), top-1 lookup, vote decoder (mean of
+the fetched values over codebooks = logits), cross entropy with label smoothing 0.1, SGD lr 0.3 without momentum,
+gradient clipping at norm 1.0. Rows:
+
+  package      discrete-key-value-bottleneck-pytorch, keys frozen, values trained by torch.optim.SGD
+  dense        clorch's KeyValueBottleneck through plain autograd (lookup + dense value gradient + SGD)
+  sparse       clorch's lookup, then sparse_sgd_step (reads and writes only the selected value rows)
+  index cache  sparse_sgd_step alone, on indices looked up once beforehand
+
+plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings, 40 shuffled batches).
+Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
+when the package is not installed).
+
+    python bench/bottleneck.py                 # paper sizes (the package takes seconds per step)
+    python bench/bottleneck.py --small         # quick smoke run at toy sizes
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workloads.bottleneck import KeyValueBottleneck, learn_keys, sparse_sgd_step
+
+LR, CLIP, SMOOTHING = 0.3, 1.0, 0.1
+EPOCH_BUDGET_S = 0.2
+
+
+@dataclass(frozen=True)
+class Sizes:
+    input_dim: int = 2048
+    codebooks: int = 256
+    keys: int = 4096
+    key_dim: int = 14
+    value_dim: int = 10
+    batch: int = 256
+    stage: int = 10_000  # embeddings in one CIFAR-10 stage (one epoch = ceil(stage / batch) steps)
+
+
+PAPER, SMALL = Sizes(), Sizes(input_dim=256, codebooks=16, keys=256, stage=1_000)
+
+
+def median_time(step: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def autograd_step(model: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                  opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Cross entropy on the vote logits model(x) (B, d_v), backward, clip, SGD step."""
+    loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTHING)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, CLIP)
+    opt.step()
+
+
+def build_package(s: Sizes, pool: torch.Tensor) -> nn.Module | None:
+    """The reference bottleneck with keys drawn from projected inputs and frozen; None if not installed."""
+    try:
+        from discrete_key_value_bottleneck_pytorch import DiscreteKeyValueBottleneck
+    except ImportError:
+        return None
+    # dim is the per-codebook key dim and codebook_dim (passed through to VectorQuantize) must equal it:
+    # otherwise VectorQuantize inserts a Linear(C*d_k -> C*codebook_dim) in front of the codebooks.
+    # VectorQuantize learns its codebook (the keys) by EMA updates in every training-mode forward.
+    # freeze_codebook=True is the package's switch that turns this off; eval mode on the quantizer also skips
+    # its one-hot quantize and commitment loss, which the value path does not use. Only the values train.
+    model = DiscreteKeyValueBottleneck(dim=s.key_dim, dim_embed=s.input_dim, num_memories=s.keys,
+                                       num_memory_codebooks=s.codebooks, dim_memory=s.value_dim,
+                                       codebook_dim=s.key_dim, freeze_codebook=True)
+    model.vq.eval()
+    with torch.no_grad():
+        z = torch.einsum("nd,cde->nce", pool, model.rand_proj)  # the package's own projection, (N, C, d_k)
+        model.vq.codebook = learn_keys(z, s.keys, "random")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats of each clorch row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps of each clorch row")
+    parser.add_argument("--package-repeats", type=int, default=3, help="timed repeats of the package (1 warm-up)")
+    parser.add_argument("--small", action="store_true", help="toy sizes for a quick smoke run")
+    args = parser.parse_args()
+    s = SMALL if args.small else PAPER
+
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"D={s.input_dim} C={s.codebooks} K={s.keys} d_k={s.key_dim} d_v={s.value_dim} batch={s.batch}")
+    # Data-like inputs: ResNet-50 pooled embeddings are non-negative. The pool doubles as the stage's embeddings.
+    pool = torch.randn(max(s.stage, s.keys), s.input_dim).relu()
+    labels = torch.randint(s.value_dim, (len(pool),))
+    x, y = pool[: s.batch], labels[: s.batch]
+
+    rows: dict[str, float] = {}
+    package = build_package(s, pool)
+    if package is None:
+        print("discrete-key-value-bottleneck-pytorch is not installed (pip install -e .[bench]); "
+              "ratios are relative to clorch's dense path")
+    else:
+        params = [p for p in package.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=LR)
+        logits = lambda inp: package(inp.unsqueeze(1))[:, 0]  # (B, 1, d_v), already averaged over codebooks
+        rows["package (discrete-key-value-bottleneck-pytorch)"] = median_time(
+            lambda: autograd_step(logits, params, opt, x, y), 1, args.package_repeats)
+        del package, params, opt
+
+    bottleneck = KeyValueBottleneck(input_dim=s.input_dim, num_codebooks=s.codebooks, num_keys=s.keys,
+                                    key_dim=s.key_dim, value_dim=s.value_dim, topk=1)
+    with torch.no_grad():
+        bottleneck.keys.copy_(learn_keys(bottleneck.project(pool), s.keys, "random"))
+        cache = bottleneck.lookup(bottleneck.project(pool))  # (N, C, 1): the index cache
+    values = bottleneck.values
+    opt = torch.optim.SGD([values], lr=LR)
+    rows["clorch dense autograd (lookup + backward + SGD)"] = median_time(
+        lambda: autograd_step(lambda inp: bottleneck(inp).mean(1), [values], opt, x, y), args.warmup, args.repeats)
+
+    def sparse() -> None:
+        with torch.no_grad():
+            idx = bottleneck.lookup(bottleneck.project(x))
+        sparse_sgd_step(values.data, idx, y, LR, CLIP, SMOOTHING)
+
+    rows["clorch sparse update (lookup + sparse step)"] = median_time(sparse, args.warmup, args.repeats)
+    idx = cache[: s.batch]
+    rows["clorch index cache (sparse step only)"] = median_time(
+        lambda: sparse_sgd_step(values.data, idx, y, LR, CLIP, SMOOTHING), args.warmup, args.repeats)
+
+    stage_idx, stage_y = cache[: s.stage], labels[: s.stage]
+
+    def epoch() -> None:
+        order = torch.randperm(s.stage)
+        for start in range(0, s.stage, s.batch):
+            b = order[start: start + s.batch]
+            sparse_sgd_step(values.data, stage_idx[b], stage_y[b], LR, CLIP, SMOOTHING)
+
+    epoch_s = median_time(epoch, args.warmup, args.repeats)
+
+    base = next(iter(rows.values()))
+    width = max(map(len, rows))
+    print(f"\n{'method':<{width}}  {'s/step':>9}  {'speedup':>9}")
+    for name, sec in rows.items():
+        print(f"{name:<{width}}  {sec:>9.4f}  {base / sec:>8.1f}x")
+    batches = -(-s.stage // s.batch)
+    verdict = "under" if epoch_s < EPOCH_BUDGET_S else "NOT under"
+    print(f"\none CIFAR-10 stage epoch with the index cache ({s.stage} embeddings, {batches} batches of "
+          f"{s.batch}): {epoch_s:.4f} s, {verdict} {EPOCH_BUDGET_S} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Experiment files: YAML with a `base:` run config, optional `sweep:` axes and a `tune:` block.
+
+The run schema itself (every key, its type and default) lives in `workloads.config`; this module reads files,
+applies `--set dotted.key=value` overrides and hands the result to `parse_run_config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workloads.config import ConfigError, RunConfig, parse_run_config
+
+TOP_LEVEL_KEYS = ("description", "base", "sweep", "tune")
+
+
+@dataclass
+class ExperimentFile:
+    """A parsed experiment file: the validated base config plus the raw sweep and tune blocks."""
+
+    path: Path
+    base: RunConfig
+    base_raw: dict
+    sweep: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
+    description: str = ""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'learner.num_keys=512' -> (['learner', 'num_keys'], 512); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set: expected dotted.key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set: {key!r} is not a dotted key like learner.num_keys")
+    try:
+        return parts, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({e.problem})") from e
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted key of `overrides` in (a copy of) `raw`, creating mappings along the way."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is {child!r}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from `path`, with file and syntax errors turned into ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', e)})") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment file is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    return data
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentFile:
+    """Read and validate an experiment file; `overrides` are `dotted.key=value` strings applied to `base`."""
+    data = read_yaml(path)
+    unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r}; accepted: {', '.join(TOP_LEVEL_KEYS)}")
+    base_raw = data.get("base") or {}
+    if not isinstance(base_raw, dict):
+        raise ConfigError(f"{path}: base: expected a mapping of run options")
+    base_raw = apply_overrides(base_raw, overrides or [])
+    try:
+        base = parse_run_config(base_raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for block in ("sweep", "tune"):
+        if not isinstance(data.get(block) or {}, dict):
+            raise ConfigError(f"{path}: {block}: expected a mapping")
+    return ExperimentFile(Path(path), base, base_raw, data.get("sweep") or {}, data.get("tune") or {},
+                          str(data.get("description") or ""))

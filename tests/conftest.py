@@ -1,0 +1,37 @@
+"""Shared fixtures: small run configs built from plain dicts, as a user's YAML would give them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workloads.config import parse_run_config
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+def toy2d_config(learner: dict, seed: int = 0):
+    """The DKVB paper's toy protocol: 4 stages of 2 classes, Adam lr 1e-3, 1000 full-batch steps per stage."""
+    return parse_run_config({
+        "seed": seed,
+        "data": {"source": "toy2d", "stages": [[0, 4], [1, 5], [2, 6], [3, 7]]},
+        "learner": learner,
+        "train": {"epochs": 1000, "batch_size": None, "optimizer": "adam", "lr": 1e-3},
+    })
+
+
+def digits_config(learner: dict, seed: int = 0, **train):
+    """digits in 5 stages of 2 classes."""
+    return parse_run_config({
+        "seed": seed,
+        "data": {"source": "digits", "classes_per_stage": 2},
+        "learner": learner,
+        "train": {"epochs": 20, "batch_size": 64, "optimizer": "sgd", "lr": 0.3, **train},
+    })
+
+
+TOY_DKVB = {"name": "dkvb", "num_codebooks": 20, "num_keys": 20, "key_dim": 2, "key_init": "kmeans",
+            "key_init_data": {"source": "unit_square", "num_samples": 10000}}
+DIGITS_DKVB = {"name": "dkvb", "num_codebooks": 64, "num_keys": 256, "key_dim": 8, "key_init": "kmeans"}

@@ -1,0 +1,173 @@
+"""The key-value bottleneck: lookup, key learning, the index cache and sparse update, masking, pruning."""
+import copy
+
+import pytest
+import torch
+
+from conftest import DIGITS_DKVB, digits_config
+from workloads.bottleneck import KeyValueBottleneck, learn_keys, random_projection, sparse_sgd_step
+from workloads.config import TrainConfig
+from workloads.learners import LearnerContext, build_learner
+from workloads.config import parse_run_config
+from workloads.runner import run_stream
+
+
+def make(num_keys=32, projection="fixed", topk=1, input_dim=12, seed=0, **kw):
+    return KeyValueBottleneck(input_dim, num_codebooks=6, num_keys=num_keys, key_dim=3, value_dim=5, topk=topk,
+                              projection=projection, seed=seed, **kw)
+
+
+def test_projection_columns_are_unit_norm_and_fixed_by_seed():
+    gen = lambda: torch.Generator().manual_seed(3)
+    p = random_projection(50, 4, 7, gen())
+    assert p.shape == (50, 28)
+    assert torch.allclose(p.norm(dim=0), torch.ones(28))
+    assert torch.equal(p, random_projection(50, 4, 7, gen()))
+    sparse = random_projection(400, 4, 7, gen(), density=0.05)
+    assert torch.allclose(sparse.norm(dim=0), torch.ones(28))
+    assert 0.02 < (sparse != 0).float().mean() < 0.08
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_batched_lookup_matches_brute_force(topk):
+    torch.manual_seed(0)
+    b = make(topk=topk)
+    z = torch.randn(40, 6, 3)
+    dist = ((z.unsqueeze(2) - b.keys.unsqueeze(0)) ** 2).sum(-1)  # (B, C, K), one head at a time in spirit
+    expected = dist.topk(topk, dim=-1, largest=False).indices
+    assert torch.equal(b.lookup(z).sort(-1).values, expected.sort(-1).values)
+
+
+def test_lookup_is_chunked_without_changing_results(monkeypatch):
+    torch.manual_seed(0)
+    b = make()
+    z = torch.randn(100, 6, 3)
+    whole = b.lookup(z)
+    monkeypatch.setattr("workloads.bottleneck.SCORE_BUDGET", 6 * 32 * 7)  # 7 samples per chunk
+    assert torch.equal(b.lookup(z), whole)
+
+
+def test_sparse_projection_projects_like_its_dense_matrix():
+    b = make(projection="sparse", input_dim=64)
+    x = torch.randn(5, 64)
+    dense = b.proj_t.to_dense().t()
+    assert torch.allclose(b.project(x), (x @ dense).view(5, 6, 3), atol=1e-6)
+
+
+def test_kmeans_and_ema_keys_quantise_better_than_random_and_leave_no_dead_keys():
+    torch.manual_seed(0)
+    centres = torch.randn(16, 1, 2) * 3
+    z = (centres[torch.randint(16, (2000,))] + 0.1 * torch.randn(2000, 1, 2)).repeat(1, 3, 1)  # (N, C=3, d_k=2)
+
+    def error(keys):
+        return ((z.unsqueeze(2) - keys.unsqueeze(0)) ** 2).sum(-1).min(-1).values.mean()
+
+    random_keys = learn_keys(z, 16, "random", seed=1)
+    for method in ("kmeans", "ema"):
+        keys = learn_keys(z, 16, method, epochs=10, batch_size=256, seed=1)
+        assert keys.shape == (3, 16, 2)
+        assert error(keys) < 0.5 * error(random_keys), method
+        nearest = ((z.unsqueeze(2) - keys.unsqueeze(0)) ** 2).sum(-1).argmin(-1)
+        assert all(len(nearest[:, c].unique()) >= 14 for c in range(3)), method  # (almost) every key is used
+
+
+def test_only_selected_values_change_in_training():
+    learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64})
+    x, y = torch.rand(16, 64), torch.randint(10, (16,))
+    before = learner.bottleneck.values.detach().clone()
+    learner.begin_stage(None)
+    learner.observe(learner.stage_inputs(x), y)
+    changed = (learner.bottleneck.values.detach() != before).any(-1)  # (C, K)
+    assert changed.any()
+    assert torch.equal(changed, learner.bottleneck.usage > 0)
+
+
+def _learner(options: dict, **train):
+    config = parse_run_config({"learner": options, "train": {"lr": 0.3, "grad_clip": 1.0, "label_smoothing": 0.1,
+                                                             **train}})
+    ctx = LearnerContext(num_classes=10, input_dim=64, train=config.train, seed=0, device=torch.device("cpu"),
+                         encode=lambda x: x)
+    learner = build_learner(config.learner, ctx)
+    learner.setup(torch.rand(500, 64, generator=torch.Generator().manual_seed(0)))
+    return learner
+
+
+def test_index_cache_and_sparse_update_give_the_values_of_the_plain_path():
+    options = {**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64, "topk": 2}
+    fast = _learner(options)
+    plain = _learner({**options, "index_cache": False})
+    plain.sparse_update = False  # the dense autograd path with torch's SGD and clip_grad_norm_
+    assert torch.equal(fast.bottleneck.keys, plain.bottleneck.keys)
+    torch.manual_seed(1)
+    x, y = torch.rand(200, 64), torch.randint(10, (200,))
+    for learner in (fast, plain):
+        learner.begin_stage(None)
+    cached = fast.stage_inputs(x)
+    assert cached.shape == (200, 8, 2)
+    for start in range(0, 200, 50):
+        fast.observe(cached[start:start + 50], y[start:start + 50])
+        plain.observe(x[start:start + 50], y[start:start + 50])
+    assert torch.allclose(fast.bottleneck.values, plain.bottleneck.values, atol=1e-6)
+    assert torch.equal(fast.bottleneck.usage, plain.bottleneck.usage)
+    assert fast.bottleneck.values.abs().sum() > 0
+
+
+def test_sparse_step_clips_like_clip_grad_norm():
+    torch.manual_seed(0)
+    values = torch.randn(4, 10, 3)
+    idx, y = torch.randint(10, (8, 4, 1)), torch.randint(3, (8,))
+    dense = torch.nn.Parameter(values.clone())
+    heads = torch.arange(4).view(1, -1, 1)
+    loss = torch.nn.functional.cross_entropy(dense[heads, idx].mean(2).mean(1), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([dense], 0.01)
+    expected = dense.detach() - 0.5 * dense.grad
+    sparse_sgd_step(values, idx, y, lr=0.5, grad_clip=0.01, label_smoothing=0.0)
+    assert torch.allclose(values, expected, atol=1e-6)
+
+
+def test_unused_keys_are_masked_at_evaluation_and_pruning_keeps_predictions():
+    learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64})
+    train_x, train_y = torch.rand(30, 64), torch.randint(10, (30,))
+    learner.begin_stage(None)
+    learner.observe(learner.stage_inputs(train_x), train_y)
+    test_x = torch.rand(200, 64)
+    b = learner.bottleneck
+    b.eval()
+    idx = b.lookup(b.project(test_x))
+    selected = b.usage.gather(1, idx.squeeze(-1).t()).t()  # (B, C) usage of each key picked at evaluation
+    assert (selected > 0).all()
+    predicted = learner.predict(test_x)
+    kept_before = int((b.usage > 0).sum())
+    removed = b.prune()
+    assert removed == 8 * 64 - kept_before
+    assert b.num_keys == int((b.usage > 0).sum(1).max())
+    assert torch.allclose(learner.predict(test_x), predicted)
+
+
+def test_learnable_projection_receives_gradients():
+    learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64, "projection": "learnable"},
+                       optimizer="adam", lr=1e-2)
+    before = learner.bottleneck.proj.detach().clone()
+    learner.begin_stage(None)
+    x, y = torch.rand(32, 64), torch.randint(10, (32,))
+    learner.observe(learner.stage_inputs(x), y)
+    learner.observe(learner.stage_inputs(x), y)
+    assert not torch.equal(before, learner.bottleneck.proj.detach())
+
+
+@pytest.mark.parametrize("options", [
+    {"decoder": "linear", "value_dim": 4},
+    {"decoder": "mlp", "value_dim": 4, "decoder_hidden": 16},
+    {"projection": "sparse", "key_init": "ema"},
+    {"key_init": "random", "topk": 3, "prune": True},
+])
+def test_dkvb_variants_run_and_state_round_trips(options):
+    config = digits_config({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 32, **options}, epochs=5)
+    states = []
+    result = run_stream(config, on_stage_end=lambda i, m, s: states.append(s))
+    just_trained = [result.accuracy_matrix[i][i] for i in range(5)]
+    assert sum(just_trained) / 5 > 0.7, just_trained  # every variant learns the stage it trains on
+    # the last state (pruned, when prune is on) loads into a fresh learner and predicts the same
+    prepared_result = run_stream(config, resume_state=states[-1])
+    assert prepared_result.accuracy_matrix == result.accuracy_matrix
