@@ -1,0 +1,62 @@
+"""`clorch run` end to end: the table, the JSON, and one-line errors with exit status 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+
+QUICKSTART = str(Path(__file__).parent.parent / "search_spaces" / "quickstart.yaml")
+
+
+def test_run_prints_a_stage_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["run", QUICKSTART, "--set", "train.epochs=2", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "stage" in table and "seen acc" in table
+    assert sum(1 for line in table.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])) == 5
+    result = json.loads(out.read_text())
+    for key in ("accuracy_matrix", "average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "config"):
+        assert key in result
+    assert len(result["accuracy_matrix"]) == 5 and len(result["accuracy_matrix"][0]) == 5
+    assert result["config"]["train"]["epochs"] == 2 and result["config"]["learner"]["name"] == "dkvb"
+    assert result["average_accuracy"] > 0.8
+
+
+def _experiment(tmp_path, text: str) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("body, extra, message", [
+    ("base:\n  learner:\n    name: dkvb\n    codebooks: 4\n", [], "learner.codebooks: unknown key"),
+    ("base:\n  train:\n    lr: fast\n", [], "train.lr: got 'fast'; accepted: a number"),
+    ("base: {}\n", ["--set", "train.epochs=many"], "train.epochs: got 'many'; accepted: an integer"),
+    ("base:\n  data:\n    source: npz\n    root: /nonexistent/data.npz\n", [], "data.root: file /nonexistent/data.npz not found"),
+    ("base:\n  learner:\n    name: dkvb\n    num_codebooks: 4096\n    num_keys: 100000000\n", [],
+     "learner.num_codebooks x learner.num_keys: 4096 x 100000000 codebook entries need"),
+    ("bsae: {}\n", [], "unknown top-level key 'bsae'"),
+    ("base: [1, 2\n", [], "not valid YAML at line"),
+])
+def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, body, extra, message):
+    assert main(["run", _experiment(tmp_path, body), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert last.startswith("clorch: error: ") and message in last
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_experiment_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: experiment file not found" in capsys.readouterr().err
+
+
+def test_console_script_exit_status_and_stderr(tmp_path):
+    path = _experiment(tmp_path, "base:\n  learner:\n    name: transformer\n")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", path], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("clorch: error: ")
+    assert "Traceback" not in proc.stderr

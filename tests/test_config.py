@@ -1,0 +1,63 @@
+"""The run schema: defaults, presets, overrides, and errors that name the key and what is accepted."""
+import pytest
+
+from orchestrator.config import apply_overrides, load_experiment
+from workloads.config import ConfigError, flatten, parse_run_config, to_dict
+
+
+def test_defaults_and_the_paper_preset():
+    config = parse_run_config({"preset": "dkvb_paper", "train": {"epochs": 3}})
+    assert (config.learner.num_codebooks, config.learner.num_keys, config.learner.key_dim) == (256, 4096, 14)
+    assert config.learner.value_dim is None and config.learner.decoder == "vote"
+    t = config.train
+    assert (t.optimizer, t.lr, t.momentum, t.grad_clip, t.batch_size, t.label_smoothing) == ("sgd", 0.3, 0.0, 1.0, 256, 0.1)
+    assert t.epochs == 3  # the file's own keys win over the preset
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"learner": {"name": "dkvb", "num_keyz": 3}}, r"learner\.num_keyz: unknown key; accepted keys in learner: name, num_codebooks"),
+    ({"trian": {}}, r"trian: unknown key; accepted keys: name, seed"),
+    ({"train": {"lr": "fast"}}, r"train\.lr: got 'fast'; accepted: a number"),
+    ({"train": {"epochs": 2.5}}, r"train\.epochs: got 2\.5; accepted: an integer"),
+    ({"data": {"source": "mnist"}}, r"data\.source: got 'mnist'; accepted: one of 'toy2d', 'digits'"),
+    ({"learner": {"name": "gpt"}}, r"learner\.name: unknown learner 'gpt'; accepted: dkvb, finetune, linear, mlp"),
+    ({"backbone": {"name": "vgg"}}, r"backbone\.name: unknown backbone 'vgg'; accepted: identity"),
+    ({"data": {"stages": [[0, 1], [1, 2]]}}, r"data\.stages\[1\]: class 1 appears twice"),
+    ({"train": {"epochs": 0}}, r"train\.epochs: must be a positive integer"),
+    ({"learner": {"name": "dkvb", "topk": 9, "num_keys": 4}}, r"learner\.topk: 9 exceeds learner\.num_keys"),
+    ({"preset": "fast"}, r"preset: unknown preset 'fast'; accepted: dkvb_paper"),
+])
+def test_bad_configs_name_the_key_and_what_is_accepted(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(raw)
+
+
+def test_yaml_scientific_notation_without_a_dot_is_a_number():
+    assert parse_run_config({"train": {"lr": "1e-3"}}).train.lr == 1e-3
+
+
+def test_overrides_set_dotted_keys_as_yaml_values():
+    raw = apply_overrides({"learner": {"name": "dkvb"}}, ["learner.num_keys=512", "data.stages=[[0, 1]]",
+                                                          "train.batch_size=null"])
+    assert raw == {"learner": {"name": "dkvb", "num_keys": 512}, "data": {"stages": [[0, 1]]},
+                   "train": {"batch_size": None}}
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        apply_overrides({}, ["learner.num_keys"])
+
+
+def test_flatten_gives_dotted_keys_of_the_resolved_config():
+    flat = flatten(to_dict(parse_run_config({})))
+    assert flat["learner.num_keys"] == 256 and flat["data.source"] == "digits" and flat["train.lr"] == 0.1
+
+
+def test_shipped_experiment_files_are_valid():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
+    assert {f.name for f in files} >= {"quickstart.yaml", "dkvb_cifar10_paper.yaml"}
+    for f in files:
+        experiment = load_experiment(f)
+        assert experiment.description
+    paper = load_experiment(files[[f.name for f in files].index("dkvb_cifar10_paper.yaml")]).base
+    assert paper.train.epochs == 2000 and paper.data.classes_per_stage == 2 and paper.data.source == "cifar10"
+    assert paper.learner.num_keys == 4096 and paper.learner.key_init_data.source == "cifar100"

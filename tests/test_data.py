@@ -1,0 +1,117 @@
+"""Sources in their real on-disk formats (written by the tests) and their cutting into stages."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from workloads.config import ConfigError, DataConfig
+from workloads.data.sources import TOY2D_CENTRES, DataError, load_source
+from workloads.data.streams import make_stream, stage_classes
+
+
+def test_toy2d_matches_the_paper_figure():
+    data = load_source(DataConfig(source="toy2d"))
+    assert data.num_classes == 8
+    assert len(data.y_train) == 8 * 50  # 100 per stage of 2 classes
+    for c, centre in enumerate(TOY2D_CENTRES):
+        points = data.x_train[data.y_train == c]
+        assert torch.allclose(points.mean(0), torch.tensor(centre), atol=0.015)
+        assert points.std(0).mean() == pytest.approx(0.035, abs=0.01)
+
+
+def test_digits_are_8x8_images_with_a_fixed_stratified_split():
+    a, b = load_source(DataConfig(source="digits")), load_source(DataConfig(source="digits"))
+    assert a.x_train.shape[1:] == (1, 8, 8) and 0 <= a.x_train.min() and a.x_train.max() <= 1
+    assert len(a.y_train) + len(a.y_test) == 1797
+    assert torch.equal(a.y_test, b.y_test)
+    assert torch.bincount(a.y_test).min() >= 50
+
+
+def _write_cifar(root, folder, files, label_key, per_file, num_classes, meta_name, names_key):
+    base = root / folder
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in files:
+        batch = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                 label_key: [int(v) for v in rng.integers(0, num_classes, per_file)], b"batch_label": b"x"}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / meta_name).write_bytes(pickle.dumps({names_key: [f"c{i}".encode() for i in range(num_classes)]}))
+    return base
+
+
+def test_cifar10_reads_the_python_pickle_format(tmp_path):
+    base = _write_cifar(tmp_path, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                        b"labels", 20, 10, "batches.meta", b"label_names")
+    data = load_source(DataConfig(source="cifar10", root=str(tmp_path)))
+    assert data.x_train.shape == (100, 3, 32, 32) and data.x_train.dtype == torch.uint8
+    assert data.x_test.shape == (20, 3, 32, 32)
+    raw = pickle.loads((base / "data_batch_2").read_bytes())
+    assert torch.equal(data.x_train[20].flatten(), torch.from_numpy(raw[b"data"][0]))  # row-major CHW as released
+    assert data.class_names[3] == "c3"
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    _write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", 30, 100, "meta", b"fine_label_names")
+    data = load_source(DataConfig(source="cifar100", root=str(tmp_path)))
+    assert data.num_classes == 100 and len(data.y_train) == 30 and int(data.y_train.max()) < 100
+
+
+def test_cifar_missing_folder_and_code_in_pickles_are_refused(tmp_path):
+    with pytest.raises(DataError, match="cifar-10-batches-py.*not found.*download"):
+        load_source(DataConfig(source="cifar10", root=str(tmp_path)))
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    (base / "train").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        load_source(DataConfig(source="cifar100", root=str(tmp_path)))
+
+
+def test_image_folder_reads_one_folder_per_class(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "emu"):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    data = load_source(DataConfig(source="image_folder", root=str(tmp_path), image_size=16, test_fraction=0.3))
+    assert data.class_names == ["cat", "dog", "emu"]
+    assert data.x_train.shape == (21, 3, 16, 16) and data.x_test.shape == (9, 3, 16, 16)
+    assert torch.bincount(data.y_test).tolist() == [3, 3, 3]
+
+
+def test_npz_vectors_and_errors(tmp_path):
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=np.random.rand(12, 5), y_train=np.arange(12) % 4, x_test=np.random.rand(4, 5),
+             y_test=np.arange(4))
+    data = load_source(DataConfig(source="npz", root=str(path)))
+    assert data.x_train.dtype == torch.float32 and data.num_classes == 4
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 2)))
+    with pytest.raises(DataError, match="lacks array.*y_train"):
+        load_source(DataConfig(source="npz", root=str(tmp_path / "bad.npz")))
+    with pytest.raises(DataError, match="not found"):
+        load_source(DataConfig(source="npz", root=str(tmp_path / "nope.npz")))
+
+
+def test_stages_from_classes_per_stage_explicit_lists_and_a_class_order_seed():
+    assert stage_classes(6, 2) == [[0, 1], [2, 3], [4, 5]]
+    assert stage_classes(5, 2) == [[0, 1], [2, 3], [4]]
+    assert stage_classes(8, stages=[[0, 4], [1, 5]]) == [[0, 4], [1, 5]]
+    shuffled = stage_classes(10, 2, class_order_seed=3)
+    assert shuffled == stage_classes(10, 2, class_order_seed=3) != stage_classes(10, 2)
+    assert sorted(c for s in shuffled for c in s) == list(range(10))
+    with pytest.raises(ConfigError, match="class 9 has no samples"):
+        stage_classes(4, stages=[[0, 9]])
+
+
+def test_make_stream_splits_samples_by_class_and_slices_like_a_list():
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    x = torch.arange(8).float().unsqueeze(1)
+    stream = make_stream(x, y, x, y, 4, [[0, 1], [2, 3]])
+    assert len(stream) == 2 and stream.classes == [0, 1, 2, 3]
+    assert stream[1].y_train.tolist() == [2, 3, 2, 3]
+    assert stream[1:][0].classes == (2, 3)
