@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workloads.progress import ProgressLog
+
 log = logging.getLogger(__name__)
 
 # The lookup materialises (C, b, K) scores; b is chosen so that this stays near 64M floats (256 MB).
@@ -194,6 +196,7 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
     """
     gen = torch.Generator().manual_seed(seed)
     keys = _sample_rows(z, num_keys, gen)
+    progress = ProgressLog(log)
     if method == "random":
         return keys
     n, c, _ = z.shape
@@ -202,7 +205,8 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
             sums, counts = _cluster_sums(z, _assign(z, keys), num_keys)
             empty = counts == 0
             keys = torch.where(empty.unsqueeze(-1), _sample_rows(z, num_keys, gen), sums / counts.clamp_min(1).unsqueeze(-1))
-            log.debug("key k-means epoch %d/%d: %.1f%% empty keys re-seeded", epoch + 1, epochs, 100 * empty.float().mean())
+            progress("key k-means epoch %d/%d: %.1f%% empty keys re-seeded", epoch + 1, epochs,
+                     100 * float(empty.float().mean()))
         return keys
     ema_count = torch.ones(c, num_keys, device=z.device)
     ema_sum = keys.clone()
@@ -225,7 +229,7 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
             keys = torch.where(dead.unsqueeze(-1), fresh, keys)
             ema_sum = torch.where(dead.unsqueeze(-1), fresh, ema_sum)
             ema_count = torch.where(dead, 1.0, ema_count)
-        log.debug("key EMA epoch %d/%d: %.1f%% dead keys replaced", epoch + 1, epochs, 100 * dead.float().mean())
+        progress("key EMA epoch %d/%d: %.1f%% dead keys replaced", epoch + 1, epochs, 100 * float(dead.float().mean()))
     return keys
 
 

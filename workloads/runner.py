@@ -19,6 +19,7 @@ from workloads.config import RunConfig, to_dict
 from workloads.data.sources import load_source
 from workloads.data.streams import Stream, make_stream, stage_classes
 from workloads.learners import LEARNERS, LearnerContext, build_learner
+from workloads.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,12 @@ def prepare(config: RunConfig) -> PreparedStream:
     data = load_source(config.data)
     backbone = build_backbone(config.backbone, tuple(data.x_train.shape[1:]))
     trains_backbone = LEARNERS[config.learner.name].trains_backbone
-    if trains_backbone:
-        def to_inputs(x: torch.Tensor) -> torch.Tensor:
-            return backbone.transform(x)
-        input_dim = backbone.output_dim
-    else:
+    if not trains_backbone:
         backbone.requires_grad_(False)
 
-        def to_inputs(x: torch.Tensor) -> torch.Tensor:
-            return encode(backbone, x, device=str(device))
-        input_dim = backbone.output_dim
+    def to_inputs(x: torch.Tensor) -> torch.Tensor:
+        """Raw source tensor -> what the learner observes: embeddings, or transformed inputs when it trains the backbone."""
+        return backbone.transform(x) if trains_backbone else encode(backbone, x, device=str(device))
     t0 = time.perf_counter()
     x_train, x_test = to_inputs(data.x_train), to_inputs(data.x_test)
     log.info("inputs ready through backbone %s in %.1fs: %s", config.backbone.name, time.perf_counter() - t0,
@@ -88,7 +85,7 @@ def prepare(config: RunConfig) -> PreparedStream:
     classes = stage_classes(data.num_classes, config.data.classes_per_stage, config.data.stages,
                             config.data.class_order_seed, present)
     stream = make_stream(x_train, data.y_train, x_test, data.y_test, data.num_classes, classes)
-    ctx = LearnerContext(num_classes=data.num_classes, input_dim=input_dim, train=config.train, seed=config.seed,
+    ctx = LearnerContext(num_classes=data.num_classes, input_dim=backbone.output_dim, train=config.train, seed=config.seed,
                          device=device, encode=to_inputs, backbone=backbone if trains_backbone else None)
     return PreparedStream(stream, ctx)
 
@@ -113,7 +110,7 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int) -> float:
     n = len(labels)
     batch = n if t.batch_size is None else min(t.batch_size, n)
     gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index))
-    last_report = time.perf_counter()
+    progress = ProgressLog(log)
     mean_loss = float("nan")
     for epoch in range(t.epochs):
         order = torch.randperm(n, generator=gen).to(device) if batch < n else torch.arange(n, device=device)
@@ -122,10 +119,8 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int) -> float:
             sel = order[start:start + batch]
             total += learner.observe(inputs[sel], labels[sel]) * len(sel)
         mean_loss = total / max(n, 1)
-        if time.perf_counter() - last_report > 10 or epoch + 1 == t.epochs:
-            log.info("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs,
-                     mean_loss)
-            last_report = time.perf_counter()
+        progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
+                 last=epoch + 1 == t.epochs)
     return mean_loss
 
 
