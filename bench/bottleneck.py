@@ -14,7 +14,7 @@ plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings
 Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
 when the package is not installed).
 
-    python bench/bottleneck.py                 # paper sizes (the package takes seconds per step)
+    python bench/bottleneck.py                 # paper sizes: the package needs ~12 GB of RAM and ~10 s a step
     python bench/bottleneck.py --small         # quick smoke run at toy sizes
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -247,15 +248,31 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
     """
     b, c, k = idx.shape
     num_keys, d_v = values.shape[1], values.shape[2]
-    flat = (idx + (torch.arange(c, device=idx.device) * num_keys).view(1, -1, 1)).reshape(-1)
-    rows, inverse = torch.unique(flat, return_inverse=True)
+    n = b * c * k
+    flat = (idx + (torch.arange(c, device=idx.device) * num_keys).view(1, -1, 1)).reshape(-1)  # (n,) sample-major
     table = values.view(-1, d_v)
-    touched = table[rows].requires_grad_()  # (R, d_v)
-    logits = touched[inverse].view(b, c, k, d_v).mean(2).mean(1)  # vote: average over keys, then codebooks
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    (grad,) = torch.autograd.grad(loss, touched)
+    selected = table.index_select(0, flat)  # (n, d_v)
+    logp = selected.view(b, c * k, d_v).mean(1).log_softmax(-1)  # vote decoder, (B, d_v)
+    target = torch.full_like(logp, label_smoothing / d_v)
+    target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device))
+    loss = -(target * logp).sum(-1).mean()  # = F.cross_entropy(logits, y, label_smoothing=...)
+    dlogits = (logp.exp() - target) / n  # the gradient reaching each of a sample's c * k selected values
+    # Group entries by value row: `hits` (rows x samples) counts how often each sample selected each row.
+    ordered, perm = torch.sort(flat)
+    first = torch.ones(n, dtype=torch.bool, device=flat.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    starts = first.nonzero().view(-1)
+    rows = ordered[starts]
+    crow = torch.cat([starts, torch.tensor([n], device=flat.device)])
+    with warnings.catch_warnings():  # torch calls CSR tensors beta; here they are only a grouping device
+        warnings.simplefilter("ignore")
+        hits = torch.sparse_csr_tensor(crow, perm // (c * k), torch.ones(n, dtype=values.dtype, device=flat.device),
+                                       size=(len(rows), b))
+    grad = hits @ dlogits  # (R, d_v): the non-zero rows of the dense gradient
+    step = torch.tensor(lr, device=grad.device)
     if grad_clip is not None:
         # Same rule as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1.
-        grad = grad * (grad_clip / (grad.norm() + 1e-6)).clamp(max=1.0)
-    table.index_add_(0, rows, grad, alpha=-lr)
-    return float(loss.detach())
+        step = step * (grad_clip / (grad.norm() + 1e-6)).clamp(max=1.0)
+    current = selected.index_select(0, perm.index_select(0, starts))  # the rows' values, from the gathered copy
+    table.index_copy_(0, rows, current.sub_(grad.mul_(step)))
+    return float(loss)
