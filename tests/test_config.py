@@ -10,12 +10,14 @@ def test_defaults_and_the_paper_preset():
     assert (config.learner.num_codebooks, config.learner.num_keys, config.learner.key_dim) == (256, 4096, 14)
     assert config.learner.value_dim is None and config.learner.decoder == "vote"
     t = config.train
-    assert (t.optimizer, t.lr, t.momentum, t.grad_clip, t.batch_size, t.label_smoothing) == ("sgd", 0.3, 0.0, 1.0, 256, 0.1)
+    assert (t.optimizer, t.lr, t.momentum, t.grad_clip, t.batch_size, t.label_smoothing) == \
+        ("sgd", 0.3, 0.0, 1.0, 256, 0.1)
     assert t.epochs == 3  # the file's own keys win over the preset
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"learner": {"name": "dkvb", "num_keyz": 3}}, r"learner\.num_keyz: unknown key; accepted keys in learner: name, num_codebooks"),
+    ({"learner": {"name": "dkvb", "num_keyz": 3}},
+     r"learner\.num_keyz: unknown key; accepted keys in learner: name, num_codebooks"),
     ({"trian": {}}, r"trian: unknown key; accepted keys: name, seed"),
     ({"train": {"lr": "fast"}}, r"train\.lr: got 'fast'; accepted: a number"),
     ({"train": {"epochs": 2.5}}, r"train\.epochs: got 2\.5; accepted: an integer"),

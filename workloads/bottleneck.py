@@ -41,6 +41,24 @@ def random_projection(input_dim: int, num_codebooks: int, key_dim: int, gen: tor
     return proj / proj.norm(dim=0, keepdim=True)
 
 
+def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, d_k), keys (C, K, d_k) -> (B, C, k) indices of each head's k nearest allowed keys.
+
+    Batched over heads and samples; samples go through in chunks only to bound the (C, b, K) score memory.
+    """
+    # ||z - key||^2 = ||z||^2 - 2 z.key + ||key||^2; ||z||^2 does not change the ranking.
+    bias = (keys * keys).sum(-1).unsqueeze(1)  # (C, 1, K)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed.unsqueeze(1), float("inf"))
+    zc = z.transpose(0, 1)  # (C, B, d_k)
+    step = max(1, SCORE_BUDGET // (keys.shape[0] * keys.shape[1]))
+    scores = (torch.baddbmm(bias, zc[:, s:s + step], keys.transpose(1, 2), alpha=-2.0)  # (C, b, K)
+              for s in range(0, zc.shape[1], step))
+    out = [chunk.topk(k, dim=-1, largest=False).indices for chunk in scores]  # each (C, b, k)
+    return torch.cat(out, 1).transpose(0, 1).contiguous()
+
+
 class KeyValueBottleneck(nn.Module):
     """C codebooks of K (key, value) pairs behind fixed random projections; values are the trained tensor."""
 
@@ -81,22 +99,11 @@ class KeyValueBottleneck(nn.Module):
 
     def lookup(self, z: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """(B, C, d_k) -> (B, C, k) indices of the nearest keys, batched over heads and samples."""
-        k = k or self.topk
-        keys = self.keys
-        # ||z - key||^2 = ||z||^2 - 2 z.key + ||key||^2; ||z||^2 does not change the ranking.
-        bias = (keys * keys).sum(-1, keepdim=True).transpose(1, 2)  # (C, 1, K)
         allowed = self.alive
         if self.mask_unused and not self.training:
             used = self.usage > 0
             allowed = allowed & torch.where(used.any(1, keepdim=True), used, True)  # codebooks with no use: all keys
-        bias = bias.masked_fill(~allowed.unsqueeze(1), float("inf"))
-        zc = z.transpose(0, 1)  # (C, B, d_k)
-        step = max(1, SCORE_BUDGET // (self.num_codebooks * self.num_keys))
-        out = []
-        for start in range(0, zc.shape[1], step):  # bounded memory, not a loop over heads or samples
-            scores = torch.baddbmm(bias, zc[:, start:start + step], keys.transpose(1, 2), alpha=-2.0)  # (C, b, K)
-            out.append(scores.topk(k, dim=-1, largest=False).indices)  # (C, b, k)
-        return torch.cat(out, 1).transpose(0, 1)  # (B, C, k)
+        return nearest_keys(z, self.keys, k or self.topk, allowed)
 
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, C, k) indices -> (B, C, d_v): the selected values, averaged over the k nearest keys."""
@@ -106,7 +113,7 @@ class KeyValueBottleneck(nn.Module):
     def count_usage(self, idx: torch.Tensor) -> None:
         """Add one selection per (sample, codebook, key) in idx (B, C, k) to the usage counters."""
         flat = (idx + self._row_offsets(idx.device)).reshape(-1)
-        self.usage.view(-1).add_(torch.bincount(flat, minlength=self.usage.numel()))
+        self.usage.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def _row_offsets(self, device) -> torch.Tensor:
         return (torch.arange(self.num_codebooks, device=device) * self.num_keys).view(1, -1, 1)
@@ -157,16 +164,6 @@ class KeyValueBottleneck(nn.Module):
 
 # --- key learning ---------------------------------------------------------------------------------------------
 
-def _assign(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(N, C, d_k), (C, K, d_k) -> (N, C) index of the nearest key, memory-bounded."""
-    bias = (keys * keys).sum(-1).unsqueeze(1)  # (C, 1, K)
-    zc = z.transpose(0, 1)
-    step = max(1, SCORE_BUDGET // (keys.shape[0] * keys.shape[1]))
-    parts = [torch.baddbmm(bias, zc[:, s:s + step], keys.transpose(1, 2), alpha=-2.0).argmin(-1)
-             for s in range(0, zc.shape[1], step)]
-    return torch.cat(parts, 1).t()
-
-
 def _sample_rows(z: torch.Tensor, num_keys: int, gen: torch.Generator) -> torch.Tensor:
     """(N, C, d_k) -> (C, K, d_k): for each codebook, K inputs drawn at random (independently per codebook)."""
     n, c, _ = z.shape
@@ -203,9 +200,11 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
     n, c, _ = z.shape
     if method == "kmeans":
         for epoch in range(epochs):
-            sums, counts = _cluster_sums(z, _assign(z, keys), num_keys)
+            sums, counts = _cluster_sums(z, nearest_keys(z, keys)[..., 0], num_keys)
+            keys = sums / counts.clamp_min(1).unsqueeze(-1)
             empty = counts == 0
-            keys = torch.where(empty.unsqueeze(-1), _sample_rows(z, num_keys, gen), sums / counts.clamp_min(1).unsqueeze(-1))
+            if empty.any():  # an empty cluster restarts from a random input
+                keys = torch.where(empty.unsqueeze(-1), _sample_rows(z, num_keys, gen), keys)
             progress("key k-means epoch %d/%d: %.1f%% empty keys re-seeded", epoch + 1, epochs,
                      100 * float(empty.float().mean()))
         return keys
@@ -216,7 +215,7 @@ def learn_keys(z: torch.Tensor, num_keys: int, method: Literal["random", "kmeans
         order = torch.randperm(n, generator=gen).to(z.device)
         for start in range(0, n, batch_size):
             batch = z[order[start:start + batch_size]]
-            sums, counts = _cluster_sums(batch, _assign(batch, keys), num_keys)
+            sums, counts = _cluster_sums(batch, nearest_keys(batch, keys)[..., 0], num_keys)
             hits += counts
             ema_count.mul_(decay).add_(counts, alpha=1 - decay)
             ema_sum.mul_(decay).add_(sums, alpha=1 - decay)

@@ -28,7 +28,8 @@ class MLPDecoder(nn.Module):
 
     def __init__(self, num_codebooks: int, value_dim: int, num_classes: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_codebooks * value_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(nn.Linear(num_codebooks * value_dim, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
 
     def forward(self, fetched: torch.Tensor) -> torch.Tensor:
         return self.net(fetched.flatten(1))

@@ -75,8 +75,9 @@ def prepare(config: RunConfig) -> PreparedStream:
         backbone.requires_grad_(False)
 
     def to_inputs(x: torch.Tensor) -> torch.Tensor:
-        """Raw source tensor -> what the learner observes: embeddings, or transformed inputs when it trains the backbone."""
+        """Raw source tensor -> what the learner observes: embeddings, or transformed inputs (trained backbone)."""
         return backbone.transform(x) if trains_backbone else encode(backbone, x, device=str(device))
+
     t0 = time.perf_counter()
     x_train, x_test = to_inputs(data.x_train), to_inputs(data.x_test)
     log.info("inputs ready through backbone %s in %.1fs: %s", config.backbone.name, time.perf_counter() - t0,
@@ -85,8 +86,9 @@ def prepare(config: RunConfig) -> PreparedStream:
     classes = stage_classes(data.num_classes, config.data.classes_per_stage, config.data.stages,
                             config.data.class_order_seed, present)
     stream = make_stream(x_train, data.y_train, x_test, data.y_test, data.num_classes, classes)
-    ctx = LearnerContext(num_classes=data.num_classes, input_dim=backbone.output_dim, train=config.train, seed=config.seed,
-                         device=device, encode=to_inputs, backbone=backbone if trains_backbone else None)
+    ctx = LearnerContext(num_classes=data.num_classes, input_dim=backbone.output_dim, train=config.train,
+                         seed=config.seed, device=device, encode=to_inputs,
+                         backbone=backbone if trains_backbone else None)
     return PreparedStream(stream, ctx)
 
 

@@ -208,7 +208,8 @@ def load_image_folder(cfg) -> LabelledData:
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"data.root: class folder {root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"data.root: class folder {root / name} holds no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         for path in files:
             with Image.open(path) as img:
                 img = img.convert("RGB").resize((size, size), Image.BILINEAR)
