@@ -10,7 +10,8 @@ gradient clipping at norm 1.0. Rows:
   sparse       clorch's lookup, then sparse_sgd_step (reads and writes only the selected value rows)
   index cache  sparse_sgd_step alone, on indices looked up once beforehand
 
-plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings, 40 shuffled batches).
+plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings, 40 shuffled batches) through
+the DKVB learner's own observe step (usage counters included).
 Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
 when the package is not installed).
 
@@ -30,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from workloads.bottleneck import KeyValueBottleneck, learn_keys, sparse_sgd_step
+from workloads.config import parse_run_config
+from workloads.learners.base import LearnerContext
+from workloads.learners.dkvb import DKVB
 
 LR, CLIP, SMOOTHING = 0.3, 1.0, 0.1
 EPOCH_BUDGET_S = 0.2
@@ -91,6 +95,17 @@ def build_package(s: Sizes, pool: torch.Tensor) -> nn.Module | None:
     return model
 
 
+def paper_learner(s: Sizes, bottleneck: KeyValueBottleneck) -> DKVB:
+    """A DKVB learner with the dkvb_paper preset at sizes s, sharing `bottleneck`'s projection and keys."""
+    config = parse_run_config({"preset": "dkvb_paper", "learner": {
+        "name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys, "key_dim": s.key_dim}})
+    ctx = LearnerContext(num_classes=s.value_dim, input_dim=s.input_dim, train=config.train, seed=0,
+                         device=torch.device("cpu"), encode=lambda x: x)
+    learner = DKVB(config.learner, ctx)
+    learner.bottleneck.load_state_dict(bottleneck.state_dict())
+    return learner
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats of each clorch row")
@@ -141,13 +156,16 @@ def main() -> None:
     rows["clorch index cache (sparse step only)"] = median_time(
         lambda: sparse_sgd_step(values.data, idx, y, LR, CLIP, SMOOTHING), args.warmup, args.repeats)
 
-    stage_idx, stage_y = cache[: s.stage], labels[: s.stage]
+    # The epoch goes through the DKVB learner itself (index cache, usage counters, sparse step), as in a run.
+    learner = paper_learner(s, bottleneck)
+    stage_idx, stage_y = learner.stage_inputs(pool[: s.stage]), labels[: s.stage]
+    learner.begin_stage(None)
 
     def epoch() -> None:
         order = torch.randperm(s.stage)
         for start in range(0, s.stage, s.batch):
             b = order[start: start + s.batch]
-            sparse_sgd_step(values.data, stage_idx[b], stage_y[b], LR, CLIP, SMOOTHING)
+            learner.observe(stage_idx[b], stage_y[b])
 
     epoch_s = median_time(epoch, args.warmup, args.repeats)
 

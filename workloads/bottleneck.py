@@ -257,11 +257,11 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
     loss = -(target * logp).sum(-1).mean()  # = F.cross_entropy(logits, y, label_smoothing=...)
     dlogits = (logp.exp() - target) / n  # the gradient reaching each of a sample's c * k selected values
     # Group entries by value row: `hits` (rows x samples) counts how often each sample selected each row.
-    ordered, perm = torch.sort(flat)
+    ordered, perm = torch.sort(flat.int() if values.shape[0] * num_keys < 2**31 else flat)  # int32 sorts faster
     first = torch.ones(n, dtype=torch.bool, device=flat.device)
     first[1:] = ordered[1:] != ordered[:-1]
     starts = first.nonzero().view(-1)
-    rows = ordered[starts]
+    rows = ordered[starts].long()
     crow = torch.cat([starts, torch.tensor([n], device=flat.device)])
     with warnings.catch_warnings():  # torch calls CSR tensors beta; here they are only a grouping device
         warnings.simplefilter("ignore")
