@@ -5,6 +5,7 @@ applies `--set dotted.key=value` overrides and hands the result to `parse_run_co
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,18 @@ class ExperimentFile:
     path: Path
     base: RunConfig
     base_raw: dict
-    sweep: dict = field(default_factory=dict)
+    axes: list = field(default_factory=list)  # orchestrator.search_space.Axis, validated
     tune: dict = field(default_factory=dict)
     description: str = ""
+
+    def cache_configs(self) -> tuple[list[RunConfig], list[str]]:
+        """Run configs with distinct caches (one per combination of cache-relevant grid / choice axes), and
+        the keys of sampled axes that change caches (those cannot be precomputed)."""
+        from orchestrator.search_space import cache_combinations
+
+        combos, sampled = cache_combinations(self.axes)
+        configs = [parse_run_config(with_values(self.base_raw, combo)) for combo in combos]
+        return configs, [a.key for a in sampled]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -42,23 +52,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({e.problem})") from e
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each dotted key of `overrides` in (a copy of) `raw`, creating mappings along the way."""
-    import copy
-
+def with_values(raw: dict, values: dict[str, Any]) -> dict:
+    """A copy of `raw` with each dotted key of `values` set, creating mappings along the way."""
     out = copy.deepcopy(raw)
-    for text in overrides:
-        parts, value = parse_override(text)
+    for key, value in values.items():
+        parts = key.split(".")
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is {child!r}, not a mapping")
+                raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is {child!r}, not a mapping")
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = copy.deepcopy(value)
     return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` with each `dotted.key=value` of `overrides` set (values read as YAML)."""
+    values = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        values[".".join(parts)] = value
+    try:
+        return with_values(raw, values)
+    except ConfigError as e:
+        raise ConfigError(f"--set {e}") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -96,5 +116,11 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     for block in ("sweep", "tune"):
         if not isinstance(data.get(block) or {}, dict):
             raise ConfigError(f"{path}: {block}: expected a mapping")
-    return ExperimentFile(Path(path), base, base_raw, data.get("sweep") or {}, data.get("tune") or {},
+    from orchestrator.search_space import parse_sweep  # it imports this module
+
+    try:
+        axes = parse_sweep(data.get("sweep") or {}, base_raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return ExperimentFile(Path(path), base, base_raw, axes, data.get("tune") or {},
                           str(data.get("description") or ""))

@@ -82,6 +82,7 @@ class RunConfig:
     learner: Any = None  # the chosen learner's options dataclass (has a `name` field); see workloads.learners
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None  # a named config from PRESETS, applied under the file's own keys
+    cache_dir: str | None = None  # feature and key caches; None: $CLORCH_CACHE_DIR or ~/.cache/clorch
 
 
 # Named configs: merged under the user's keys, so anything set explicitly wins.

@@ -14,9 +14,10 @@ from typing import Any, Callable
 import torch
 
 from workloads import metrics
-from workloads.backbones import build_backbone, encode
+from workloads.backbones import build_backbone
 from workloads.config import RunConfig, to_dict
-from workloads.data.sources import load_source
+from workloads.data.sources import load_source, source_shape
+from workloads.features import FeatureStore
 from workloads.data.streams import Stream, make_stream, stage_classes
 from workloads.learners import LEARNERS, LearnerContext, build_learner
 from workloads.progress import ProgressLog
@@ -65,31 +66,47 @@ class PreparedStream:
 
 
 def prepare(config: RunConfig) -> PreparedStream:
-    """Load the source, build the backbone, encode (frozen backbone) and cut the stream into stages."""
+    """Build the backbone, get the inputs (embeddings from the feature cache, or transformed inputs when the
+    learner trains the backbone) and cut the stream into stages."""
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    data = load_source(config.data)
-    backbone = build_backbone(config.backbone, tuple(data.x_train.shape[1:]))
-    trains_backbone = LEARNERS[config.learner.name].trains_backbone
-    if not trains_backbone:
+    torch.manual_seed(config.seed)  # random backbone weights (small_cnn) follow the seed
+    backbone = build_backbone(config.backbone, source_shape(config.data))
+    store = None
+    if LEARNERS[config.learner.name].trains_backbone:
+        data = load_source(config.data)
+        x_train, y_train = backbone.transform(data.x_train), data.y_train
+        x_test, y_test = backbone.transform(data.x_test), data.y_test
+        num_classes, train_key = data.num_classes, None
+    else:
         backbone.requires_grad_(False)
-
-    def to_inputs(x: torch.Tensor) -> torch.Tensor:
-        """Raw source tensor -> what the learner observes: embeddings, or transformed inputs (trained backbone)."""
-        return backbone.transform(x) if trains_backbone else encode(backbone, x, device=str(device))
-
-    t0 = time.perf_counter()
-    x_train, x_test = to_inputs(data.x_train), to_inputs(data.x_test)
-    log.info("inputs ready through backbone %s in %.1fs: %s", config.backbone.name, time.perf_counter() - t0,
-             tuple(x_train.shape))
-    present = set(torch.unique(torch.cat([data.y_train, data.y_test])).tolist())
-    classes = stage_classes(data.num_classes, config.data.classes_per_stage, config.data.stages,
+        store = FeatureStore(backbone, config.backbone.name, config.cache_dir, device)
+        f = store.labelled(config.data)
+        x_train, y_train, x_test, y_test = f.x_train, f.y_train, f.x_test, f.y_test
+        num_classes, train_key = f.num_classes, f.train_key
+    present = set(torch.unique(torch.cat([y_train, y_test])).tolist())
+    classes = stage_classes(num_classes, config.data.classes_per_stage, config.data.stages,
                             config.data.class_order_seed, present)
-    stream = make_stream(x_train, data.y_train, x_test, data.y_test, data.num_classes, classes)
-    ctx = LearnerContext(num_classes=data.num_classes, input_dim=backbone.output_dim, train=config.train,
-                         seed=config.seed, device=device, encode=to_inputs,
-                         backbone=backbone if trains_backbone else None)
+    stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes)
+    ctx = LearnerContext(num_classes=num_classes, input_dim=backbone.output_dim, train=config.train,
+                         seed=config.seed, device=device, features=store, train_key=train_key,
+                         backbone=None if store else backbone)
     return PreparedStream(stream, ctx)
+
+
+def precompute(config: RunConfig) -> str:
+    """Fill the feature cache (and, for a DKVB, the key cache) that `config` reads; returns a one-line report."""
+    prepared = prepare(config)
+    ctx = prepared.context
+    if ctx.features is None:
+        return f"{config.learner.name} trains its backbone: nothing to cache"
+    encoded = ctx.features.encoded
+    parts = [f"{config.data.source} through {config.backbone.name}: "
+             + (f"encoded {encoded} inputs" if encoded else "embeddings already cached")]
+    if config.learner.name == "dkvb":
+        learner = build_learner(config.learner, ctx)
+        learner.setup(torch.cat([s.x_train for s in prepared.stream]))
+        parts.append(f"keys ready ({config.learner.num_codebooks} x {config.learner.num_keys}, {config.learner.key_init})")
+    return "; ".join(parts) + f"; cache {ctx.features.cache_dir}"
 
 
 def evaluate(learner, stream: Stream, batch_size: int) -> tuple[list[float], list[float | None]]:

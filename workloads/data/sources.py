@@ -264,12 +264,60 @@ def load_npz(cfg) -> LabelledData:
                         torch.from_numpy(y_test), num_classes, [str(i) for i in range(num_classes)])
 
 
-def unlabelled_inputs(cfg, seed: int) -> torch.Tensor:
-    """Training inputs of a KeyInitData source, labels dropped, at most `num_samples` of them."""
-    if cfg.source == "unit_square":
-        return unit_square(cfg.num_samples, seed)
-    x = load_source(cfg).x_train
-    if len(x) > cfg.num_samples:
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: cfg.num_samples]
-        x = x[keep.sort().values]
-    return x
+def source_shape(cfg) -> tuple[int, ...]:
+    """The shape of one input (no batch dimension), known without reading the data where the source fixes it."""
+    fixed = {"toy2d": (2,), "unit_square": (2,), "digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+    if cfg.source in fixed:
+        return fixed[cfg.source]
+    if cfg.source == "image_folder":
+        return (3, cfg.image_size, cfg.image_size)
+    if cfg.root is None:  # npz
+        raise DataError("data.root: npz needs the path of a .npz file with arrays " + ", ".join(NPZ_KEYS))
+    path = Path(cfg.root).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.root: file {path} not found")
+    import zipfile
+
+    try:  # read only the array header, not the data
+        with zipfile.ZipFile(path) as archive, archive.open("x_train.npy") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(reader(f)[0][1:])
+    except (KeyError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise DataError(f"data.root: {path} is not an .npz file with an x_train array ({e})") from e
+
+
+# Options that change what a source yields; everything else (stages, seeds of training) does not.
+IDENTITY_FIELDS = {
+    "toy2d": ("train_samples_per_class", "test_samples_per_class"),
+    "digits": ("test_fraction",),
+    "cifar10": (), "cifar100": (),
+    "image_folder": ("image_size", "test_fraction"),
+    "npz": (),
+    "unit_square": ("num_samples",),
+}
+
+
+def _fingerprint(path: Path) -> dict:
+    """Size and modification time of a file, or of every file under a folder: changed data, new cache key."""
+    if path.is_file():
+        st = path.stat()
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    stats = [p.stat() for p in files]
+    return {"files": len(files), "bytes": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def source_identity(cfg) -> dict:
+    """What identifies a source's content, for cache keys: its name, its options, and its files' fingerprint."""
+    ident = {"source": cfg.source}
+    for name in IDENTITY_FIELDS.get(cfg.source, ()):
+        ident[name] = getattr(cfg, name, None)
+    if cfg.source in ("cifar10", "cifar100", "image_folder", "npz") and cfg.root is not None:
+        root = Path(cfg.root).expanduser().resolve()
+        if cfg.source in CIFAR_LAYOUT:
+            root = root / CIFAR_LAYOUT[cfg.source][0]
+        ident["root"] = str(root)
+        ident["fingerprint"] = _fingerprint(root)
+    return ident

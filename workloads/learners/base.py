@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ class LearnerContext:
     train: TrainConfig
     seed: int
     device: torch.device
-    encode: Callable[[torch.Tensor], torch.Tensor]  # raw source inputs -> what observe() sees (frozen backbone)
+    features: Any = None  # the run's FeatureStore (frozen backbone): other sources' embeddings, the key cache
+    train_key: str | None = None  # cache key of the stream's training inputs
     backbone: nn.Module | None = None  # only for learners that train it (trains_backbone = True)
 
 

@@ -10,8 +10,8 @@ import torch
 
 from workloads.bottleneck import KeyValueBottleneck, bottleneck_bytes, learn_keys, sparse_sgd_step
 from workloads.config import ConfigError, KeyInitData
-from workloads.data.sources import unlabelled_inputs
 from workloads.decoders import build_decoder
+from workloads.features import state_digest
 from workloads.learners.base import Learner
 
 log = logging.getLogger(__name__)
@@ -86,19 +86,37 @@ class DKVB(Learner):
         return self.decoder(self.bottleneck(x))  # (B, D) -> (B, C, d_v) -> (B, num_classes)
 
     def setup(self, unlabelled: torch.Tensor) -> None:
-        """Learn the keys on unlabelled inputs (the stream's, or key_init_data's), then freeze them."""
-        o = self.options
+        """Learn the keys on unlabelled inputs (the stream's, or key_init_data's), then freeze them.
+
+        With a feature store, keys are cached: runs that share the inputs and the key config learn them once.
+        """
+        o, ctx = self.options, self.ctx
+        inputs_key = ctx.train_key
         if o.key_init_data is not None:
-            unlabelled = self.ctx.encode(unlabelled_inputs(o.key_init_data, self.ctx.seed))
-        device = self.bottleneck.keys.device
-        with torch.no_grad():
-            z = torch.cat([self.bottleneck.project(unlabelled[i:i + 4096].to(device))
-                           for i in range(0, len(unlabelled), 4096)])
-        log.info("learning %s keys: %d codebooks x %d keys on %d unlabelled inputs", o.key_init, o.num_codebooks,
-                 o.num_keys, len(z))
-        keys = learn_keys(z, o.num_keys, o.key_init, o.key_init_epochs, o.key_init_decay, o.key_init_batch_size,
-                          seed=self.ctx.seed)
-        self.bottleneck.keys.copy_(keys)
+            unlabelled, inputs_key = ctx.features.unlabelled(o.key_init_data, ctx.seed)
+            if unlabelled.shape[1] != ctx.input_dim:
+                raise ConfigError(f"learner.key_init_data: {o.key_init_data.source} gives {unlabelled.shape[1]}-d "
+                                  f"embeddings but the stream's are {ctx.input_dim}-d; use a source of the same kind")
+        b = self.bottleneck
+
+        def learn() -> torch.Tensor:
+            with torch.no_grad():
+                z = torch.cat([b.project(unlabelled[i:i + 4096].to(b.keys.device))
+                               for i in range(0, len(unlabelled), 4096)])
+            log.info("learning %s keys: %d codebooks x %d keys on %d unlabelled inputs", o.key_init,
+                     o.num_codebooks, o.num_keys, len(z))
+            return learn_keys(z, o.num_keys, o.key_init, o.key_init_epochs, o.key_init_decay,
+                              o.key_init_batch_size, seed=ctx.seed).cpu()
+
+        if ctx.features is None or inputs_key is None:
+            keys = learn()
+        else:
+            projection = {k: v for k, v in b.state_dict().items() if k.startswith("proj")}
+            keys = ctx.features.keys({
+                "inputs": inputs_key, "projection": state_digest(projection), "num_keys": o.num_keys,
+                "init": o.key_init, "epochs": o.key_init_epochs, "decay": o.key_init_decay,
+                "batch_size": o.key_init_batch_size, "seed": ctx.seed}, learn)
+        b.keys.copy_(keys)
 
     def stage_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """With the index cache: the selected key indices (N, C, k), computed once for the stage."""

@@ -1,0 +1,132 @@
+"""The feature cache and the key cache: encode once, learn keys once, survive corruption and concurrency."""
+import logging
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from workloads.config import parse_run_config
+from workloads.features import CacheCorrupt, read_features
+from workloads.runner import run_stream
+
+
+def cnn_config(cache_dir, learner=None, **train):
+    """digits through a frozen random small CNN: a backbone whose embeddings are worth caching."""
+    return parse_run_config({
+        "seed": 0, "cache_dir": str(cache_dir),
+        "data": {"source": "digits", "classes_per_stage": 5},
+        "backbone": {"name": "small_cnn"},
+        "learner": learner or {"name": "dkvb", "num_codebooks": 8, "num_keys": 32, "key_dim": 4},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.3, **train},
+    })
+
+
+def messages(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_two_runs_of_one_config_encode_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    first = run_stream(cnn_config(tmp_path))
+    assert "encoded digits train: 1257 inputs" in messages(caplog)
+    files = sorted((tmp_path / "features").glob("*.arrow"))
+    assert len(files) == 2  # train and test
+    stamps = [f.stat().st_mtime_ns for f in files]
+    caplog.clear()
+    second = run_stream(cnn_config(tmp_path))
+    log = messages(caplog)
+    assert "encoded" not in log and "digits train: 1257 embeddings served from the cache" in log
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert second.accuracy_matrix == first.accuracy_matrix
+
+
+def test_runs_that_differ_only_in_learning_rate_learn_keys_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_stream(cnn_config(tmp_path, lr=0.3))
+    run_stream(cnn_config(tmp_path, lr=1.0))
+    log = messages(caplog)
+    assert log.count("learning kmeans keys") == 1
+    assert log.count("served from the cache") >= 3  # keys once, embeddings twice
+    assert len(list((tmp_path / "keys").glob("*.pt"))) == 1
+    run_stream(cnn_config(tmp_path, learner={"name": "dkvb", "num_codebooks": 8, "num_keys": 16, "key_dim": 4}))
+    assert len(list((tmp_path / "keys").glob("*.pt"))) == 2  # another key config learns its own keys
+
+
+def test_keys_on_identity_inputs_are_cached_too(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    config = {"cache_dir": str(tmp_path), "learner": {"name": "dkvb", "num_codebooks": 4, "num_keys": 16},
+              "train": {"epochs": 1}}
+    run_stream(parse_run_config(config))
+    run_stream(parse_run_config(config))
+    assert messages(caplog).count("learning kmeans keys") == 1
+    assert not list(tmp_path.glob("features/*.arrow"))  # identity embeddings are the inputs: nothing to store
+
+
+def test_a_truncated_feature_file_is_detected_and_rebuilt(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    first = run_stream(cnn_config(tmp_path))
+    victim = max((tmp_path / "features").glob("*.arrow"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CacheCorrupt):
+        read_features(victim)
+    caplog.clear()
+    second = run_stream(cnn_config(tmp_path))
+    assert "is corrupt" in messages(caplog) and "encoded digits train" in messages(caplog)
+    read_features(victim)  # valid again
+    assert second.accuracy_matrix == first.accuracy_matrix
+
+
+def test_a_flipped_byte_fails_the_checksum(tmp_path):
+    run_stream(cnn_config(tmp_path))
+    victim = max((tmp_path / "features").glob("*.arrow"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the embedding buffer
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CacheCorrupt, match="checksum"):
+        read_features(victim)
+
+
+def test_a_corrupt_key_file_is_rebuilt(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_stream(cnn_config(tmp_path))
+    (key_file,) = (tmp_path / "keys").glob("*.pt")
+    key_file.write_bytes(b"not a checkpoint")
+    run_stream(cnn_config(tmp_path))
+    assert "key cache" in messages(caplog) and messages(caplog).count("learning kmeans keys") == 2
+
+
+def _encode_in_child(cache_dir: str, barrier, results) -> None:
+    import workloads.features as features
+    from workloads.backbones import build_backbone
+    from workloads.features import FeatureStore
+
+    slow = features.encode_with_progress
+
+    def slow_encode(*args, **kwargs):  # widen the window in which both processes want the same file
+        time.sleep(1.0)
+        return slow(*args, **kwargs)
+
+    features.encode_with_progress = slow_encode
+    config = cnn_config(cache_dir)
+    torch.manual_seed(0)
+    store = FeatureStore(build_backbone(config.backbone, (1, 8, 8)), "small_cnn", config.cache_dir,
+                         torch.device("cpu"))
+    barrier.wait()
+    store.labelled(config.data)
+    results.put(store.encoded)
+
+
+@pytest.mark.slow
+def test_two_processes_asking_for_one_cache_encode_it_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_encode_in_child, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    encoded = sorted(results.get(timeout=5) for _ in procs)
+    assert encoded[0] == 0 and encoded[1] > 0  # one process encoded both splits, the other read them
+    assert len(list((tmp_path / "features").glob("*.arrow"))) == 2

@@ -1,0 +1,266 @@
+"""The feature cache and the key cache: encode each data source once per frozen backbone, learn keys once.
+
+A sweep of many bottleneck configs reads the same embeddings: they are encoded once per
+(backbone, weights digest, layer, data source, split, transform) and stored as an Arrow IPC file
+(label + embedding columns, memory-mapped when read). DKVB keys are cached the same way, keyed by the
+embeddings they were learned on and the key config. Every cache file is written to a temporary file and
+renamed (atomic), built under a file lock (concurrent trials on a node build once while the others wait),
+and verified on read (row count, checksum); a truncated or corrupt file is rebuilt with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+from filelock import FileLock
+
+from workloads.backbones import Backbone, Identity
+from workloads.data.sources import LabelledData, load_source, source_identity, unit_square
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CACHE_ENV = "CLORCH_CACHE_DIR"
+FORMAT_VERSION = 1  # bump when the file layout changes: old files then miss instead of misreading
+
+
+def default_cache_dir() -> Path:
+    """$CLORCH_CACHE_DIR, else $XDG_CACHE_HOME/clorch, else ~/.cache/clorch."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "clorch"
+
+
+class CacheCorrupt(Exception):
+    """A cache file exists but fails its integrity check."""
+
+
+def digest(meta: Any) -> str:
+    """A short, stable hex digest of a JSON-able description."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (names and bytes): the same weights, wherever they came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        if tensor.is_sparse:
+            tensor = tensor.to_dense()
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached(path: Path, build: Callable[[Path], None], read: Callable[[Path], T], what: str) -> tuple[T, bool]:
+    """read(path), building it first (atomically, under a lock) when missing or corrupt; returns (value, built)."""
+    try:
+        return read(path), False
+    except FileNotFoundError:
+        pass
+    except CacheCorrupt as e:
+        log.warning("%s cache %s is corrupt (%s); rebuilding it", what, path.name, e)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        try:  # another process may have built it while we waited for the lock
+            return read(path), False
+        except FileNotFoundError:
+            pass
+        except CacheCorrupt:
+            path.unlink()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            build(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return read(path), True
+
+
+# --- embeddings as Arrow IPC files --------------------------------------------------------------------------
+
+def _checksum(x: np.ndarray, y: np.ndarray) -> str:
+    return f"{zlib.crc32(y.tobytes(), zlib.crc32(x.tobytes())):08x}"
+
+
+def write_features(path: Path, x: torch.Tensor, y: torch.Tensor, meta: dict) -> None:
+    """(N, D) float32 embeddings and (N,) labels as an Arrow IPC file, with row count and checksum in its metadata."""
+    xn = x.float().contiguous().numpy()
+    yn = y.long().numpy()
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(xn.reshape(-1)), xn.shape[1])
+    info = {**meta, "rows": len(yn), "dim": xn.shape[1], "checksum": _checksum(xn, yn)}
+    table = pa.table({"label": pa.array(yn), "embedding": embedding}).replace_schema_metadata(
+        {"clorch": json.dumps(info)})
+    with open(path, "wb") as f:
+        with pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=65536)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Memory-map an embeddings file and verify it; raises CacheCorrupt (or FileNotFoundError)."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    try:
+        source = pa.memory_map(str(path))
+        table = pa.ipc.open_file(source).read_all()
+        info = json.loads(table.schema.metadata[b"clorch"])
+        labels = table.column("label").to_numpy()
+        flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=True)
+    except (pa.ArrowException, KeyError, ValueError, OSError) as e:
+        raise CacheCorrupt(f"unreadable: {e}") from e
+    if len(labels) != info["rows"] or flat.size != info["rows"] * info["dim"]:
+        raise CacheCorrupt(f"{len(labels)} rows, expected {info['rows']}")
+    x = flat.reshape(info["rows"], info["dim"])
+    if _checksum(x, labels) != info["checksum"]:
+        raise CacheCorrupt("checksum mismatch")
+    with warnings.catch_warnings():  # the mapped buffer is read-only and nothing writes to inputs
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(x), torch.from_numpy(labels), info
+
+
+# --- encoding -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_with_progress(backbone: Backbone, x: torch.Tensor, device: torch.device, what: str,
+                         batch_size: int = 256) -> torch.Tensor:
+    """Embeddings (N, output_dim) through the frozen backbone, with a progress bar (images per second)."""
+    from tqdm.auto import tqdm
+
+    backbone.eval().to(device)
+    out = []
+    started = time.perf_counter()
+    with tqdm(total=len(x), desc=f"encoding {what}", unit="img", disable=not sys.stderr.isatty(),
+              mininterval=1.0) as bar:
+        for i in range(0, len(x), batch_size):
+            batch = backbone.transform(x[i:i + batch_size]).to(device)
+            out.append(backbone(batch).float().cpu())
+            bar.update(len(batch))
+    seconds = time.perf_counter() - started
+    log.info("encoded %s: %d inputs in %.1fs (%.0f per second)", what, len(x), seconds, len(x) / max(seconds, 1e-9))
+    return torch.cat(out) if out else torch.empty(0, backbone.output_dim)
+
+
+@dataclass
+class StreamFeatures:
+    """A source's train and test embeddings, with the cache key of the train split."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    train_key: str  # identifies the training inputs (for caches derived from them, such as keys)
+
+
+class FeatureStore:
+    """Embeddings of data sources through one frozen backbone, cached on disk; also the home of the key cache.
+
+    The identity backbone's "embeddings" are the inputs themselves: they are not written, but they still get
+    keys, so keys learned on them are cached.
+    """
+
+    def __init__(self, backbone: Backbone, backbone_name: str, cache_dir: Path | None, device: torch.device):
+        self.backbone, self.device = backbone, device
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.write_features = not isinstance(backbone, Identity)
+        self.backbone_id = {"backbone": backbone_name, "layer": getattr(backbone, "layer", None),
+                            "weights": state_digest(backbone.state_dict()) if self.write_features else None,
+                            "transform": backbone.describe_transform(), "format": FORMAT_VERSION}
+        self.encoded = 0  # inputs encoded by this store (0 when everything came from the cache)
+
+    def _key(self, source: dict, split: str) -> str:
+        return digest({**self.backbone_id, "data": source, "split": split})
+
+    def _split(self, key: str, what: str, load: Callable[[], tuple[torch.Tensor, torch.Tensor, int]]
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Embeddings, labels and label-space size of one split; `load` reads the raw split on a miss."""
+        if not self.write_features:
+            x, y, num_classes = load()
+            return self.backbone(self.backbone.transform(x)), y, num_classes
+
+        def build(tmp: Path) -> None:
+            x, y, num_classes = load()
+            self.encoded += len(x)
+            embeddings = encode_with_progress(self.backbone, x, self.device, what)
+            write_features(tmp, embeddings, y, {"key": key, "num_classes": num_classes})
+
+        (x, y, info), built = cached(self.cache_dir / "features" / f"{key}.arrow", build, read_features, "feature")
+        if not built:
+            log.info("%s: %d embeddings served from the cache (%s)", what, len(y), key)
+        return x, y, info["num_classes"]
+
+    def labelled(self, data_cfg) -> StreamFeatures:
+        """Train and test embeddings of a DataConfig's source; the source is read only if a split is missing."""
+        source = source_identity(data_cfg)
+        loaded: list[LabelledData] = []
+
+        def split_loader(split: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor, int]]:
+            def load():
+                if not loaded:
+                    loaded.append(load_source(data_cfg))
+                d = loaded[0]
+                return getattr(d, f"x_{split}"), getattr(d, f"y_{split}"), d.num_classes
+            return load
+
+        x_train, y_train, num_classes = self._split(self._key(source, "train"), f"{data_cfg.source} train",
+                                                    split_loader("train"))
+        x_test, y_test, _ = self._split(self._key(source, "test"), f"{data_cfg.source} test", split_loader("test"))
+        return StreamFeatures(x_train, y_train, x_test, y_test, num_classes, self._key(source, "train"))
+
+    def unlabelled(self, cfg, seed: int) -> tuple[torch.Tensor, str]:
+        """Embeddings of a KeyInitData source's training inputs (at most num_samples), and their key."""
+        source = source_identity(cfg)
+        if cfg.source == "unit_square":
+            key = self._key({**source, "seed": seed}, "train")
+            x, _, _ = self._split(key, "unit_square", lambda: (
+                unit_square(cfg.num_samples, seed), torch.zeros(cfg.num_samples, dtype=torch.long), 0))
+            return x, key
+        key = self._key(source, "train")
+
+        def load():
+            d = load_source(cfg)
+            return d.x_train, d.y_train, d.num_classes
+        x, _, _ = self._split(key, f"{cfg.source} train", load)
+        if len(x) > cfg.num_samples:
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: cfg.num_samples]
+            x = x[keep.sort().values]
+            key = digest({"of": key, "subset": cfg.num_samples, "seed": seed})
+        return x, key
+
+    def keys(self, meta: dict, learn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """DKVB keys for `meta` (inputs' key + key config), learned by `learn()` only on a cache miss."""
+        key = digest({"format": FORMAT_VERSION, **meta})
+        path = self.cache_dir / "keys" / f"{key}.pt"
+
+        def build(tmp: Path) -> None:
+            keys = learn().contiguous()
+            torch.save({"keys": keys, "checksum": _checksum(keys.numpy(), np.zeros(0)), "meta": meta}, tmp)
+
+        def read(p: Path) -> torch.Tensor:
+            if not p.exists():
+                raise FileNotFoundError(p)
+            try:
+                saved = torch.load(p, map_location="cpu", weights_only=True)
+                keys = saved["keys"]
+            except Exception as e:  # torch raises several types for a truncated zip / pickle
+                raise CacheCorrupt(f"unreadable: {e}") from e
+            if _checksum(keys.numpy(), np.zeros(0)) != saved["checksum"]:
+                raise CacheCorrupt("checksum mismatch")
+            return keys
+
+        keys, built = cached(path, build, read, "key")
+        log.info("keys %s: %s", key, "learned and cached" if built else "served from the cache")
+        return keys
