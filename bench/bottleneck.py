@@ -100,7 +100,7 @@ def paper_learner(s: Sizes, bottleneck: KeyValueBottleneck) -> DKVB:
     config = parse_run_config({"preset": "dkvb_paper", "learner": {
         "name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys, "key_dim": s.key_dim}})
     ctx = LearnerContext(num_classes=s.value_dim, input_dim=s.input_dim, train=config.train, seed=0,
-                         device=torch.device("cpu"), encode=lambda x: x)
+                         device=torch.device("cpu"))
     learner = DKVB(config.learner, ctx)
     learner.bottleneck.load_state_dict(bottleneck.state_dict())
     return learner

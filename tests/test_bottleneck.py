@@ -85,8 +85,7 @@ def test_only_selected_values_change_in_training():
 def _learner(options: dict, **train):
     config = parse_run_config({"learner": options, "train": {"lr": 0.3, "grad_clip": 1.0, "label_smoothing": 0.1,
                                                              **train}})
-    ctx = LearnerContext(num_classes=10, input_dim=64, train=config.train, seed=0, device=torch.device("cpu"),
-                         encode=lambda x: x)
+    ctx = LearnerContext(num_classes=10, input_dim=64, train=config.train, seed=0, device=torch.device("cpu"))
     learner = build_learner(config.learner, ctx)
     learner.setup(torch.rand(500, 64, generator=torch.Generator().manual_seed(0)))
     return learner

@@ -61,3 +61,23 @@ def test_console_script_exit_status_and_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("clorch: error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_cache_command_fills_the_caches_a_sweep_needs(tmp_path, capsys):
+    path = _experiment(tmp_path, f"""
+base:
+  cache_dir: {tmp_path / 'cache'}
+  data: {{source: digits}}
+  backbone: {{name: small_cnn}}
+  learner: {{name: dkvb, num_codebooks: 4, num_keys: 16, key_dim: 4}}
+sweep:
+  learner.num_keys: {{grid: [16, 32]}}
+  train.lr: {{grid: [0.1, 1.0]}}
+""")
+    assert main(["cache", path]) == 0
+    out = capsys.readouterr().out
+    assert "2 config(s) with distinct caches" in out and "encoded 1797 inputs" in out
+    assert len(list((tmp_path / "cache" / "features").glob("*.arrow"))) == 2
+    assert len(list((tmp_path / "cache" / "keys").glob("*.pt"))) == 2  # one per key config, not per lr
+    assert main(["cache", path]) == 0
+    assert "embeddings already cached" in capsys.readouterr().out

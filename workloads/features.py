@@ -180,6 +180,7 @@ class FeatureStore:
                             "weights": state_digest(backbone.state_dict()) if self.write_features else None,
                             "transform": backbone.describe_transform(), "format": FORMAT_VERSION}
         self.encoded = 0  # inputs encoded by this store (0 when everything came from the cache)
+        self.encode_seconds = 0.0
 
     def _key(self, source: dict, split: str) -> str:
         return digest({**self.backbone_id, "data": source, "split": split})
@@ -193,8 +194,10 @@ class FeatureStore:
 
         def build(tmp: Path) -> None:
             x, y, num_classes = load()
-            self.encoded += len(x)
+            started = time.perf_counter()
             embeddings = encode_with_progress(self.backbone, x, self.device, what)
+            self.encoded += len(x)
+            self.encode_seconds += time.perf_counter() - started
             write_features(tmp, embeddings, y, {"key": key, "num_classes": num_classes})
 
         (x, y, info), built = cached(self.cache_dir / "features" / f"{key}.arrow", build, read_features, "feature")
