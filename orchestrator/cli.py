@@ -28,6 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("file", help="experiment YAML file")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (repeatable)")
+    for name, helptext in (("sweep", "run the file's sweep on Ray Tune, tracked in MLflow"),
+                           ("resume", "resume a sweep: errored and unfinished trials continue, finished ones stay"),
+                           ("status", "each trial's state, stage reached and metric")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("file" if name == "sweep" else "name", help="experiment YAML file" if name == "sweep"
+                       else "sweep name (its folder under --storage)")
+        if name == "sweep":
+            p.add_argument("--name", help="sweep name (default: the file's base name)")
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a base config key (repeatable)")
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+        p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the tracking store")
+    ui.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    ui.add_argument("--port", type=int, default=5000)
     return parser
 
 
@@ -79,7 +96,81 @@ def cmd_cache(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "cache": cmd_cache}
+def _target(args):
+    from orchestrator.cluster import resolve_target
+
+    return resolve_target(getattr(args, "address", None), getattr(args, "storage", None), args.tracking_uri)
+
+
+def cmd_sweep(args) -> int:
+    from orchestrator.cluster import connect
+    from orchestrator.config import load_experiment
+    from orchestrator.sweep import build_tuner, parse_tune
+
+    experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
+    options = parse_tune(experiment.tune)
+    name = args.name or Path(args.file).stem
+    target = _target(args)
+    if (target.storage / name).exists():
+        raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "
+                          f"`clorch resume {name}` continues it, or pick another --name")
+    print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
+          f"mlflow {target.tracking_uri}")
+    connect(target, args.num_cpus)
+    results = build_tuner(experiment, options, name, target.storage, target.tracking_uri).fit()
+    return _print_results(results, options.metric)
+
+
+def cmd_resume(args) -> int:
+    from orchestrator.cluster import connect
+    from orchestrator.sweep import check_sweep, restore_tuner
+
+    target = _target(args)
+    check_sweep(args.name, target.storage)  # a wrong name fails before Ray starts
+    print(f"resuming {args.name}: storage {target.storage / args.name}")
+    connect(target, args.num_cpus)
+    return _print_results(restore_tuner(args.name, target.storage).fit(), "average_accuracy")
+
+
+def cmd_status(args) -> int:
+    from orchestrator.sweep import check_sweep, restore_tuner
+
+    target = _target(args)
+    check_sweep(args.name, target.storage)
+    results = restore_tuner(args.name, target.storage).get_results()
+    return _print_results(results, "average_accuracy", status_only=True)
+
+
+def _print_results(results, metric: str, status_only: bool = False) -> int:
+    from orchestrator.sweep import summarise
+
+    rows = summarise(results)
+    keys = sorted({k for r in rows for k in r} - {"trial", "state", "stage", "average_accuracy"})
+    print(f"{'trial':<36} {'state':<16} {'stage':>5} {metric:>18}  " + "  ".join(keys))
+    for r in rows:
+        value = r.get("average_accuracy")
+        stage = "-" if r["stage"] is None else r["stage"] + 1
+        print(f"{r['trial']:<36} {r['state']:<16} {stage:>5} {'-' if value is None else f'{value:.4f}':>18}  "
+              + "  ".join(str(r.get(k, "")) for k in keys))
+    errored = sum(r["state"] == "ERROR" for r in rows)
+    if errored and not status_only:
+        print(f"{errored} trial(s) errored: `clorch resume NAME` continues them from their last stage")
+    return 1 if errored and not status_only else 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from orchestrator.cluster import resolve_target
+
+    uri = resolve_target(None, None, args.tracking_uri).tracking_uri
+    print(f"MLflow UI at http://127.0.0.1:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", "127.0.0.1", "--port", str(args.port)])
+
+
+COMMANDS = {"run": cmd_run, "cache": cmd_cache, "sweep": cmd_sweep, "resume": cmd_resume, "status": cmd_status,
+            "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,153 @@
+"""Build, fit and restore a sweep: the Tuner over `run_trial`, its scheduler, search and MLflow tracking.
+
+The experiment folder `<storage>/<name>` holds Tune's state (so `Tuner.restore` can resume it), the sweep's
+own description (`sweep.json`: what `clorch resume` needs to rebuild the same Tuner), and the MLflow run map.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from orchestrator.config import ExperimentFile
+from workloads.config import ConfigError, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class Resources:
+    """What one trial needs."""
+
+    num_workers: int | None = None  # None: 0 (the trial's own process) without GPUs, else 1 GPU worker
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_trial: int = 1
+
+
+@dataclass
+class TuneOptions:
+    """The `tune:` block of an experiment file."""
+
+    metric: str = "average_accuracy"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 1  # repeats of the grid (grid search) or samples drawn (random, optuna)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs fit
+    max_failures: int = 0  # automatic retries of a failing trial (from its last stage checkpoint)
+    fail_at_stage: int | None = None  # test-only: each trial raises once, before this stage, on its first attempt
+    resources: Resources = field(default_factory=Resources)
+
+
+def parse_tune(raw: dict) -> TuneOptions:
+    """Validate the `tune:` block; errors name `tune.<key>` and what is accepted."""
+    options = from_dict(TuneOptions, raw or {}, "tune")
+    if options.num_samples < 1:
+        raise ConfigError(f"tune.num_samples: must be >= 1, got {options.num_samples}")
+    if options.resources.num_workers is not None and options.resources.num_workers > 1:
+        raise ConfigError("tune.resources.num_workers: 0 (in the trial's process) or 1 (one Ray Train worker) "
+                          f"are supported; data-parallel learners across workers are not yet; got "
+                          f"{options.resources.num_workers}")
+    if options.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search: optuna needs the optuna package (pip install optuna)") from None
+    return options
+
+
+def param_space(experiment: ExperimentFile, options: TuneOptions, experiment_dir: Path) -> dict:
+    """What each trial receives: the base config, the sweep axes as Tune search spaces, and run settings."""
+    return {
+        "base": experiment.base_raw,
+        "sweep": {axis.key: axis.to_tune() for axis in experiment.axes},
+        "experiment_dir": str(experiment_dir),
+        "fail_at_stage": options.fail_at_stage,
+        "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu},
+    }
+
+
+def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str):
+    """A Tuner for the experiment (fresh run)."""
+    from ray import tune
+
+    from orchestrator.cluster import cluster_gpus
+    from orchestrator.tracking import MLflowTracking
+    from orchestrator.trial import run_trial
+
+    experiment_dir = storage / name
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    gpus = cluster_gpus()
+    if options.resources.num_workers is None:
+        options.resources.num_workers = 1 if gpus else 0
+    if options.resources.use_gpu == "auto":
+        options.resources.use_gpu = bool(gpus)
+    (experiment_dir / SWEEP_FILE).write_text(json.dumps({
+        "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
+        "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
+    space = param_space(experiment, options, experiment_dir)
+    trainable = tune.with_resources(run_trial, {"cpu": options.resources.cpus_per_trial}
+                                    if options.resources.num_workers == 0 else {"cpu": 0})
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
+                                    scheduler=_scheduler(options), search_alg=_search(options),
+                                    max_concurrent_trials=options.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  callbacks=[MLflowTracking(tracking_uri, name, str(experiment_dir))]))
+
+
+def _scheduler(options: TuneOptions):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if options.scheduler == "asha":
+        return ASHAScheduler(time_attr="stage", grace_period=1, reduction_factor=2)
+    return FIFOScheduler()
+
+
+def _search(options: TuneOptions):
+    if options.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch()
+    return None  # grid and random: Tune's basic variant generator (grid axes crossed, the others sampled)
+
+
+def check_sweep(name: str, storage: Path) -> Path:
+    """The experiment folder of sweep `name`; a ConfigError listing the sweeps there if it has none."""
+    experiment_dir = storage / name
+    if not (experiment_dir / SWEEP_FILE).exists() or not (experiment_dir / "tuner.pkl").exists():
+        found = sorted(p.name for p in storage.iterdir() if (p / SWEEP_FILE).exists()) if storage.is_dir() else []
+        raise ConfigError(f"{name}: no sweep of that name under {storage}; sweeps there: "
+                          f"{', '.join(found) or 'none'}")
+    return experiment_dir
+
+
+def restore_tuner(name: str, storage: Path):
+    """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint."""
+    from ray import tune
+
+    from orchestrator.trial import run_trial
+
+    experiment_dir = check_sweep(name, storage)
+    cpus = json.loads((experiment_dir / SWEEP_FILE).read_text())["tune"]["resources"]
+    trainable = tune.with_resources(run_trial, {"cpu": cpus["cpus_per_trial"]} if cpus["num_workers"] == 0
+                                    else {"cpu": 0})
+    return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+
+
+def summarise(results) -> list[dict]:
+    """One row per trial: id, state, stage reached, metric, swept values."""
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        config = result.config or {}
+        rows.append({"trial": m.get("trial_id") or Path(result.path).name, "state": "ERROR" if result.error else
+                     ("DONE" if m.get("done") else "RUNNING/PENDING"), "stage": m.get("stage"),
+                     "average_accuracy": m.get("average_accuracy"), **(config.get("sweep") or {})})
+    return rows

@@ -1,0 +1,92 @@
+"""One Tune trial: resolve its config, run the stage loop, report after every stage with a checkpoint.
+
+`num_workers: 0` runs the workload in the trial's own process and reports through `ray.tune.report`.
+`num_workers: 1` runs it in one Ray Train worker (a `TorchTrainer` started by this driver function, GPU where
+asked): rank 0 reports through `ray.train.report`, and Tune hears it through `TuneReportCallback`. The Train
+run is named `train-<trial id>` so that a restored trial finds its own last stage checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+STATE_FILE = "state.pt"
+
+
+def resolve(trial_config: dict):
+    """The RunConfig of a trial: the base config with the trial's sampled sweep values set."""
+    from orchestrator.config import with_values
+    from workloads.config import parse_run_config
+
+    return parse_run_config(with_values(trial_config["base"], trial_config.get("sweep") or {}))
+
+
+def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
+    """What a stage report carries: the stage index, scalar metrics, and per-stage accuracies by name."""
+    out = {"stage": stage, **{k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "stage"}}
+    for j, acc in enumerate(m["stage_accuracies"]):
+        out[f"accuracy_stage_{j}"] = acc
+    return out
+
+
+def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], None]) -> None:
+    """Run the stream from `checkpoint` (or from the start), calling report(metrics, checkpoint) per stage."""
+    from ray.tune import Checkpoint
+
+    from workloads.runner import run_stream
+
+    config = resolve(trial_config)
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume_state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
+    marker = Path(trial_config["experiment_dir"]) / "failures" / trial_config["trial_id"]
+
+    def on_stage_end(stage: int, m: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            (Path(folder) / "accuracy_matrix.json").write_text(json.dumps(state["accuracy_matrix"]))
+            report({**scalar_metrics(stage, m), "accuracy_matrix": json.dumps(state["accuracy_matrix"])},
+                   Checkpoint.from_directory(folder))
+        if fail_at is not None and stage + 1 == fail_at and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            raise RuntimeError(f"planned failure before stage {fail_at} (tune.fail_at_stage, a test option)")
+
+    run_stream(config, resume_state=resume_state, on_stage_end=on_stage_end)
+
+
+def run_trial(trial_config: dict) -> None:
+    """The Tune trainable: a driver function for one trial."""
+    from ray import tune
+
+    trial_config = {**trial_config, "trial_id": tune.get_context().get_trial_id()}
+    workers = trial_config["resources"]["num_workers"]
+    if workers == 0:
+        run_workload(trial_config, tune.get_checkpoint(), lambda m, c: tune.report(m, checkpoint=c))
+        return
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    def per_worker(cfg: dict) -> None:
+        rank = ray.train.get_context().get_world_rank()
+
+        def report(metrics: dict, checkpoint) -> None:
+            ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
+
+        run_workload(cfg, ray.train.get_checkpoint(), report)
+
+    trainer = TorchTrainer(
+        per_worker, train_loop_config=trial_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=trial_config["resources"]["use_gpu"]),
+        run_config=ray.train.RunConfig(name=f"train-{trial_config['trial_id']}",
+                                       storage_path=os.path.join(trial_config["experiment_dir"], "train"),
+                                       callbacks=[TuneReportCallback()]))
+    trainer.fit()
