@@ -1,8 +1,15 @@
 """Shared fixtures: small run configs built from plain dicts, as a user's YAML would give them."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Caches of every test session go to a fresh folder, never to ~/.cache/clorch; set before any Ray starts so
+# that trial processes inherit it.
+os.environ["CLORCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="clorch-test-cache-")
 
 from workloads.config import parse_run_config
 
@@ -10,6 +17,17 @@ from workloads.config import parse_run_config
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) shared by every test that needs Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 def toy2d_config(learner: dict, seed: int = 0):

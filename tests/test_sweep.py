@@ -1,0 +1,105 @@
+"""Sweeps on a real local Ray with a real MLflow store: tracking, failure, resume."""
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.config import load_experiment
+from workloads.runner import run_stream
+
+QUICKSTART = str(Path(__file__).parent.parent / "search_spaces" / "quickstart.yaml")
+
+
+def runs_of(uri: str, name: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def sweep_args(tmp_path, *extra):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, [*extra, "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
+
+
+@pytest.mark.slow
+def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp_path, capsys):
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", QUICKSTART, "--name", "qs", *args]) == 0
+    assert capsys.readouterr().out.count("DONE") == 4
+    client, parents, children = runs_of(uri, "qs")
+    assert len(parents) == 1 and len(children) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "accuracy_on_seen_classes")]
+        assert sorted(steps) == [0, 1, 2, 3, 4]
+        assert child.data.params["learner.num_keys"] in ("128", "256")
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"accuracy_matrix.json", "accuracy_matrix.png"} <= artifacts
+        assert child.data.metrics["average_accuracy"] > 0.85
+    assert main(["status", "qs", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.count("DONE") == 4
+
+
+FAILING = """
+base:
+  data: {source: digits, classes_per_stage: 2}
+  learner: {name: dkvb, num_codebooks: 16, num_keys: 64, key_dim: 8}
+  train: {epochs: 3, batch_size: 64, lr: 0.3}
+sweep:
+  seed: {grid: [0, 1]}
+tune:
+  fail_at_stage: 2
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_failing_at_stage_2_resumes_from_stage_2_to_the_uninterrupted_result(ray_local, tmp_path, capsys):
+    path = tmp_path / "failing.yaml"
+    path.write_text(FAILING)
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "f", *args]) == 1
+    assert capsys.readouterr().out.count("ERROR") >= 2
+    client, _, children = runs_of(uri, "f")
+    assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
+    assert all("error.txt" in {a.path for a in client.list_artifacts(c.info.run_id)} for c in children)
+
+    assert main(["resume", "f", *args]) == 0
+    client, parents, children = runs_of(uri, "f")
+    assert len(parents) == 1 and len(children) == 2  # the same child runs, re-attached
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "accuracy_on_seen_classes")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # stages 0 and 1 were not trained again
+        seed = int(child.data.params["seed"])
+        matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
+        config = load_experiment(path, [f"seed={seed}"]).base
+        assert matrix["accuracy_matrix"] == run_stream(config).accuracy_matrix
+
+
+@pytest.mark.parametrize("body, message", [
+    ("sweep:\n  learner.num_keyz: {grid: [1, 2]}\n", "sweep.learner.num_keyz: learner.num_keyz: unknown key"),
+    ("sweep:\n  seed: {grid: []}\n", "sweep.seed: grid needs a non-empty list"),
+    ("sweep:\n  train.lr: {uniform: [1.0, 0.1]}\n", "sweep.train.lr: uniform bounds are inverted"),
+    ("tune:\n  scheduler: hyperband\n", "tune.scheduler: got 'hyperband'; accepted: one of 'fifo', 'asha'"),
+    ("tune:\n  num_samplez: 3\n", "tune.num_samplez: unknown key"),
+])
+def test_bad_sweep_files_fail_before_ray_starts(tmp_path, capsys, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: {}\n" + body)
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def test_resume_of_an_unknown_sweep_lists_the_known_ones(tmp_path, capsys):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "sweep.json").write_text("{}")
+    assert main(["resume", "nope", "--storage", str(tmp_path / "runs")]) == 2
+    assert "nope: no sweep of that name" in capsys.readouterr().err
