@@ -41,7 +41,8 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
         if target.address:
             ray.init(address=target.address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # address="local": always a new instance, never a cluster some `ray start` left on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
         missing = nodes_missing_storage(target.storage, nodes)

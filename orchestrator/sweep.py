@@ -1,7 +1,8 @@
 """Build, fit and restore a sweep: the Tuner over `run_trial`, its scheduler, search and MLflow tracking.
 
-The experiment folder `<storage>/<name>` holds Tune's state (so `Tuner.restore` can resume it), the sweep's
-own description (`sweep.json`: what `clorch resume` needs to rebuild the same Tuner), and the MLflow run map.
+The experiment folder `<storage>/<name>` is Tune's: its state, trial results and checkpoints, which Tune's
+syncer copies back and forth. clorch keeps its own files beside it, in `<storage>/.clorch/<name>`, where no
+syncer overwrites them: the sweep's description (`sweep.json`), the MLflow run map, Ray Train's run folders.
 """
 from __future__ import annotations
 
@@ -59,12 +60,17 @@ def parse_tune(raw: dict) -> TuneOptions:
     return options
 
 
-def param_space(experiment: ExperimentFile, options: TuneOptions, experiment_dir: Path) -> dict:
+def state_dir(storage: Path, name: str) -> Path:
+    """clorch's own files for sweep `name` (kept out of Tune's experiment folder)."""
+    return storage / ".clorch" / name
+
+
+def param_space(experiment: ExperimentFile, options: TuneOptions, own_dir: Path) -> dict:
     """What each trial receives: the base config, the sweep axes as Tune search spaces, and run settings."""
     return {
         "base": experiment.base_raw,
         "sweep": {axis.key: axis.to_tune() for axis in experiment.axes},
-        "experiment_dir": str(experiment_dir),
+        "state_dir": str(own_dir),
         "fail_at_stage": options.fail_at_stage,
         "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu},
     }
@@ -78,17 +84,17 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     from orchestrator.tracking import MLflowTracking
     from orchestrator.trial import run_trial
 
-    experiment_dir = storage / name
-    experiment_dir.mkdir(parents=True, exist_ok=True)
+    own_dir = state_dir(storage, name)
+    own_dir.mkdir(parents=True, exist_ok=True)
     gpus = cluster_gpus()
     if options.resources.num_workers is None:
         options.resources.num_workers = 1 if gpus else 0
     if options.resources.use_gpu == "auto":
         options.resources.use_gpu = bool(gpus)
-    (experiment_dir / SWEEP_FILE).write_text(json.dumps({
+    (own_dir / SWEEP_FILE).write_text(json.dumps({
         "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
         "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
-    space = param_space(experiment, options, experiment_dir)
+    space = param_space(experiment, options, own_dir)
     trainable = tune.with_resources(run_trial, {"cpu": options.resources.cpus_per_trial}
                                     if options.resources.num_workers == 0 else {"cpu": 0})
     return tune.Tuner(
@@ -98,8 +104,10 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                     max_concurrent_trials=options.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  callbacks=[MLflowTracking(tracking_uri, name, str(experiment_dir))]))
+                                  # keeping one checkpoint makes Tune snapshot the experiment state at every
+                                  # stage, so a restart resumes from the last stage reported, not an older one
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[MLflowTracking(tracking_uri, name, str(own_dir))]))
 
 
 def _scheduler(options: TuneOptions):
@@ -121,11 +129,17 @@ def _search(options: TuneOptions):
 def check_sweep(name: str, storage: Path) -> Path:
     """The experiment folder of sweep `name`; a ConfigError listing the sweeps there if it has none."""
     experiment_dir = storage / name
-    if not (experiment_dir / SWEEP_FILE).exists() or not (experiment_dir / "tuner.pkl").exists():
-        found = sorted(p.name for p in storage.iterdir() if (p / SWEEP_FILE).exists()) if storage.is_dir() else []
+    if not (state_dir(storage, name) / SWEEP_FILE).exists() or not (experiment_dir / "tuner.pkl").exists():
+        known = storage / ".clorch"
+        found = sorted(p.name for p in known.iterdir() if (p / SWEEP_FILE).exists()) if known.is_dir() else []
         raise ConfigError(f"{name}: no sweep of that name under {storage}; sweeps there: "
                           f"{', '.join(found) or 'none'}")
     return experiment_dir
+
+
+def sweep_info(storage: Path, name: str) -> dict:
+    """What `clorch sweep` recorded: the experiment file, base config, tune options, axes, tracking URI."""
+    return json.loads((state_dir(storage, name) / SWEEP_FILE).read_text())
 
 
 def restore_tuner(name: str, storage: Path):
@@ -135,7 +149,7 @@ def restore_tuner(name: str, storage: Path):
     from orchestrator.trial import run_trial
 
     experiment_dir = check_sweep(name, storage)
-    cpus = json.loads((experiment_dir / SWEEP_FILE).read_text())["tune"]["resources"]
+    cpus = sweep_info(storage, name)["tune"]["resources"]
     trainable = tune.with_resources(run_trial, {"cpu": cpus["cpus_per_trial"]} if cpus["num_workers"] == 0
                                     else {"cpu": 0})
     return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
@@ -147,7 +161,8 @@ def summarise(results) -> list[dict]:
     for result in results:
         m = result.metrics or {}
         config = result.config or {}
+        finished = m.get("stage") is not None and m["stage"] + 1 == m.get("num_stages")
         rows.append({"trial": m.get("trial_id") or Path(result.path).name, "state": "ERROR" if result.error else
-                     ("DONE" if m.get("done") else "RUNNING/PENDING"), "stage": m.get("stage"),
+                     ("DONE" if finished else "INCOMPLETE"), "stage": m.get("stage"),
                      "average_accuracy": m.get("average_accuracy"), **(config.get("sweep") or {})})
     return rows

@@ -1,8 +1,8 @@
 """MLflow tracking from the Tune driver: one parent run per sweep, one child run per trial.
 
 Everything is logged from the driver process (a Tune callback), so a SQLite store never has two writers. The
-trial-to-run map lives in the experiment folder: a restored sweep re-attaches each trial to its own child run
-instead of opening a duplicate.
+trial-to-run map lives in clorch's folder beside Tune's experiment folder: a restored sweep re-attaches each
+trial to its own child run instead of opening a duplicate.
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ RUN_MAP = "mlflow_runs.json"
 class MLflowTracking(tune.Callback):
     """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow."""
 
-    def __init__(self, tracking_uri: str, experiment: str, experiment_dir: str):
-        self.tracking_uri, self.experiment, self.experiment_dir = tracking_uri, experiment, experiment_dir
+    def __init__(self, tracking_uri: str, experiment: str, state_dir: str):
+        self.tracking_uri, self.experiment, self.state_dir = tracking_uri, experiment, state_dir
         self._client = None
 
     # --- state that survives a driver restart: the map file, re-read on every access ---
     @property
     def _map_path(self) -> Path:
-        return Path(self.experiment_dir) / RUN_MAP
+        return Path(self.state_dir) / RUN_MAP
 
     def _load_map(self) -> dict:
         return json.loads(self._map_path.read_text()) if self._map_path.exists() else {"parent": None, "trials": {}}
@@ -86,7 +86,7 @@ class MLflowTracking(tune.Callback):
 
     # --- Tune hooks ---
     def setup(self, **info) -> None:
-        Path(self.experiment_dir).mkdir(parents=True, exist_ok=True)
+        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         self.parent_run()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -97,10 +97,16 @@ class MLflowTracking(tune.Callback):
 
         run_id = self.child_run(trial)
         stage = int(result["stage"])
+        runs = self._load_map()
+        logged = runs.setdefault("stages_logged", {}).get(trial.trial_id, -1)
+        if stage <= logged:  # a stage replayed after a restart was logged the first time it ran
+            return
         stamp = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(k, float(v), stamp, stage) for k, v in result.items()
                    if _is_stage_metric(k, v)]
         self.client.log_batch(run_id, metrics=metrics)
+        runs["stages_logged"][trial.trial_id] = stage
+        self._save_map(runs)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run(trial)

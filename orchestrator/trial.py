@@ -46,7 +46,7 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
         with checkpoint.as_directory() as folder:
             resume_state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
-    marker = Path(trial_config["experiment_dir"]) / "failures" / trial_config["trial_id"]
+    marker = Path(trial_config["state_dir"]) / "failures" / trial_config["trial_id"]
 
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -87,6 +87,6 @@ def run_trial(trial_config: dict) -> None:
         per_worker, train_loop_config=trial_config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=trial_config["resources"]["use_gpu"]),
         run_config=ray.train.RunConfig(name=f"train-{trial_config['trial_id']}",
-                                       storage_path=os.path.join(trial_config["experiment_dir"], "train"),
+                                       storage_path=os.path.join(trial_config["state_dir"], "train"),
                                        callbacks=[TuneReportCallback()]))
     trainer.fit()

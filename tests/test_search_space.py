@@ -21,7 +21,8 @@ def test_axes_of_every_kind_parse():
 @pytest.mark.parametrize("sweep, message", [
     ({"learner.num_keyz": {"grid": [1, 2]}}, r"sweep\.learner\.num_keyz: learner\.num_keyz: unknown key"),
     ({"learner.num_keys": {"grid": []}}, r"sweep\.learner\.num_keys: grid needs a non-empty list"),
-    ({"train.lr": {"uniform": [1.0, 0.1]}}, r"sweep\.train\.lr: uniform bounds are inverted.*low 1\.0 must be < high 0\.1"),
+    ({"train.lr": {"uniform": [1.0, 0.1]}},
+     r"sweep\.train\.lr: uniform bounds are inverted.*low 1\.0 must be < high 0\.1"),
     ({"train.lr": {"loguniform": [0.0, 0.1]}}, r"loguniform needs low > 0"),
     ({"train.lr": {"normal": [0, 1]}}, r"unknown axis kind 'normal'; accepted: grid, choice, uniform, loguniform"),
     ({"learner.decoder": {"choice": ["vote", "transformer"]}}, r"learner\.decoder: got 'transformer'"),

@@ -99,7 +99,70 @@ def test_bad_sweep_files_fail_before_ray_starts(tmp_path, capsys, body, message)
 
 
 def test_resume_of_an_unknown_sweep_lists_the_known_ones(tmp_path, capsys):
-    (tmp_path / "runs" / "mine").mkdir(parents=True)
-    (tmp_path / "runs" / "mine" / "sweep.json").write_text("{}")
+    (tmp_path / "runs" / ".clorch" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / ".clorch" / "mine" / "sweep.json").write_text("{}")
     assert main(["resume", "nope", "--storage", str(tmp_path / "runs")]) == 2
     assert "nope: no sweep of that name" in capsys.readouterr().err
+
+
+SLOW_SWEEP = """
+base:
+  data: {source: digits, classes_per_stage: 2}
+  learner: {name: dkvb, num_codebooks: 16, num_keys: 64, key_dim: 8}
+  train: {epochs: 40, batch_size: 32, lr: 0.3}
+sweep:
+  seed: {grid: [0, 1, 2, 3]}
+tune:
+  max_concurrent_trials: 2
+"""
+
+
+def _progress_rows(storage: Path, name: str) -> dict[str, list[int]]:
+    """Stages each trial reported, from Tune's own per-trial result log (a re-run stage would repeat)."""
+    rows = {}
+    for result in (storage / name).glob("*/result.json"):
+        stages = [json.loads(line)["stage"] for line in result.read_text().splitlines() if line.strip()]
+        rows[result.parent.name] = stages
+    return rows
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_driver_resumes_and_every_trial_completes_once(ray_local, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "slow.yaml"
+    path.write_text(SLOW_SWEEP)
+    uri, args = sweep_args(tmp_path)
+    address = ray_local.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--name", "k",
+                               "--address", address, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once a trial has finished and the next ones are under way
+        rows = _progress_rows(tmp_path / "runs", "k")
+        if any(len(stages) == 5 for stages in rows.values()) and len(rows) >= 3:
+            break
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = _progress_rows(tmp_path / "runs", "k")
+    finished_before = {trial for trial, stages in before.items() if len(stages) == 5}
+    assert finished_before and len(finished_before) < 4
+
+    assert main(["resume", "k", "--address", address, *args]) == 0
+    after = _progress_rows(tmp_path / "runs", "k")
+    assert len(after) == 4
+    for trial, stages in after.items():
+        # every trial completes exactly once; one killed mid-stage may repeat only the stage it was in
+        assert sorted(set(stages)) == [0, 1, 2, 3, 4] and stages.count(4) == 1, (trial, stages)
+        assert len(stages) <= 6, (trial, stages)
+    for trial in finished_before:
+        assert after[trial] == before[trial] == [0, 1, 2, 3, 4]  # finished trials never ran again
+    client, parents, children = runs_of(uri, "k")
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "accuracy_on_seen_classes")]
+        assert sorted(steps) == [0, 1, 2, 3, 4]

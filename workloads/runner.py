@@ -177,7 +177,8 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         R.append(row)
         A.append(class_row)
         seconds.append(time.perf_counter() - t0)
-        stage_metrics = {"stage": stage.index, "classes": list(stage.classes), "loss": loss,
+        stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
+                         "loss": loss,
                          "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(A, stages)[-1],
                          "stage_accuracies": row, "seconds": seconds[-1], **metrics.summarise(R, A, stages)}
         if on_stage_end is not None:

@@ -1,0 +1,130 @@
+"""`clorch report` over a tiny real sweep (Ray Tune + MLflow on SQLite), and cluster.yaml against Ray's schema."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workloads.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+SWEEP = """
+base:
+  name: report_test
+  seed: 0
+  cache_dir: {cache}
+  data: {{source: digits, classes_per_stage: 5}}
+  learner: {{name: dkvb, num_codebooks: 8, num_keys: 32, key_dim: 4}}
+  train: {{epochs: 1}}
+sweep:
+  learner.num_keys: {{grid: [16, 32]}}
+"""
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(local_ray, tmp_path_factory):
+    """A 2-trial sweep (num_keys 16 and 32) on digits in 2 stages, fitted to the end: (name, storage)."""
+    from orchestrator.config import load_experiment
+    from orchestrator.sweep import build_tuner, parse_tune
+
+    tmp = tmp_path_factory.mktemp("report")
+    path = tmp / "sweep.yaml"
+    path.write_text(SWEEP.format(cache=tmp / "cache"))
+    experiment = load_experiment(path)
+    storage = tmp / "runs"
+    results = build_tuner(experiment, parse_tune({}), "tiny", storage, "sqlite:///" + str(tmp / "mlflow.db")).fit()
+    assert not results.errors
+    return "tiny", storage
+
+
+def _table(markdown: str) -> tuple[list[str], list[list[str]]]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    return rows[0], rows[1:]
+
+
+@pytest.mark.slow
+def test_report_ranks_trials_best_first_with_a_csv_row_and_a_plot_each(finished_sweep, tmp_path):
+    from orchestrator.report import write_report
+
+    name, storage = finished_sweep
+    markdown = write_report(name, storage, tmp_path / "out")
+    head, rows = _table(markdown)
+    assert len(rows) == 2 and all(r[head.index("state")] == "done" and r[head.index("stages")] == "2/2"
+                                  for r in rows)
+    values = [float(r[head.index("average_accuracy")]) for r in rows]
+    assert values == sorted(values, reverse=True)
+    assert sorted(r[head.index("learner.num_keys")] for r in rows) == ["16", "32"]
+
+    with open(tmp_path / "out" / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial"] for r in table] == [r[head.index("trial")] for r in rows]
+    assert sorted(int(r["learner.num_keys"]) for r in table) == [16, 32]
+    for r in table:
+        png = tmp_path / "out" / f"{r['trial']}.png"
+        assert r["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(r["plot"] for r in table)
+
+
+@pytest.mark.slow
+def test_report_orders_by_any_metric_and_names_unknown_ones(finished_sweep):
+    from orchestrator.report import write_report
+
+    name, storage = finished_sweep
+    head, rows = _table(write_report(name, storage, metric="forgetting", mode="min"))
+    values = [float(r[head.index("forgetting")]) for r in rows]
+    assert values == sorted(values)
+    assert (storage / name / "report" / "leaderboard.csv").exists()  # the default out_dir
+    with pytest.raises(ConfigError, match="no_such_metric.*average_accuracy"):
+        write_report(name, storage, metric="no_such_metric")
+    with pytest.raises(ConfigError, match="no sweep of that name.*tiny"):
+        write_report("other", storage)
+
+
+def test_cluster_yaml_is_a_valid_ray_launcher_config():
+    import jsonschema
+    import ray
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, key
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert any(t["node_config"]["InstanceType"].startswith(("g5.", "g4dn.", "p3.", "p4d.")) for t in workers)
+
+    # What `ray up` itself checks once the provider's defaults are filled in.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))
+
+    commands = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+                for c in config.get(k) or []]
+    for command in commands:  # every command is valid bash
+        subprocess.run(["bash", "-n", "-c", command], check=True, env={"PATH": os.environ["PATH"]})
+    setup = " ".join(config["setup_commands"])
+    assert "pip install -e" in setup and "clorch" in setup
+    mlflow = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    assert mlflow and "--host 127.0.0.1" in mlflow[0] and "sqlite:///" in mlflow[0]
