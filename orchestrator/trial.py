@@ -40,7 +40,10 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
 
     from workloads.runner import run_stream
 
+    import ray
+
     config = resolve(trial_config)
+    node = ray.get_runtime_context().get_node_id()  # which node ran each stage, for `clorch status` and tests
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -52,7 +55,8 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
             (Path(folder) / "accuracy_matrix.json").write_text(json.dumps(state["accuracy_matrix"]))
-            report({**scalar_metrics(stage, m), "accuracy_matrix": json.dumps(state["accuracy_matrix"])},
+            report({**scalar_metrics(stage, m), "node_id": node,
+                    "accuracy_matrix": json.dumps(state["accuracy_matrix"])},
                    Checkpoint.from_directory(folder))
         if fail_at is not None and stage + 1 == fail_at and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)

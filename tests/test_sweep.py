@@ -166,3 +166,59 @@ def test_a_killed_sweep_driver_resumes_and_every_trial_completes_once(ray_local,
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "accuracy_on_seen_classes")]
         assert sorted(steps) == [0, 1, 2, 3, 4]
+
+
+TWO_TRIALS = """
+base:
+  data: {source: digits, classes_per_stage: 5}
+  learner: {name: dkvb, num_codebooks: 8, num_keys: 32, key_dim: 4}
+  train: {epochs: 20, batch_size: 32}
+sweep:
+  seed: {grid: [0, 1]}
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_runs_trials_on_both_nodes_and_logs_to_an_mlflow_server(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(1)
+        path = tmp_path / "two.yaml"
+        path.write_text(TWO_TRIALS)
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "two_node_sweep.py"), str(path),
+                               str(tmp_path / "runs"), uri], capture_output=True, text=True, timeout=300)
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["exit"] == 0, proc.stderr[-3000:]
+        nodes = [n for trial in report["nodes"].values() for n in trial]
+        assert len(report["nodes"]) == 2 and len(set(nodes)) == 2  # one trial on each node
+        _, parents, children = runs_of(uri, "two")
+        assert len(parents) == 1 and len(children) == 2
+        assert all(c.info.status == "FINISHED" for c in children)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
