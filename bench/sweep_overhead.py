@@ -115,7 +115,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a fresh Ray, never a cluster some `ray start` left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         run_clorch(tmp, "warmup-clorch", 1)

@@ -118,39 +118,45 @@ def cmd_sweep(args) -> int:
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
     results = build_tuner(experiment, options, name, target.storage, target.tracking_uri).fit()
-    return _print_results(results, options.metric)
+    return _print_results(results, options.metric, options.mode)
 
 
 def cmd_resume(args) -> int:
     from orchestrator.cluster import connect
-    from orchestrator.sweep import check_sweep, restore_tuner
+    from orchestrator.sweep import check_sweep, restore_tuner, sweep_info
 
     target = _target(args)
     check_sweep(args.name, target.storage)  # a wrong name fails before Ray starts
     print(f"resuming {args.name}: storage {target.storage / args.name}")
     connect(target, args.num_cpus)
-    return _print_results(restore_tuner(args.name, target.storage).fit(), "average_accuracy")
+    tune_options = sweep_info(target.storage, args.name)["tune"]
+    return _print_results(restore_tuner(args.name, target.storage).fit(), tune_options["metric"],
+                          tune_options["mode"])
 
 
 def cmd_status(args) -> int:
-    from orchestrator.sweep import check_sweep, restore_tuner
+    from orchestrator.sweep import check_sweep, restore_tuner, sweep_info
 
     target = _target(args)
     check_sweep(args.name, target.storage)
     results = restore_tuner(args.name, target.storage).get_results()
-    return _print_results(results, "average_accuracy", status_only=True)
+    tune_options = sweep_info(target.storage, args.name)["tune"]
+    return _print_results(results, tune_options["metric"], tune_options["mode"], status_only=True)
 
 
-def _print_results(results, metric: str, status_only: bool = False) -> int:
+def _print_results(results, metric: str, mode: str, status_only: bool = False) -> int:
+    """The leaderboard, best trial first; exit status 1 when a sweep (not a status query) left errors."""
     from orchestrator.sweep import summarise
 
-    rows = summarise(results)
-    keys = sorted({k for r in rows for k in r} - {"trial", "state", "stage", "average_accuracy"})
-    print(f"{'trial':<36} {'state':<16} {'stage':>5} {metric:>18}  " + "  ".join(keys))
+    worst = float("-inf") if mode == "max" else float("inf")
+    rows = sorted(summarise(results, metric), key=lambda r: worst if r["metric"] is None else r["metric"],
+                  reverse=mode == "max")
+    keys = sorted({k for r in rows for k in r} - {"trial", "state", "stage", "metric"})
+    print(f"{'trial':<14} {'state':<10} {'stage':>5} {metric:>18}  " + "  ".join(keys))
     for r in rows:
-        value = r.get("average_accuracy")
+        value = r["metric"]
         stage = "-" if r["stage"] is None else r["stage"] + 1
-        print(f"{r['trial']:<36} {r['state']:<16} {stage:>5} {'-' if value is None else f'{value:.4f}':>18}  "
+        print(f"{r['trial']:<14} {r['state']:<10} {stage:>5} {'-' if value is None else f'{value:.4f}':>18}  "
               + "  ".join(str(r.get(k, "")) for k in keys))
     errored = sum(r["state"] == "ERROR" for r in rows)
     if errored and not status_only:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from workloads.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
 CSV_FILE = "leaderboard.csv"

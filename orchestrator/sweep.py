@@ -155,8 +155,8 @@ def restore_tuner(name: str, storage: Path):
     return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
 
 
-def summarise(results) -> list[dict]:
-    """One row per trial: id, state, stage reached, metric, swept values."""
+def summarise(results, metric: str = "average_accuracy") -> list[dict]:
+    """One row per trial: id, state, stage reached, the metric's last value, swept values."""
     rows = []
     for result in results:
         m = result.metrics or {}
@@ -164,5 +164,5 @@ def summarise(results) -> list[dict]:
         finished = m.get("stage") is not None and m["stage"] + 1 == m.get("num_stages")
         rows.append({"trial": m.get("trial_id") or Path(result.path).name, "state": "ERROR" if result.error else
                      ("DONE" if finished else "INCOMPLETE"), "stage": m.get("stage"),
-                     "average_accuracy": m.get("average_accuracy"), **(config.get("sweep") or {})})
+                     "metric": m.get(metric), **(config.get("sweep") or {})})
     return rows

@@ -27,20 +27,8 @@ sweep:
 """
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
-def finished_sweep(local_ray, tmp_path_factory):
+def finished_sweep(ray_local, tmp_path_factory):
     """A 2-trial sweep (num_keys 16 and 32) on digits in 2 stages, fitted to the end: (name, storage)."""
     from orchestrator.config import load_experiment
     from orchestrator.sweep import build_tuner, parse_tune
