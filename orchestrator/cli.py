@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
         p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    report = sub.add_parser("report", help="leaderboard (markdown + CSV) and accuracy-per-stage plots of a sweep")
+    report.add_argument("name", help="sweep name")
+    report.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
+    report.add_argument("--out", help="folder for the CSV and plots (default: <storage>/.clorch/NAME/report)")
+    report.add_argument("--metric", help="sort by this metric (default: the sweep's)")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the tracking store")
     ui.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000)
@@ -164,6 +169,19 @@ def _print_results(results, metric: str, mode: str, status_only: bool = False) -
     return 1 if errored and not status_only else 0
 
 
+def cmd_report(args) -> int:
+    from orchestrator.cluster import resolve_target
+    from orchestrator.report import write_report
+    from orchestrator.sweep import check_sweep, sweep_info
+
+    storage = resolve_target(None, args.storage, None).storage
+    check_sweep(args.name, storage)
+    tune_options = sweep_info(storage, args.name)["tune"]
+    print(write_report(args.name, storage, Path(args.out) if args.out else None,
+                       args.metric or tune_options["metric"], tune_options["mode"]))
+    return 0
+
+
 def cmd_ui(args) -> int:
     import subprocess
 
@@ -176,7 +194,7 @@ def cmd_ui(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "cache": cmd_cache, "sweep": cmd_sweep, "resume": cmd_resume, "status": cmd_status,
-            "ui": cmd_ui}
+            "report": cmd_report, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,12 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         if target.address:
-            ray.init(address=target.address, log_to_driver=False)
+            try:
+                ray.init(address=target.address, log_to_driver=False)
+            except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
+                raise ConfigError(f"--address: could not join the Ray cluster at {target.address} ({_first_line(e)}); "
+                                  "check the address, and on a cluster with token authentication set "
+                                  "RAY_AUTH_MODE=token (and its token) in this shell") from None
         else:
             # address="local": always a new instance, never a cluster some `ray start` left on this machine
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -71,6 +76,10 @@ def nodes_missing_storage(storage: Path, nodes: list[str]) -> list[str]:
     finally:
         marker.unlink(missing_ok=True)
     return [node for node, ok in zip(nodes, seen) if not ok]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def cluster_gpus() -> int:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.sweep import state_dir
 from workloads.config import ConfigError
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
@@ -35,7 +36,7 @@ def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]
     """The sweep's trials and its swept keys (in the experiment file's order)."""
     from ray.tune import ExperimentAnalysis
 
-    from orchestrator.sweep import check_sweep
+    from orchestrator.sweep import check_sweep  # noqa: F811 (kept local: imports ray lazily)
 
     analysis = ExperimentAnalysis(str(check_sweep(name, Path(storage))))
     keys: list[str] = []
@@ -79,7 +80,7 @@ def write_report(name: str, storage: Path, out_dir: Path | None = None, metric: 
         return missing, t.state != "done", 0.0 if missing else sign * value
 
     trials.sort(key=order)
-    out_dir = Path(out_dir) if out_dir is not None else Path(storage) / name / "report"
+    out_dir = Path(out_dir) if out_dir is not None else state_dir(Path(storage), name) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = [metric] + [m for m in SUMMARY_METRICS if m != metric]
 

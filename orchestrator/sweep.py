@@ -87,8 +87,8 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     own_dir = state_dir(storage, name)
     own_dir.mkdir(parents=True, exist_ok=True)
     gpus = cluster_gpus()
-    if options.resources.num_workers is None:
-        options.resources.num_workers = 1 if gpus else 0
+    if options.resources.num_workers is None:  # a GPU needs a Train worker to hold it
+        options.resources.num_workers = 1 if gpus or options.resources.use_gpu is True else 0
     if options.resources.use_gpu == "auto":
         options.resources.use_gpu = bool(gpus)
     (own_dir / SWEEP_FILE).write_text(json.dumps({

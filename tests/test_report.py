@@ -80,7 +80,7 @@ def test_report_orders_by_any_metric_and_names_unknown_ones(finished_sweep):
     head, rows = _table(write_report(name, storage, metric="forgetting", mode="min"))
     values = [float(r[head.index("forgetting")]) for r in rows]
     assert values == sorted(values)
-    assert (storage / name / "report" / "leaderboard.csv").exists()  # the default out_dir
+    assert (storage / ".clorch" / name / "report" / "leaderboard.csv").exists()  # the default out_dir
     with pytest.raises(ConfigError, match="no_such_metric.*average_accuracy"):
         write_report(name, storage, metric="no_such_metric")
     with pytest.raises(ConfigError, match="no sweep of that name.*tiny"):

@@ -222,3 +222,15 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes_and_logs_to_an_mlflow_serv
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_report_command_prints_the_leaderboard(ray_local, tmp_path, capsys):
+    path = tmp_path / "two.yaml"
+    path.write_text(TWO_TRIALS.replace("epochs: 20", "epochs: 1"))
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "r", *args]) == 0
+    capsys.readouterr()
+    assert main(["report", "r", "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| done") == 2 and "average_accuracy" in out
+    assert (tmp_path / "runs" / ".clorch" / "r" / "report" / "leaderboard.csv").exists()

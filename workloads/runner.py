@@ -105,7 +105,8 @@ def precompute(config: RunConfig) -> str:
     if config.learner.name == "dkvb":
         learner = build_learner(config.learner, ctx)
         learner.setup(torch.cat([s.x_train for s in prepared.stream]))
-        parts.append(f"keys ready ({config.learner.num_codebooks} x {config.learner.num_keys}, {config.learner.key_init})")
+        o = config.learner
+        parts.append(f"keys ready ({o.num_codebooks} x {o.num_keys}, {o.key_init})")
     return "; ".join(parts) + f"; cache {ctx.features.cache_dir}"
 
 
