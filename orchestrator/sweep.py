@@ -17,6 +17,7 @@ from workloads.config import ConfigError, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
+DRIVER_ONLY = {"cpu": 0.01}  # a trial whose work runs in Train workers: its driver only waits (Ray needs > 0)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
         "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
     space = param_space(experiment, options, own_dir)
     trainable = tune.with_resources(run_trial, {"cpu": options.resources.cpus_per_trial}
-                                    if options.resources.num_workers == 0 else {"cpu": 0})
+                                    if options.resources.num_workers == 0 else DRIVER_ONLY)
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
@@ -129,7 +130,10 @@ def _search(options: TuneOptions):
 def check_sweep(name: str, storage: Path) -> Path:
     """The experiment folder of sweep `name`; a ConfigError listing the sweeps there if it has none."""
     experiment_dir = storage / name
-    if not (state_dir(storage, name) / SWEEP_FILE).exists() or not (experiment_dir / "tuner.pkl").exists():
+    if (state_dir(storage, name) / SWEEP_FILE).exists() and not (experiment_dir / "tuner.pkl").exists():
+        raise ConfigError(f"{name}: the sweep never started (no Tune state in {experiment_dir}); remove "
+                          f"{experiment_dir} and {state_dir(storage, name)} and run clorch sweep again")
+    if not (state_dir(storage, name) / SWEEP_FILE).exists():
         known = storage / ".clorch"
         found = sorted(p.name for p in known.iterdir() if (p / SWEEP_FILE).exists()) if known.is_dir() else []
         raise ConfigError(f"{name}: no sweep of that name under {storage}; sweeps there: "
@@ -151,7 +155,7 @@ def restore_tuner(name: str, storage: Path):
     experiment_dir = check_sweep(name, storage)
     cpus = sweep_info(storage, name)["tune"]["resources"]
     trainable = tune.with_resources(run_trial, {"cpu": cpus["cpus_per_trial"]} if cpus["num_workers"] == 0
-                                    else {"cpu": 0})
+                                    else DRIVER_ONLY)
     return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
 
 

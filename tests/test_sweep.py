@@ -234,3 +234,19 @@ def test_report_command_prints_the_leaderboard(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| done") == 2 and "average_accuracy" in out
     assert (tmp_path / "runs" / ".clorch" / "r" / "report" / "leaderboard.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_on_a_ray_train_worker_resumes_from_its_train_checkpoint(ray_local, tmp_path, capsys):
+    path = tmp_path / "worker.yaml"
+    path.write_text(TWO_TRIALS.replace("epochs: 20", "epochs: 2").replace("[0, 1]", "[0]")
+                    + "tune:\n  fail_at_stage: 1\n  resources: {num_workers: 1}\n")
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "w", *args]) == 1
+    assert main(["resume", "w", *args]) == 0
+    client, _, (child,) = runs_of(uri, "w")
+    assert child.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "accuracy_on_seen_classes")) == [0, 1]
+    matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
+    assert matrix["accuracy_matrix"] == run_stream(load_experiment(path).base).accuracy_matrix
+    assert (tmp_path / "runs" / ".clorch" / "w" / "train").is_dir()  # the Train run kept its checkpoints there
