@@ -111,9 +111,11 @@ def cmd_sweep(args) -> int:
     from orchestrator.cluster import connect
     from orchestrator.config import load_experiment
     from orchestrator.sweep import build_tuner, parse_tune
+    from orchestrator.tracking import parse_tracking
 
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
     options = parse_tune(experiment.tune)
+    tracking = parse_tracking(experiment.tracking)
     name = args.name or Path(args.file).stem
     target = _target(args)
     if (target.storage / name).exists():
@@ -122,7 +124,7 @@ def cmd_sweep(args) -> int:
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    results = build_tuner(experiment, options, name, target.storage, target.tracking_uri).fit()
+    results = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking).fit()
     return _print_results(results, options.metric, options.mode)
 
 

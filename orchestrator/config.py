@@ -14,7 +14,7 @@ import yaml
 
 from workloads.config import ConfigError, RunConfig, parse_run_config
 
-TOP_LEVEL_KEYS = ("description", "base", "sweep", "tune")
+TOP_LEVEL_KEYS = ("description", "base", "sweep", "tune", "tracking")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ExperimentFile:
     base_raw: dict
     axes: list = field(default_factory=list)  # orchestrator.search_space.Axis, validated
     tune: dict = field(default_factory=dict)
+    tracking: dict = field(default_factory=dict)
     description: str = ""
 
     def cache_configs(self) -> tuple[list[RunConfig], list[str]]:
@@ -113,7 +114,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         base = parse_run_config(base_raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    for block in ("sweep", "tune"):
+    for block in ("sweep", "tune", "tracking"):
         if not isinstance(data.get(block) or {}, dict):
             raise ConfigError(f"{path}: {block}: expected a mapping")
     from orchestrator.search_space import parse_sweep  # it imports this module
@@ -122,5 +123,5 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         axes = parse_sweep(data.get("sweep") or {}, base_raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return ExperimentFile(Path(path), base, base_raw, axes, data.get("tune") or {},
+    return ExperimentFile(Path(path), base, base_raw, axes, data.get("tune") or {}, data.get("tracking") or {},
                           str(data.get("description") or ""))

@@ -77,7 +77,8 @@ def param_space(experiment: ExperimentFile, options: TuneOptions, own_dir: Path)
     }
 
 
-def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str):
+def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str,
+                tracking=None):
     """A Tuner for the experiment (fresh run)."""
     from ray import tune
 
@@ -108,7 +109,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                   # keeping one checkpoint makes Tune snapshot the experiment state at every
                                   # stage, so a restart resumes from the last stage reported, not an older one
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[MLflowTracking(tracking_uri, name, str(own_dir))]))
+                                  callbacks=[MLflowTracking(tracking_uri, name, str(own_dir), tracking)]))
 
 
 def _scheduler(options: TuneOptions):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
@@ -20,11 +21,38 @@ log = logging.getLogger(__name__)
 RUN_MAP = "mlflow_runs.json"
 
 
+@dataclass
+class TrackingOptions:
+    """The `tracking:` block of an experiment file."""
+
+    codebooks: bool = True  # DKVB: keys once, values and key usage (npz + histogram) after every stage
+    log_model: bool = True  # the final learner through mlflow.pytorch.log_model
+    register_model: str | None = None  # also register the final model under this name
+
+
+def parse_tracking(raw: dict) -> TrackingOptions:
+    """Validate the `tracking:` block; errors name `tracking.<key>` and what is accepted."""
+    from workloads.config import from_dict
+
+    return from_dict(TrackingOptions, raw or {}, "tracking")
+
+
+def load_state(checkpoint) -> dict:
+    """The run state a trial saved with a stage checkpoint."""
+    import torch
+
+    from orchestrator.trial import STATE_FILE
+
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
 class MLflowTracking(tune.Callback):
     """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow."""
 
-    def __init__(self, tracking_uri: str, experiment: str, state_dir: str):
+    def __init__(self, tracking_uri: str, experiment: str, state_dir: str, options: TrackingOptions | None = None):
         self.tracking_uri, self.experiment, self.state_dir = tracking_uri, experiment, state_dir
+        self.options = options or TrackingOptions()
         self._client = None
 
     # --- state that survives a driver restart: the map file, re-read on every access ---
@@ -108,12 +136,65 @@ class MLflowTracking(tune.Callback):
         runs["stages_logged"][trial.trial_id] = stage
         self._save_map(runs)
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        if not self.options.codebooks:
+            return
+        model = load_state(checkpoint)["learner"]["model"]
+        if "bottleneck.values" in model:
+            stage = int((trial.last_result or {}).get("stage", 0))
+            _best_effort("codebooks", self.log_codebooks, self.child_run(trial), stage, model)
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run(trial)
         result = trial.last_result or {}
         if "accuracy_matrix" in result:
             self.log_matrix(run_id, json.loads(result["accuracy_matrix"]))
+        if self.options.log_model and trial.checkpoint is not None:
+            _best_effort("the final model", self.log_model, run_id, trial)
         self.client.set_terminated(run_id, "FINISHED")
+
+    def log_codebooks(self, run_id: str, stage: int, model: dict) -> None:
+        """DKVB after a stage: values and key usage (npz) and a key-usage histogram; keys after the first stage."""
+        import numpy as np
+
+        usage = model["bottleneck.usage"].numpy()
+        with tempfile.TemporaryDirectory() as folder:
+            if stage == 0:
+                np.save(Path(folder) / "keys.npy", model["bottleneck.keys"].numpy())
+                self.client.log_artifact(run_id, str(Path(folder) / "keys.npy"), "codebooks")
+            path = Path(folder) / f"stage_{stage}.npz"
+            np.savez_compressed(path, values=model["bottleneck.values"].numpy(), usage=usage)
+            self.client.log_artifact(run_id, str(path), "codebooks")
+            fig = _figure()
+            ax = fig.subplots()
+            used = usage[usage > 0]
+            ax.hist(np.log10(used) if used.size else [], bins=40)
+            ax.set_xlabel("log10 selections of a key (used keys)")
+            ax.set_ylabel("keys")
+            ax.set_title(f"after stage {stage}: {used.size} of {usage.size} keys used")
+            fig.savefig(Path(folder) / f"usage_stage_{stage}.png", dpi=90, bbox_inches="tight")
+            self.client.log_artifact(run_id, str(Path(folder) / f"usage_stage_{stage}.png"), "codebooks")
+
+    def log_model(self, run_id: str, trial) -> None:
+        """The trial's final learner as an MLflow PyTorch model (registered when tracking.register_model)."""
+        import mlflow
+        import torch
+
+        from orchestrator.trial import resolve
+        from workloads.learners import LearnerContext, build_learner
+
+        state = load_state(trial.checkpoint)
+        config = resolve(trial.config)
+        shape = state["learner_shape"]
+        ctx = LearnerContext(num_classes=shape["num_classes"], input_dim=shape["input_dim"], train=config.train,
+                             seed=config.seed, device=torch.device("cpu"))
+        learner = build_learner(config.learner, ctx)
+        learner.load_state(state["learner"])
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            # pickle: the learner's lookup (top-k over codebooks) is not a graph torch.export traces
+            mlflow.pytorch.log_model(learner, name="model", serialization_format="pickle",
+                                     registered_model_name=self.options.register_model)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run(trial)
@@ -128,13 +209,9 @@ class MLflowTracking(tune.Callback):
 
     def log_matrix(self, run_id: str, matrix: list[list[float]]) -> None:
         """The accuracy matrix as JSON and as a heatmap PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         self.client.log_dict(run_id, {"accuracy_matrix": matrix}, "accuracy_matrix.json")
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
+        fig = _figure(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
+        ax = fig.subplots()
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         ax.set_xlabel("evaluated on stage j")
         ax.set_ylabel("after training stage i")
@@ -143,7 +220,24 @@ class MLflowTracking(tune.Callback):
             path = Path(folder) / "accuracy_matrix.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
             self.client.log_artifact(run_id, str(path))
-        plt.close(fig)
+
+
+def _best_effort(what: str, fn, *args) -> None:
+    """Artifacts are worth a warning, not a trial: a failure to log one leaves the trial's result standing."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 (any tracking failure)
+        log.warning("could not log %s to MLflow: %s", what, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _figure(**kwargs):
+    """A matplotlib figure on the Agg canvas, without touching pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 STAGE_METRICS = ("accuracy_on_seen_classes", "average_accuracy", "average_incremental_accuracy", "forgetting",

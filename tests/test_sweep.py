@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -29,6 +30,7 @@ def sweep_args(tmp_path, *extra):
 @pytest.mark.slow
 def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp_path, capsys):
     uri, args = sweep_args(tmp_path)
+    mlflow.set_tracking_uri(uri)
     assert main(["sweep", QUICKSTART, "--name", "qs", *args]) == 0
     assert capsys.readouterr().out.count("DONE") == 4
     client, parents, children = runs_of(uri, "qs")
@@ -40,8 +42,15 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
         assert sorted(steps) == [0, 1, 2, 3, 4]
         assert child.data.params["learner.num_keys"] in ("128", "256")
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"accuracy_matrix.json", "accuracy_matrix.png"} <= artifacts
+        assert {"accuracy_matrix.json", "accuracy_matrix.png", "codebooks"} <= artifacts
+        codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
+        assert {"codebooks/keys.npy", "codebooks/stage_4.npz", "codebooks/usage_stage_4.png"} <= codebooks
+        models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
+                                             filter_string=f"source_run_id = '{child.info.run_id}'")
+        assert [m.name for m in models] == ["model"]
         assert child.data.metrics["average_accuracy"] > 0.85
+    final = mlflow.pytorch.load_model(models[0].model_uri)  # the last trial's learner, as it ended
+    assert final.bottleneck.values.abs().sum() > 0 and final.bottleneck.num_keys in (128, 256)
     assert main(["status", "qs", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 0
     assert capsys.readouterr().out.count("DONE") == 4
 
@@ -224,9 +233,9 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes_and_logs_to_an_mlflow_serv
         server.wait(timeout=30)
 
 
-def test_report_command_prints_the_leaderboard(ray_local, tmp_path, capsys):
+def test_report_command_prints_the_leaderboard_and_models_are_registered(ray_local, tmp_path, capsys):
     path = tmp_path / "two.yaml"
-    path.write_text(TWO_TRIALS.replace("epochs: 20", "epochs: 1"))
+    path.write_text(TWO_TRIALS.replace("epochs: 20", "epochs: 1") + "tracking:\n  register_model: clorch-digits\n")
     uri, args = sweep_args(tmp_path)
     assert main(["sweep", str(path), "--name", "r", *args]) == 0
     capsys.readouterr()
@@ -234,6 +243,8 @@ def test_report_command_prints_the_leaderboard(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| done") == 2 and "average_accuracy" in out
     assert (tmp_path / "runs" / ".clorch" / "r" / "report" / "leaderboard.csv").exists()
+    versions = MlflowClient(uri).search_model_versions("name = 'clorch-digits'")
+    assert len(versions) == 2  # one per trial
 
 
 @pytest.mark.slow

@@ -185,6 +185,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         if on_stage_end is not None:
             # A snapshot: later stages must not change what the callback was handed.
             state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(), "accuracy_matrix": R,
-                                   "class_accuracy_matrix": A, "stage_seconds": seconds})
+                                   "class_accuracy_matrix": A, "stage_seconds": seconds,
+                                   "learner_shape": {"num_classes": ctx.num_classes, "input_dim": ctx.input_dim}})
             on_stage_end(stage.index, stage_metrics, state)
     return RunResult(to_dict(config), stages, R, A, seconds, metrics.summarise(R, A, stages))
