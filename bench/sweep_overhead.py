@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/bottleneck.py would shadow the optional `bottleneck` package that pandas (imported by Ray Tune) looks
-# for, here and in Ray's workers (Ray adds the script's folder to their path only while it is on ours).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import yaml  # noqa: E402
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

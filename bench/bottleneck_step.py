@@ -15,8 +15,8 @@ the DKVB learner's own observe step (usage counters included).
 Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
 when the package is not installed).
 
-    python bench/bottleneck.py                 # paper sizes: the package needs ~12 GB of RAM and ~10 s a step
-    python bench/bottleneck.py --small         # quick smoke run at toy sizes
+    python bench/bottleneck_step.py                 # paper sizes: the package needs ~12 GB of RAM and ~10 s a step
+    python bench/bottleneck_step.py --small         # quick smoke run at toy sizes
 """
 from __future__ import annotations
 
