@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.sweep import state_dir
+from orchestrator.sweep import check_sweep, state_dir
 from workloads.config import ConfigError
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
@@ -35,8 +35,6 @@ class TrialSummary:
 def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]]:
     """The sweep's trials and its swept keys (in the experiment file's order)."""
     from ray.tune import ExperimentAnalysis
-
-    from orchestrator.sweep import check_sweep  # noqa: F811 (kept local: imports ray lazily)
 
     analysis = ExperimentAnalysis(str(check_sweep(name, Path(storage))))
     keys: list[str] = []

@@ -84,7 +84,6 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
 
     from orchestrator.cluster import cluster_gpus
     from orchestrator.tracking import MLflowTracking
-    from orchestrator.trial import run_trial
 
     own_dir = state_dir(storage, name)
     own_dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +96,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
         "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
         "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
     space = param_space(experiment, options, own_dir)
-    trainable = tune.with_resources(run_trial, {"cpu": options.resources.cpus_per_trial}
-                                    if options.resources.num_workers == 0 else DRIVER_ONLY)
+    trainable = _trainable(to_dict(options.resources))
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
@@ -151,13 +149,19 @@ def restore_tuner(name: str, storage: Path):
     """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint."""
     from ray import tune
 
+    experiment_dir = check_sweep(name, storage)
+    trainable = _trainable(sweep_info(storage, name)["tune"]["resources"])
+    return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+
+
+def _trainable(resources: dict):
+    """run_trial with what its driver reserves: the trial's CPUs, or a token when Train workers do the work."""
+    from ray import tune
+
     from orchestrator.trial import run_trial
 
-    experiment_dir = check_sweep(name, storage)
-    cpus = sweep_info(storage, name)["tune"]["resources"]
-    trainable = tune.with_resources(run_trial, {"cpu": cpus["cpus_per_trial"]} if cpus["num_workers"] == 0
-                                    else DRIVER_ONLY)
-    return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+    return tune.with_resources(run_trial, {"cpu": resources["cpus_per_trial"]} if resources["num_workers"] == 0
+                               else DRIVER_ONLY)
 
 
 def summarise(results, metric: str = "average_accuracy") -> list[dict]:
