@@ -26,7 +26,8 @@ class Resources:
 
     num_workers: int | None = None  # None: 0 (the trial's own process) without GPUs, else 1 GPU worker
     use_gpu: Literal["auto", True, False] = "auto"
-    cpus_per_trial: int = 1
+    cpus_per_trial: int = 1  # num_workers 0: CPUs the trial reserves
+    cpus_per_worker: float = 1.0  # num_workers >= 1: CPUs each Ray Train worker reserves
 
 
 @dataclass
@@ -49,10 +50,10 @@ def parse_tune(raw: dict) -> TuneOptions:
     options = from_dict(TuneOptions, raw or {}, "tune")
     if options.num_samples < 1:
         raise ConfigError(f"tune.num_samples: must be >= 1, got {options.num_samples}")
-    if options.resources.num_workers is not None and options.resources.num_workers > 1:
-        raise ConfigError("tune.resources.num_workers: 0 (in the trial's process) or 1 (one Ray Train worker) "
-                          f"are supported; data-parallel learners across workers are not yet; got "
-                          f"{options.resources.num_workers}")
+    if options.resources.num_workers is not None and options.resources.num_workers < 0:
+        raise ConfigError(f"tune.resources.num_workers: must be >= 0, got {options.resources.num_workers}")
+    if options.resources.cpus_per_worker <= 0:
+        raise ConfigError(f"tune.resources.cpus_per_worker: must be > 0, got {options.resources.cpus_per_worker}")
     if options.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -73,7 +74,8 @@ def param_space(experiment: ExperimentFile, options: TuneOptions, own_dir: Path)
         "sweep": {axis.key: axis.to_tune() for axis in experiment.axes},
         "state_dir": str(own_dir),
         "fail_at_stage": options.fail_at_stage,
-        "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu},
+        "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu,
+                      "cpus_per_worker": options.resources.cpus_per_worker},
     }
 
 

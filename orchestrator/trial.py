@@ -1,8 +1,9 @@
 """One Tune trial: resolve its config, run the stage loop, report after every stage with a checkpoint.
 
 `num_workers: 0` runs the workload in the trial's own process and reports through `ray.tune.report`.
-`num_workers: 1` runs it in one Ray Train worker (a `TorchTrainer` started by this driver function, GPU where
-asked): rank 0 reports through `ray.train.report`, and Tune hears it through `TuneReportCallback`. The Train
+`num_workers: N >= 1` runs it in N Ray Train workers (a `TorchTrainer` started by this driver function, GPUs
+where asked): each trains on its slice of every batch with gradients averaged (workloads.distributed), rank 0
+reports through `ray.train.report`, and Tune hears it through `TuneReportCallback`. The Train
 run is named `train-<trial id>` so that a restored trial finds its own last stage checkpoint.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
     """Run the stream from `checkpoint` (or from the start), calling report(metrics, checkpoint) per stage."""
     from ray.tune import Checkpoint
 
+    from workloads.distributed import world
     from workloads.runner import run_stream
 
     import ray
@@ -55,7 +57,7 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
             (Path(folder) / "accuracy_matrix.json").write_text(json.dumps(state["accuracy_matrix"]))
-            report({**scalar_metrics(stage, m), "node_id": node,
+            report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
                     "accuracy_matrix": json.dumps(state["accuracy_matrix"])},
                    Checkpoint.from_directory(folder))
         if fail_at is not None and stage + 1 == fail_at and not marker.exists():
@@ -87,9 +89,11 @@ def run_trial(trial_config: dict) -> None:
 
         run_workload(cfg, ray.train.get_checkpoint(), report)
 
+    resources = trial_config["resources"]
     trainer = TorchTrainer(
         per_worker, train_loop_config=trial_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=trial_config["resources"]["use_gpu"]),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=resources["use_gpu"],
+                                               resources_per_worker={"CPU": resources["cpus_per_worker"]}),
         run_config=ray.train.RunConfig(name=f"train-{trial_config['trial_id']}",
                                        storage_path=os.path.join(trial_config["state_dir"], "train"),
                                        callbacks=[TuneReportCallback()]))

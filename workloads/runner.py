@@ -15,11 +15,12 @@ import torch
 
 from workloads import metrics
 from workloads.backbones import build_backbone
-from workloads.config import RunConfig, to_dict
+from workloads.config import ConfigError, RunConfig, to_dict
 from workloads.data.sources import load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.streams import Stream, make_stream, stage_classes
 from workloads.learners import LEARNERS, LearnerContext, build_learner
+from workloads.distributed import sum_across, world
 from workloads.progress import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,16 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int) -> float:
     gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index))
     progress = ProgressLog(log)
     mean_loss = float("nan")
+    rank, size = world()  # data-parallel processes each take every size-th sample of a batch
+    if batch < size:
+        raise ConfigError(f"train.batch_size: {batch} samples cannot be split over {size} workers")
     for epoch in range(t.epochs):
         order = torch.randperm(n, generator=gen).to(device) if batch < n else torch.arange(n, device=device)
-        total = 0.0
+        total = torch.zeros(1)
         for start in range(0, n, batch):
-            sel = order[start:start + batch]
+            sel = order[start:start + batch][rank::size]
             total += learner.observe(inputs[sel], labels[sel]) * len(sel)
-        mean_loss = total / max(n, 1)
+        mean_loss = float(sum_across(total)) / max(n, 1)
         progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
                  last=epoch + 1 == t.epochs)
     return mean_loss

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workloads.config import TrainConfig
+from workloads.distributed import batch_mean_gradients
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Learner(nn.Module):
         """One optimisation step on a batch; returns the loss."""
         self.train()
         loss = self.loss(self(x), y)
-        self.step(loss)
+        self.step(loss, len(y))
         return float(loss.detach())
 
     def end_stage(self, stage, is_last: bool) -> None:
@@ -84,9 +85,11 @@ class Learner(nn.Module):
             return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, batch: int) -> None:
+        """Backward, average gradients over data-parallel processes (`batch`: this process's samples), clip, step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        batch_mean_gradients(self.trainable_parameters(), batch)
         if self.ctx.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ctx.train.grad_clip)
         self.optimizer.step()

@@ -11,6 +11,7 @@ import torch
 from workloads.bottleneck import KeyValueBottleneck, bottleneck_bytes, learn_keys, sparse_sgd_step
 from workloads.config import ConfigError, KeyInitData
 from workloads.decoders import build_decoder
+from workloads.distributed import sum_across, world
 from workloads.features import state_digest
 from workloads.learners.base import Learner
 
@@ -136,15 +137,23 @@ class DKVB(Learner):
             with torch.no_grad():
                 idx = self.bottleneck.lookup(self.bottleneck.project(x))
         self.bottleneck.count_usage(idx)
-        if self.sparse_update:
+        if self.sparse_update and world()[1] == 1:  # several processes: the dense path averages gradients
             t = self.ctx.train
             return sparse_sgd_step(self.bottleneck.values.data, idx, y, t.lr, t.grad_clip, t.label_smoothing)
         logits = self.decoder(self.bottleneck.fetch(idx) if self.index_cache else self.bottleneck(x))
         loss = self.loss(logits, y)
-        self.step(loss)
+        self.step(loss, len(y))
         return float(loss.detach())
 
+    def begin_stage(self, stage) -> None:
+        super().begin_stage(stage)
+        self._usage_at_start = self.bottleneck.usage.clone()
+
     def end_stage(self, stage, is_last: bool) -> None:
+        # data-parallel processes counted only their own slices: every process gets the stage's total
+        if world()[1] > 1:
+            delta = sum_across(self.bottleneck.usage - self._usage_at_start)
+            self.bottleneck.usage.copy_(self._usage_at_start + delta)
         if is_last and self.options.prune:
             self.bottleneck.prune()
             self.optimizer = None  # values were replaced; a later stage (after resume) makes a new optimiser
