@@ -192,8 +192,10 @@ class MLflowTracking(tune.Callback):
         learner.load_state(state["learner"])
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            # pickle: the learner's lookup (top-k over codebooks) is not a graph torch.export traces
+            # pickle: the learner's lookup (top-k over codebooks) is not a graph torch.export traces;
+            # explicit requirements: MLflow's inference of them takes seconds per model
             mlflow.pytorch.log_model(learner, name="model", serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clorch"],
                                      registered_model_name=self.options.register_model)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
