@@ -54,6 +54,7 @@ class MLflowTracking(tune.Callback):
         self.tracking_uri, self.experiment, self.state_dir = tracking_uri, experiment, state_dir
         self.options = options or TrackingOptions()
         self._client = None
+        self._attached: set[str] = set()  # child runs this driver already checked (or created)
 
     # --- state that survives a driver restart: the map file, re-read on every access ---
     @property
@@ -77,7 +78,7 @@ class MLflowTracking(tune.Callback):
         return self._client
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state; the client is not picklable
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_attached": set()}
 
     def parent_run(self) -> str:
         """The sweep's parent run id, created on first use."""
@@ -95,8 +96,10 @@ class MLflowTracking(tune.Callback):
         runs = self._load_map()
         run_id = runs["trials"].get(trial.trial_id)
         if run_id is not None:
-            if self.client.get_run(run_id).info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
+            if run_id not in self._attached:  # re-attached after a restart: the run may be FAILED
+                if self.client.get_run(run_id).info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+                self._attached.add(run_id)
             return run_id
         parent = self.parent_run()
         exp_id = self.client.get_run(parent).info.experiment_id
@@ -110,6 +113,7 @@ class MLflowTracking(tune.Callback):
         runs = self._load_map()
         runs["trials"][trial.trial_id] = run.info.run_id
         self._save_map(runs)
+        self._attached.add(run.info.run_id)
         return run.info.run_id
 
     # --- Tune hooks ---
@@ -204,6 +208,7 @@ class MLflowTracking(tune.Callback):
         if error_file and Path(error_file).exists():
             self.client.log_artifact(run_id, error_file)
         self.client.set_terminated(run_id, "FAILED")
+        self._attached.discard(run_id)  # a retry (max_failures) or a resume marks it RUNNING again
 
     def on_experiment_end(self, trials, **info) -> None:
         failed = any(t.status == "ERROR" for t in trials)

@@ -37,12 +37,11 @@ def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
 
 def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], None]) -> None:
     """Run the stream from `checkpoint` (or from the start), calling report(metrics, checkpoint) per stage."""
+    import ray
     from ray.tune import Checkpoint
 
     from workloads.distributed import world
     from workloads.runner import run_stream
-
-    import ray
 
     config = resolve(trial_config)
     node = ray.get_runtime_context().get_node_id()  # which node ran each stage, for `clorch status` and tests
@@ -56,7 +55,6 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
-            (Path(folder) / "accuracy_matrix.json").write_text(json.dumps(state["accuracy_matrix"]))
             report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
                     "accuracy_matrix": json.dumps(state["accuracy_matrix"])},
                    Checkpoint.from_directory(folder))
