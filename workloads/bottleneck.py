@@ -59,6 +59,12 @@ def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
     return torch.cat(out, 1).transpose(0, 1).contiguous()
 
 
+def table_rows(idx: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Key indices (B, C[, k]) -> flat rows of a (C * K, ...) view of per-codebook tables, sample-major."""
+    heads = torch.arange(idx.shape[1], device=idx.device).view(1, -1, *([1] * (idx.dim() - 2)))
+    return (idx + heads * num_keys).reshape(-1)
+
+
 class KeyValueBottleneck(nn.Module):
     """C codebooks of K (key, value) pairs behind fixed random projections; values are the trained tensor."""
 
@@ -112,11 +118,8 @@ class KeyValueBottleneck(nn.Module):
 
     def count_usage(self, idx: torch.Tensor) -> None:
         """Add one selection per (sample, codebook, key) in idx (B, C, k) to the usage counters."""
-        flat = (idx + self._row_offsets(idx.device)).reshape(-1)
+        flat = table_rows(idx, self.num_keys)
         self.usage.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-    def _row_offsets(self, device) -> torch.Tensor:
-        return (torch.arange(self.num_codebooks, device=device) * self.num_keys).view(1, -1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, C, d_v). A learnable projection gets gradients through a straight-through estimator."""
@@ -177,7 +180,7 @@ def _sample_rows(z: torch.Tensor, num_keys: int, gen: torch.Generator) -> torch.
 def _cluster_sums(z: torch.Tensor, assign: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per codebook: sum of assigned inputs (C, K, d_k) and their count (C, K)."""
     n, c, d = z.shape
-    flat = (assign + torch.arange(c, device=z.device) * num_keys).reshape(-1)  # (N*C,)
+    flat = table_rows(assign, num_keys)  # (N*C,)
     sums = torch.zeros(c * num_keys, d, device=z.device).index_add_(0, flat, z.reshape(-1, d))
     counts = torch.bincount(flat, minlength=c * num_keys).to(z.dtype)
     return sums.view(c, num_keys, d), counts.view(c, num_keys)
@@ -248,7 +251,7 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
     b, c, k = idx.shape
     num_keys, d_v = values.shape[1], values.shape[2]
     n = b * c * k
-    flat = (idx + (torch.arange(c, device=idx.device) * num_keys).view(1, -1, 1)).reshape(-1)  # (n,) sample-major
+    flat = table_rows(idx, num_keys)  # (n,) sample-major
     table = values.view(-1, d_v)
     selected = table.index_select(0, flat)  # (n, d_v)
     logp = selected.view(b, c * k, d_v).mean(1).log_softmax(-1)  # vote decoder, (B, d_v)
