@@ -185,15 +185,10 @@ class MLflowTracking(tune.Callback):
         import torch
 
         from orchestrator.trial import resolve
-        from workloads.learners import LearnerContext, build_learner
+        from workloads.runner import rebuild_learner
 
-        state = load_state(trial.checkpoint)
-        config = resolve(trial.config)
-        shape = state["learner_shape"]
-        ctx = LearnerContext(num_classes=shape["num_classes"], input_dim=shape["input_dim"], train=config.train,
-                             seed=config.seed, device=torch.device("cpu"))
-        learner = build_learner(config.learner, ctx)
-        learner.load_state(state["learner"])
+        learner = rebuild_learner(resolve(trial.config), load_state(trial.checkpoint))
+        learner.memory = None  # training data, not model: the checkpoint keeps it for resumes
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id):
             # pickle: the learner's lookup (top-k over codebooks) is not a graph torch.export traces;
@@ -248,7 +243,7 @@ def _figure(**kwargs):
 
 
 STAGE_METRICS = ("accuracy_on_seen_classes", "average_accuracy", "average_incremental_accuracy", "forgetting",
-                 "bwt", "loss", "seconds")
+                 "bwt", "loss", "seconds", "memory_size")
 
 
 def _is_stage_metric(key: str, value) -> bool:

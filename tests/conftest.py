@@ -40,13 +40,14 @@ def toy2d_config(learner: dict, seed: int = 0):
     })
 
 
-def digits_config(learner: dict, seed: int = 0, **train):
-    """digits in 5 stages of 2 classes."""
+def digits_config(learner: dict, seed: int = 0, rehearsal: dict | None = None, **train):
+    """digits in 5 stages of 2 classes (with a rehearsal memory when `rehearsal` is given)."""
     return parse_run_config({
         "seed": seed,
         "data": {"source": "digits", "classes_per_stage": 2},
         "learner": learner,
         "train": {"epochs": 20, "batch_size": 64, "optimizer": "sgd", "lr": 0.3, **train},
+        "rehearsal": rehearsal or {},
     })
 
 

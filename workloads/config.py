@@ -61,7 +61,7 @@ class TrainConfig:
 
     epochs: int = 1  # passes over each stage's training data
     batch_size: int | None = 256  # None = full batch
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -71,8 +71,17 @@ class TrainConfig:
 
 
 @dataclass
+class RehearsalConfig:
+    """A replay memory usable with every learner (see workloads.rehearsal); memory_size 0 = none."""
+
+    memory_size: int = 0  # one global budget in samples, whatever the number of data-parallel workers
+    selection: Literal["random", "reservoir", "herding"] = "random"
+    replay_ratio: float = 1.0  # replayed samples drawn from the memory per new sample in each batch
+
+
+@dataclass
 class RunConfig:
-    """One run: data stream, backbone, learner, training schedule, seed."""
+    """One run: data stream, backbone, learner, training schedule, rehearsal memory, seed."""
 
     name: str = "run"
     seed: int = 0
@@ -81,6 +90,7 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     learner: Any = None  # the chosen learner's options dataclass (has a `name` field); see workloads.learners
     train: TrainConfig = field(default_factory=TrainConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     preset: str | None = None  # a named config from PRESETS, applied under the file's own keys
     cache_dir: str | None = None  # feature and key caches; None: $CLORCH_CACHE_DIR or ~/.cache/clorch
 
@@ -161,6 +171,10 @@ def check_run_config(config: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {config.train.lr}")
+    if config.rehearsal.memory_size < 0:
+        raise ConfigError(f"rehearsal.memory_size: must be >= 0 (0 = no memory), got {config.rehearsal.memory_size}")
+    if config.rehearsal.replay_ratio < 0:
+        raise ConfigError(f"rehearsal.replay_ratio: must be >= 0, got {config.rehearsal.replay_ratio}")
     if not 0 < config.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {config.data.test_fraction}")
     if not 0 <= config.train.label_smoothing < 1:

@@ -35,3 +35,33 @@ def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: rank 0's `tensor` on every process (same shape and dtype everywhere)."""
+    if world()[1] > 1:
+        dist.broadcast(tensor, 0)
+    return tensor
+
+
+def same_across(tensor: torch.Tensor) -> bool:
+    """Whether every process holds the same 1-d float64 `tensor` (e.g. a digest); True for one process."""
+    if world()[1] == 1:
+        return True
+    low, high = tensor.clone(), tensor.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def shard_batches(n: int, batch: int, generator: torch.Generator, device=None):
+    """Shuffled batches of range(n) (in order when one batch holds all); yields (full batch, this process's
+    slice): every process walks the same batches and takes every size-th sample of each."""
+    rank, size = world()
+    if batch < size:
+        raise ValueError(f"a batch of {batch} samples cannot be split over {size} processes")
+    order = torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
+    order = order.to(device) if device is not None else order
+    for start in range(0, n, batch):
+        full = order[start:start + batch]
+        yield full, full[rank::size]

@@ -19,9 +19,10 @@ from workloads.config import ConfigError, RunConfig, to_dict
 from workloads.data.sources import load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.streams import Stream, make_stream, stage_classes
-from workloads.learners import LEARNERS, LearnerContext, build_learner
-from workloads.distributed import sum_across, world
+from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
+from workloads.distributed import shard_batches, sum_across, world
 from workloads.progress import ProgressLog
+from workloads.rehearsal import Replay
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,18 @@ def stage_seed(seed: int, stage: int) -> int:
     return seed * 1_000_003 + stage
 
 
+def memory_seed(seed: int, stage: int) -> int:
+    """The seed of a stage's memory selection: apart from the batch stream's, so the two never correlate."""
+    return stage_seed(seed, stage) + (1 << 40)
+
+
 @dataclass
 class PreparedStream:
     """A stream ready for a learner: inputs already through the frozen backbone (or transformed only)."""
 
     stream: Stream
     context: LearnerContext
+    source_shape: tuple[int, ...]  # one raw input's shape, before the backbone's transform
 
 
 def prepare(config: RunConfig) -> PreparedStream:
@@ -71,7 +78,8 @@ def prepare(config: RunConfig) -> PreparedStream:
     learner trains the backbone) and cut the stream into stages."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # random backbone weights (small_cnn) follow the seed
-    backbone = build_backbone(config.backbone, source_shape(config.data))
+    shape = source_shape(config.data)
+    backbone = build_backbone(config.backbone, shape)
     store = None
     if LEARNERS[config.learner.name].trains_backbone:
         data = load_source(config.data)
@@ -90,8 +98,23 @@ def prepare(config: RunConfig) -> PreparedStream:
     stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes)
     ctx = LearnerContext(num_classes=num_classes, input_dim=backbone.output_dim, train=config.train,
                          seed=config.seed, device=device, features=store, train_key=train_key,
-                         backbone=None if store else backbone)
-    return PreparedStream(stream, ctx)
+                         backbone=None if store else backbone, rehearsal=config.rehearsal,
+                         input_shape=tuple(x_train.shape[1:]))
+    return PreparedStream(stream, ctx, tuple(shape))
+
+
+def rebuild_learner(config: RunConfig, state: dict) -> Learner:
+    """A run's learner from its stage state (`run_stream`'s on_stage_end), on the CPU, without data."""
+    shape = state["learner_shape"]
+    backbone = None
+    if LEARNERS[config.learner.name].trains_backbone:
+        backbone = build_backbone(config.backbone, tuple(shape["source_shape"]))
+    ctx = LearnerContext(num_classes=shape["num_classes"], input_dim=shape["input_dim"], train=config.train,
+                         seed=config.seed, device=torch.device("cpu"), backbone=backbone,
+                         rehearsal=config.rehearsal, input_shape=tuple(shape.get("input_shape", ())))
+    learner = build_learner(config.learner, ctx)
+    learner.load_state(state["learner"])
+    return learner
 
 
 def precompute(config: RunConfig) -> str:
@@ -122,8 +145,9 @@ def evaluate(learner, stream: Stream, batch_size: int) -> tuple[list[float], lis
             metrics.class_accuracies(preds, y, stream.num_classes))
 
 
-def train_stage(learner, stage, config: RunConfig, total_stages: int) -> float:
-    """Run `train.epochs` passes over the stage's training data; returns the last epoch's mean loss."""
+def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Replay | None = None) -> float:
+    """Run `train.epochs` passes over the stage's training data, replayed samples mixed into each batch;
+    returns the last epoch's mean loss."""
     t = config.train
     device = learner.ctx.device
     inputs = learner.stage_inputs(stage.x_train.to(device))
@@ -137,15 +161,30 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int) -> float:
     if batch < size:
         raise ConfigError(f"train.batch_size: {batch} samples cannot be split over {size} workers")
     for epoch in range(t.epochs):
-        order = torch.randperm(n, generator=gen).to(device) if batch < n else torch.arange(n, device=device)
-        total = torch.zeros(1)
-        for start in range(0, n, batch):
-            sel = order[start:start + batch][rank::size]
-            total += learner.observe(inputs[sel], labels[sel]) * len(sel)
-        mean_loss = float(sum_across(total)) / max(n, 1)
+        total = torch.zeros(2)  # loss summed over samples, samples
+        for full, mine in shard_batches(n, batch, gen, device):
+            x, y = inputs[mine], labels[mine]
+            if replay is not None:
+                drawn = replay.draw(len(full), gen)
+                if drawn is not None:
+                    x, y = torch.cat([x, drawn[0][rank::size]]), torch.cat([y, drawn[1][rank::size]])
+                if epoch == 0 and replay.online:  # every process offers the full batch: one global memory
+                    cpu = full.cpu()
+                    replay.offer(stage.x_train[cpu], inputs[full], stage.y_train[cpu], gen)
+            total += torch.tensor([learner.observe(x, y) * len(y), len(y)])
+        sum_across(total)
+        mean_loss = float(total[0] / total[1].clamp(min=1))
         progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
                  last=epoch + 1 == t.epochs)
     return mean_loss
+
+
+@torch.no_grad()
+def batched_features(learner, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`learner.features` over `x` in evaluation mode, batch by batch, on the CPU."""
+    learner.eval()
+    device = learner.ctx.device
+    return torch.cat([learner.features(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
 
 
 def run_stream(config: RunConfig, resume_state: dict | None = None,
@@ -172,11 +211,21 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
     else:
         torch.manual_seed(config.seed)
         learner.setup(torch.cat([s.x_train for s in stream]).to(ctx.device))
+    memory = learner.memory
     for stage in stream[first:]:
         t0 = time.perf_counter()
         torch.manual_seed(stage_seed(config.seed, stage.index))
         learner.begin_stage(stage)
-        loss = train_stage(learner, stage, config, len(stream))
+        replay = None
+        if memory is not None:
+            memory_gen = torch.Generator().manual_seed(memory_seed(config.seed, stage.index))
+            memory.begin_stage(list(stage.classes), memory_gen)
+            replay = Replay(memory, learner.stage_inputs, config.rehearsal.replay_ratio, ctx.device)
+        loss = train_stage(learner, stage, config, len(stream), replay)
+        if memory is not None:
+            memory.end_stage(stage.x_train, stage.y_train, list(stage.classes),
+                             lambda x: batched_features(learner, x, config.train.eval_batch_size), memory_gen)
+            memory.check_global()
         learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
         row, class_row = evaluate(learner, stream, config.train.eval_batch_size)
         R.append(row)
@@ -186,10 +235,14 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
                          "loss": loss,
                          "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(A, stages)[-1],
                          "stage_accuracies": row, "seconds": seconds[-1], **metrics.summarise(R, A, stages)}
+        if memory is not None:
+            stage_metrics["memory_size"] = len(memory)  # the effective size: quotas round down
         if on_stage_end is not None:
             # A snapshot: later stages must not change what the callback was handed.
             state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(), "accuracy_matrix": R,
                                    "class_accuracy_matrix": A, "stage_seconds": seconds,
-                                   "learner_shape": {"num_classes": ctx.num_classes, "input_dim": ctx.input_dim}})
+                                   "learner_shape": {"num_classes": ctx.num_classes, "input_dim": ctx.input_dim,
+                                                     "input_shape": list(ctx.input_shape),
+                                                     "source_shape": list(prepared.source_shape)}})
             on_stage_end(stage.index, stage_metrics, state)
     return RunResult(to_dict(config), stages, R, A, seconds, metrics.summarise(R, A, stages))

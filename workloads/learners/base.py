@@ -1,15 +1,16 @@
 """The one learner interface every method implements; the stage loop lives in workloads.runner."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workloads.config import TrainConfig
+from workloads.config import RehearsalConfig, TrainConfig
 from workloads.distributed import batch_mean_gradients
+from workloads.rehearsal import RehearsalMemory
 
 
 @dataclass
@@ -24,14 +25,16 @@ class LearnerContext:
     features: Any = None  # the run's FeatureStore (frozen backbone): other sources' embeddings, the key cache
     train_key: str | None = None  # cache key of the stream's training inputs
     backbone: nn.Module | None = None  # only for learners that train it (trains_backbone = True)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
+    input_shape: tuple[int, ...] = ()  # one raw input's shape, e.g. (C, H, W) for images
 
 
 class Learner(nn.Module):
     """Base class: subclasses build their model and override `observe` where the plain step does not fit.
 
     Call order, driven by the runner: setup (once, fresh runs only) -> for each stage: begin_stage,
-    stage_inputs, observe per batch, end_stage -> predict for evaluation. `state` / `load_state` round-trip
-    everything a resume needs.
+    stage_inputs, observe per batch (replayed samples from `memory` mixed in), end_stage -> predict for
+    evaluation. `state` / `load_state` round-trip everything a resume needs, the memory included.
     """
 
     Options: ClassVar[type]
@@ -41,6 +44,9 @@ class Learner(nn.Module):
         super().__init__()
         self.options, self.ctx = options, ctx
         self.optimizer: torch.optim.Optimizer | None = None
+        r = ctx.rehearsal
+        # the runner fills it and mixes it into batches (workloads.rehearsal); learners may read it
+        self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes) if r.memory_size else None
 
     def setup(self, unlabelled: torch.Tensor) -> None:
         """Before the first stage of a fresh run: unsupervised preparation on the stream's training inputs."""
@@ -62,7 +68,11 @@ class Learner(nn.Module):
         return float(loss.detach())
 
     def end_stage(self, stage, is_last: bool) -> None:
-        """After training on a stage."""
+        """After training on a stage (and after the memory took the stage's samples)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) features of inputs, for herding: the inputs themselves unless a learner has better."""
+        return x.flatten(1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +93,8 @@ class Learner(nn.Module):
         params = self.trainable_parameters()
         if t.optimizer == "adam":
             return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
     def step(self, loss: torch.Tensor, batch: int) -> None:
@@ -95,9 +107,10 @@ class Learner(nn.Module):
         self.optimizer.step()
 
     def state(self) -> dict[str, Any]:
-        """Model tensors and optimiser state: everything a resume needs."""
+        """Model tensors, optimiser state and the memory: everything a resume needs."""
         return {"model": self.state_dict(),
-                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "memory": None if self.memory is None else self.memory.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what `state` returned."""
@@ -105,3 +118,5 @@ class Learner(nn.Module):
         if state.get("optimizer") is not None:
             self.optimizer = self.make_optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.memory is not None and state.get("memory") is not None:
+            self.memory.load_state(state["memory"])

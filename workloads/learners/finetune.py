@@ -33,3 +33,6 @@ class Finetune(Learner):
 
     def forward(self, x):
         return self.head(self.backbone(x))  # (B, ...) -> (B, num_classes)
+
+    def features(self, x):
+        return self.backbone(x)  # (B, output_dim)

@@ -39,3 +39,6 @@ class MLP(Learner):
 
     def forward(self, x):
         return self.net(x)  # (B, D) -> (B, num_classes)
+
+    def features(self, x):
+        return self.net[:-1](x)  # the last hidden layer, (B, hidden[-1])

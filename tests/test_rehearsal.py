@@ -1,0 +1,145 @@
+"""The rehearsal memory: budget, per-class quota, selection, checkpoints, and experience replay that works."""
+import io
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import digits_config
+from workloads.config import ConfigError, parse_run_config
+from workloads.rehearsal import RehearsalMemory, herding
+from workloads.runner import rebuild_learner, run_stream
+
+
+def _stream_through(memory: RehearsalMemory, stages: list[list[int]], per_class: int, seed: int = 0):
+    """Feed a memory synthetic stages the way the runner does; yield after each stage."""
+    gen = torch.Generator().manual_seed(seed)
+    for classes in stages:
+        y = torch.tensor(classes).repeat_interleave(per_class)
+        x = torch.randn(len(y), 3) + y[:, None].float()
+        memory.begin_stage(classes, gen)
+        if memory.selection == "reservoir":
+            for i in range(0, len(y), 16):
+                memory.offer(x[i:i + 16], y[i:i + 16], gen)
+        memory.end_stage(x, y, classes, lambda v: v, gen)
+        yield classes
+
+
+@pytest.mark.parametrize("selection", ["random", "reservoir", "herding"])
+def test_memory_keeps_its_budget_and_the_per_class_quota(selection):
+    memory = RehearsalMemory(50, selection, num_classes=10)
+    stages = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    seen = []
+    for classes in _stream_through(memory, stages, per_class=40):
+        seen += classes
+        quota = 50 // len(seen)
+        counts = memory.class_counts()
+        assert len(memory) <= 50
+        assert set(counts) == set(seen)  # every class seen so far stays represented...
+        assert all(n == min(quota, 40) for n in counts.values())  # ...with exactly its quota
+        assert len(memory) == sum(counts.values())
+    assert len(memory) == 50  # 10 classes x 5: nothing lost to rounding here
+
+
+def test_memory_smaller_than_a_class_keeps_what_it_can():
+    memory = RehearsalMemory(7, "random", num_classes=4)
+    for _ in _stream_through(memory, [[0, 1], [2, 3]], per_class=3):
+        pass
+    assert memory.quota == 1 and memory.class_counts() == {0: 1, 1: 1, 2: 1, 3: 1} and len(memory) == 4
+
+
+def test_reservoir_gives_every_sample_of_a_class_the_same_chance():
+    hits = torch.zeros(100)
+    for trial in range(300):
+        memory = RehearsalMemory(10, "reservoir", num_classes=1)
+        gen = torch.Generator().manual_seed(trial)
+        memory.begin_stage([0], gen)
+        x = torch.arange(100, dtype=torch.float32)[:, None]
+        for i in range(0, 100, 10):
+            memory.offer(x[i:i + 10], torch.zeros(10, dtype=torch.long), gen)
+        hits[memory.x[:, 0].long()] += 1
+    rate = hits / 300  # each sample should be kept with probability 10 / 100
+    assert abs(rate[:50].mean() - 0.1) < 0.02 and abs(rate[50:].mean() - 0.1) < 0.02
+    assert (hits > 0).sum() > 90  # early and late samples alike end up in the memory
+
+
+def test_herding_picks_the_samples_whose_mean_tracks_the_class_mean():
+    torch.manual_seed(0)
+    feats = torch.randn(200, 16) + 3.0
+    unit = torch.nn.functional.normalize(feats.double(), dim=1)
+    order = herding(feats, 10)
+    assert len(set(order.tolist())) == 10
+    assert int(order[0]) == int((unit - unit.mean(0)).norm(dim=1).argmin())  # first pick: nearest the mean
+    herd_gap = (unit[order].mean(0) - unit.mean(0)).norm()
+    random_gaps = [(unit[torch.randperm(200)[:10]].mean(0) - unit.mean(0)).norm() for _ in range(50)]
+    assert herd_gap < min(random_gaps)
+
+
+def test_memory_round_trips_through_a_checkpoint_and_resumes_exactly():
+    config = digits_config({"name": "mlp", "hidden": 64}, rehearsal={"memory_size": 60, "selection": "herding"},
+                           epochs=5, lr=0.1)
+    states, sizes = [], []
+    full = run_stream(config, on_stage_end=lambda i, m, s: (states.append(s), sizes.append(m["memory_size"])))
+    assert sizes == [60, 60, 60, 56, 60]  # the effective size, reported per stage: quotas 30, 15, 10, 7, 6
+    buffer = io.BytesIO()
+    torch.save(states[2], buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    memory = rebuild_learner(config, loaded).memory
+    saved = states[2]["learner"]["memory"]
+    assert torch.equal(memory.x, saved["x"]) and torch.equal(memory.y, saved["y"])
+    assert memory.classes == saved["classes"] == [0, 1, 2, 3, 4, 5]
+    resumed = run_stream(config, resume_state=loaded)
+    assert resumed.accuracy_matrix == full.accuracy_matrix
+
+
+def test_experience_replay_lifts_the_mlp_on_digits():
+    mlp = {"name": "mlp", "hidden": 128}
+    plain = run_stream(digits_config(mlp, epochs=20, batch_size=32, lr=0.05)).metrics["average_accuracy"]
+    replay = run_stream(digits_config(mlp, rehearsal={"memory_size": 200}, epochs=20, batch_size=32,
+                                      lr=0.05)).metrics["average_accuracy"]
+    assert replay >= plain + 0.2, (plain, replay)
+
+
+@pytest.mark.parametrize("learner", [{"name": "linear"}, {"name": "dkvb", "num_codebooks": 16, "num_keys": 64}])
+def test_every_learner_takes_a_memory(learner):
+    result = run_stream(digits_config(learner, rehearsal={"memory_size": 100, "selection": "reservoir"}, epochs=3))
+    assert result.metrics["average_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("rehearsal, message", [
+    ({"memory_size": -1}, "rehearsal.memory_size: must be >= 0"),
+    ({"memory_size": 10, "replay_ratio": -0.5}, "rehearsal.replay_ratio: must be >= 0"),
+    ({"memory_size": 10, "selection": "fifo"}, "rehearsal.selection: got 'fifo'; accepted: one of 'random'"),
+])
+def test_bad_rehearsal_settings_name_the_key(rehearsal, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config({"rehearsal": rehearsal})
+
+
+def _check_copies(rank: int, init_file: str, differ: bool, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    memory = RehearsalMemory(4, "random", num_classes=2)
+    gen = torch.Generator().manual_seed(0)
+    memory.begin_stage([0, 1], gen)
+    x = torch.arange(8, dtype=torch.float32)[:, None] + (1.0 if differ and rank == 1 else 0.0)
+    memory.end_stage(x, torch.tensor([0, 1] * 4), [0, 1], lambda v: v, gen)
+    try:
+        memory.check_global()
+        verdict = "same"
+    except RuntimeError:
+        verdict = "differ"
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(verdict)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_workers_notice_when_their_memories_are_not_one_global_memory(differ):
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_check_copies, args=(os.path.join(out, "init"), differ, out), nprocs=2)
+        verdicts = {open(os.path.join(out, f"rank{r}")).read() for r in range(2)}
+    assert verdicts == {"differ" if differ else "same"}

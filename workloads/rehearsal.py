@@ -1,0 +1,226 @@
+"""Rehearsal: a replay memory with one global budget, a per-class quota, and three ways to choose what stays.
+
+Budget: `memory_size` samples in all, never per worker. Data-parallel workers each hold the same full memory:
+they walk the same full batches with the same seeds, and herding's picks are broadcast from rank 0.
+Quota: once a stage's classes arrive, each class seen so far keeps at most memory_size // classes seen.
+Selection:
+  random     at the end of a stage, a uniformly random subset of each new class;
+  reservoir  online, in the stage's first epoch: each sample is offered once as the stream presents it, and
+             the k-th sample of class c takes a random slot of c's reservoir with probability quota / k
+             (algorithm R, one reservoir per class), so replay can draw the stage's own samples too;
+  herding    at the end of a stage, iCaRL's herding on the learner's features: greedily, the sample that keeps
+             the running mean of the chosen ones closest to the class mean.
+When the quota shrinks, random and herding keep their first picks (their order is their priority); reservoir
+keeps a uniformly random subset.
+
+The memory holds inputs as the stream gives them to the learner (embeddings of a frozen backbone, or
+transformed images), on the CPU; `Replay` keeps the learner-ready form of the same rows for one stage.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from workloads.distributed import broadcast, same_across
+
+SELECTIONS = ("random", "reservoir", "herding")
+
+
+class RehearsalMemory:
+    """At most `size` (input, label) pairs over all classes seen so far, `size // classes seen` per class."""
+
+    def __init__(self, size: int, selection: str, num_classes: int):
+        if size <= 0:
+            raise ValueError(f"a rehearsal memory needs a positive size, got {size}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {selection!r}; accepted: {', '.join(SELECTIONS)}")
+        self.size, self.selection = size, selection
+        self._x: torch.Tensor | None = None  # (size, ...) slots; the first `len(self)` hold samples
+        self._y = torch.full((size,), -1, dtype=torch.long)
+        self._n = 0
+        self.classes: list[int] = []  # seen so far, in order of arrival
+        self.offered = torch.zeros(num_classes, dtype=torch.long)  # reservoir: samples of each class offered
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        return None if self._x is None else self._x[:self._n]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self._y[:self._n]
+
+    @property
+    def quota(self) -> int:
+        """Samples each seen class may keep."""
+        return self.size // max(len(self.classes), 1)
+
+    def class_counts(self) -> dict[int, int]:
+        """Samples held per class."""
+        labels, counts = torch.unique(self.y, return_counts=True)
+        return dict(zip(labels.tolist(), counts.tolist()))
+
+    def begin_stage(self, classes: list[int], generator: torch.Generator) -> None:
+        """A stage's classes arrive: the quota shrinks, and each class already held is cut down to it."""
+        self.classes += [c for c in classes if c not in self.classes]
+        q = self.quota
+        keep = []
+        for c in torch.unique(self.y).tolist():
+            slots = (self.y == c).nonzero().flatten()
+            if len(slots) > q:
+                chosen = torch.randperm(len(slots), generator=generator)[:q] if self.selection == "reservoir" \
+                    else torch.arange(q)
+                slots = slots[chosen]
+            keep.append(slots)
+        if keep:
+            self._keep(torch.cat(keep).sort().values)
+
+    def offer(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reservoir: stream a batch past the memory; returns (slots written, rows of the batch written there)."""
+        q = self.quota
+        draws = torch.rand(len(y), generator=generator).tolist()
+        slots_of: dict[int, list[int]] = {}
+        written: list[tuple[int, int]] = []
+        for row, (c, u) in enumerate(zip(y.tolist(), draws)):
+            if c not in slots_of:
+                if c not in self.classes:
+                    raise ValueError(f"class {c} was offered before a stage announced it (begin_stage)")
+                slots_of[c] = (self.y == c).nonzero().flatten().tolist()
+            self.offered[c] += 1
+            held = slots_of[c]
+            if len(held) < q:
+                slot = self._n
+                self._n += 1
+                held.append(slot)
+            else:
+                j = int(u * int(self.offered[c]))  # uniform in [0, offered)
+                if j >= q:
+                    continue
+                slot = held[j]
+            self._write(slot, x[row], c)
+            written.append((slot, row))
+        if not written:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        slots, rows = torch.tensor(written, dtype=torch.long).unbind(1)
+        return slots, rows
+
+    def end_stage(self, x: torch.Tensor, y: torch.Tensor, classes: list[int],
+                  features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
+        """Random and herding: choose each new class's `quota` samples from the stage's (x, y)."""
+        if self.selection == "reservoir":
+            return
+        q = self.quota
+        for c in classes:
+            rows = (y == c).nonzero().flatten()
+            if self.selection == "random":
+                pick = rows[torch.randperm(len(rows), generator=generator)[:q]]
+            else:
+                pick = rows[herding(features(x[rows]), q)]
+                broadcast(pick)  # features differ in the last bits across machines: rank 0 decides
+            for row in pick.tolist():
+                self._write(self._n, x[row], c)
+                self._n += 1
+
+    def digest(self) -> torch.Tensor:
+        """A few float64 sums that change with any sample, label or slot order (to compare copies)."""
+        if self._n == 0:
+            return torch.zeros(4, dtype=torch.float64)
+        x = self.x.double().flatten(1)
+        position = torch.arange(1, self._n + 1, dtype=torch.float64)
+        return torch.stack([torch.tensor(float(self._n)), self.y.double().sum(), x.sum(), (x.sum(1) * position).sum()])
+
+    def check_global(self) -> None:
+        """Raise unless every data-parallel worker holds this same memory (one global memory, not one each)."""
+        if not same_across(self.digest()):
+            raise RuntimeError("rehearsal memories differ across data-parallel workers; the memory must be global")
+
+    def state(self) -> dict:
+        """Tensors and lists only: safe for `torch.load(weights_only=True)`."""
+        return {"size": self.size, "selection": self.selection, "x": self.x, "y": self.y.clone(),
+                "classes": list(self.classes), "offered": self.offered.clone()}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what `state` returned; the budget and the selection must match this memory's."""
+        if (state["size"], state["selection"]) != (self.size, self.selection):
+            raise ValueError(f"the checkpoint's memory is {state['size']} samples chosen by {state['selection']}; "
+                             f"this run's is {self.size} by {self.selection}")
+        self._x, self._n = None, 0
+        self._y.fill_(-1)
+        self.classes = list(state["classes"])
+        self.offered = state["offered"].clone()
+        for row, c in enumerate(state["y"].tolist()):
+            self._write(row, state["x"][row], c)
+        self._n = len(state["y"])
+
+    def _write(self, slot: int, x: torch.Tensor, label: int) -> None:
+        if self._x is None:
+            self._x = torch.zeros((self.size, *x.shape), dtype=x.dtype)
+        self._x[slot] = x.cpu()
+        self._y[slot] = label
+
+    def _keep(self, slots: torch.Tensor) -> None:
+        """Keep only these slots, in this order, at the front."""
+        n = len(slots)
+        if self._x is not None:
+            self._x[:n] = self._x[slots].clone()
+        self._y[:n] = self._y[slots].clone()
+        self._y[n:] = -1
+        self._n = n
+
+
+def herding(features: torch.Tensor, count: int) -> torch.Tensor:
+    """iCaRL herding: indices of `count` rows of (m, F) features, each chosen to keep the mean of the chosen
+    (L2-normalised) rows closest to the mean of all; in order of choice."""
+    f = F.normalize(features.double(), dim=1)
+    mean = f.mean(0)
+    chosen: list[int] = []
+    total = torch.zeros_like(mean)
+    free = torch.ones(len(f), dtype=torch.bool)
+    for k in range(1, min(count, len(f)) + 1):
+        gap = (mean - (total + f) / k).norm(dim=1)
+        gap[~free] = float("inf")
+        i = int(gap.argmin())
+        chosen.append(i)
+        free[i] = False
+        total += f[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+class Replay:
+    """The memory as one stage's training loop uses it: learner-ready inputs kept slot for slot with the memory
+    (`prepare` is the learner's `stage_inputs`), drawn `ratio` per new sample into each batch."""
+
+    def __init__(self, memory: RehearsalMemory, prepare: Callable[[torch.Tensor], torch.Tensor], ratio: float,
+                 device: torch.device):
+        self.memory, self.prepare, self.ratio, self.device = memory, prepare, ratio, device
+        self.inputs: torch.Tensor | None = None  # (memory.size, ...) learner-ready rows, slot for slot
+        if len(memory):
+            self._store(torch.arange(len(memory)), prepare(memory.x.to(device)))
+
+    @property
+    def online(self) -> bool:
+        """Whether the memory takes samples while the stage trains (reservoir)."""
+        return self.memory.selection == "reservoir"
+
+    def offer(self, x: torch.Tensor, inputs: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
+        """Reservoir: offer a full batch (stream inputs `x`, their learner-ready `inputs`, labels `y`)."""
+        slots, rows = self.memory.offer(x, y, generator)
+        if len(slots):
+            self._store(slots, inputs[rows.to(inputs.device)])
+
+    def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """round(batch * ratio) samples drawn uniformly (with replacement) from the memory; None if none."""
+        k = round(batch * self.ratio)
+        if k == 0 or len(self.memory) == 0:
+            return None
+        idx = torch.randint(len(self.memory), (k,), generator=generator)
+        return self.inputs[idx.to(self.inputs.device)], self.memory.y[idx].to(self.device)
+
+    def _store(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.inputs is None:
+            self.inputs = rows.new_zeros((self.memory.size, *rows.shape[1:]))
+        self.inputs[slots.to(rows.device)] = rows
