@@ -95,6 +95,25 @@ class RunConfig:
     cache_dir: str | None = None  # feature and key caches; None: $CLORCH_CACHE_DIR or ~/.cache/clorch
 
 
+def _dytox_cifar100(stages: int) -> dict[str, Any]:
+    """DyTox's CIFAR-100 setting (Douillard et al., CVPR 2022) in `stages` stages of 100 / stages classes."""
+    classes_per_stage = 100 // stages
+    return {
+        "data": {"source": "cifar100", "classes_per_stage": classes_per_stage},
+        "backbone": {"name": "identity"},
+        # 5 self-attention blocks + 1 task-attention block, 12 heads, dimension 384, patches of 4x4 pixels;
+        # divergence head weight 0.1; 20 epochs of balanced fine-tuning after each stage
+        "learner": {"name": "dytox", "embed_dim": 384, "depth": 5, "heads": 12, "patch_size": 4,
+                    "div_weight": 0.1, "finetune_epochs": 20},
+        # 2000 images chosen by herding; each batch replays memory in the proportion the paper's training set
+        # (the stage's 500 images per class joined with the memory) holds it
+        "rehearsal": {"memory_size": 2000, "selection": "herding",
+                      "replay_ratio": 2000 / (500 * classes_per_stage)},
+        # AdamW, batch 128, lr 5e-4, weight decay 1e-6, 500 epochs per stage
+        "train": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 1e-6, "batch_size": 128, "epochs": 500},
+    }
+
+
 # Named configs: merged under the user's keys, so anything set explicitly wins.
 PRESETS: dict[str, dict[str, Any]] = {
     # Träuble et al. (ICML 2023): 256 codebooks of 4096 keys of dimension 14, values of dimension = number of
@@ -109,6 +128,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             "optimizer": "sgd", "lr": 0.3, "momentum": 0.0, "weight_decay": 0.0, "grad_clip": 1.0,
             "batch_size": 256, "label_smoothing": 0.1,
         },
+    },
+    "dytox_cifar100_10": _dytox_cifar100(10),
+    "dytox_cifar100_20": _dytox_cifar100(20),
+    "dytox_cifar100_50": _dytox_cifar100(50),
+    # DyTox scaled down to scikit-learn's digits as 8x8 images: about 15 s on 2 CPU cores for 5 stages
+    "dytox_tiny": {
+        "data": {"source": "digits", "classes_per_stage": 2},
+        "backbone": {"name": "identity"},
+        "learner": {"name": "dytox", "embed_dim": 32, "depth": 2, "heads": 4, "patch_size": 4,
+                    "div_weight": 0.1, "finetune_epochs": 10},
+        "rehearsal": {"memory_size": 200, "selection": "herding"},
+        "train": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 30},
     },
 }
 

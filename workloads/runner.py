@@ -18,7 +18,7 @@ from workloads.backbones import build_backbone
 from workloads.config import ConfigError, RunConfig, to_dict
 from workloads.data.sources import load_source, source_shape
 from workloads.features import FeatureStore
-from workloads.data.streams import Stream, make_stream, stage_classes
+from workloads.data.streams import Stream, make_stream, stage_classes, stage_seed
 from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
 from workloads.distributed import shard_batches, sum_across, world
 from workloads.progress import ProgressLog
@@ -52,16 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def stage_seed(seed: int, stage: int) -> int:
-    """Each stage draws its batches from its own seed, so a resumed run replays the same batches."""
-    return seed * 1_000_003 + stage
-
-
-def memory_seed(seed: int, stage: int) -> int:
-    """The seed of a stage's memory selection: apart from the batch stream's, so the two never correlate."""
-    return stage_seed(seed, stage) + (1 << 40)
 
 
 @dataclass
@@ -218,7 +208,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         learner.begin_stage(stage)
         replay = None
         if memory is not None:
-            memory_gen = torch.Generator().manual_seed(memory_seed(config.seed, stage.index))
+            memory_gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index, "memory"))
             memory.begin_stage(list(stage.classes), memory_gen)
             replay = Replay(memory, learner.stage_inputs, config.rehearsal.replay_ratio, ctx.device)
         loss = train_stage(learner, stage, config, len(stream), replay)

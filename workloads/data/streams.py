@@ -8,6 +8,15 @@ import torch
 from workloads.config import ConfigError
 
 
+# Each purpose draws from its own seed, far apart, so that their random streams never correlate.
+SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40}
+
+
+def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
+    """Every stage draws from its own seeds, so a run resumed at a stage replays what an uninterrupted one does."""
+    return seed * 1_000_003 + stage + SEED_PURPOSES[purpose]
+
+
 @dataclass
 class Stage:
     """One stage of a stream: its classes and their train / test samples (labels keep the source's ids)."""

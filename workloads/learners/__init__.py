@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from workloads.learners.base import Learner, LearnerContext
 from workloads.learners.dkvb import DKVB
+from workloads.learners.dytox import DyTox
 from workloads.learners.finetune import Finetune
 from workloads.learners.linear import LinearProbe
 from workloads.learners.mlp import MLP
@@ -16,6 +17,7 @@ LEARNERS: dict[str, type[Learner]] = {
     "linear": LinearProbe,
     "mlp": MLP,
     "finetune": Finetune,
+    "dytox": DyTox,
 }
 
 

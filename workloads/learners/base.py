@@ -88,14 +88,16 @@ class Learner(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
+    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        """`train.optimizer` over the trainable parameters, at `train.lr` unless `lr` is given."""
         t = self.ctx.train
-        params = self.trainable_parameters()
+        params, lr = self.trainable_parameters(), t.lr if lr is None else lr
+        # foreach: one fused call per step instead of a Python loop over tensors (the CPU default is the loop)
         if t.optimizer == "adam":
-            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay, foreach=True)
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
     def step(self, loss: torch.Tensor, batch: int) -> None:
         """Backward, average gradients over data-parallel processes (`batch`: this process's samples), clip, step."""

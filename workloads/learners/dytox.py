@@ -1,0 +1,272 @@
+"""DyTox (Douillard et al., CVPR 2022): a vision transformer that grows one task token per stage.
+
+Patches -> L self-attention blocks (shared) -> one task-attention block (shared), run once per task token
+-> one classifier per stage over that stage's classes, sigmoid + binary cross-entropy. While stage t trains:
+distillation from a frozen copy of the model after stage t-1 (weight alpha = old classes / seen classes),
+a divergence head on the newest embedding (the stage's classes + one "old" class, weight lambda, dropped at
+test time), old tokens and classifiers frozen. After each stage from the second on: a balanced fine-tuning
+phase on the rehearsal memory with the self-attention blocks frozen. `mixup: true` gives DyTox+.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workloads.config import ConfigError
+from workloads.data.streams import stage_seed
+from workloads.distributed import shard_batches, sum_across
+from workloads.learners.base import Learner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DyToxOptions:
+    """Options of DyTox; the presets dytox_cifar100_{10,20,50} set the paper's model, dytox_tiny a toy one."""
+
+    name: Literal["dytox"] = "dytox"
+    embed_dim: int = 384  # D, of every token
+    depth: int = 5  # self-attention blocks; one task-attention block follows
+    heads: int = 12
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    div_weight: float = 0.1  # lambda: weight of the divergence head's loss
+    kd_temperature: float = 1.0  # distillation: KL divergence between softened old-class distributions
+    finetune_epochs: int = 20  # balanced fine-tuning on the memory after each stage from the second on
+    finetune_lr: float | None = None  # None: train.lr
+    mixup: bool = False  # DyTox+: MixUp on every training batch (inputs and targets)
+    mixup_alpha: float = 0.8  # mixing weights ~ Beta(alpha, alpha)
+
+    def check(self) -> None:
+        for key in ("embed_dim", "depth", "heads", "patch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"learner.{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.embed_dim % self.heads:
+            raise ConfigError(f"learner.embed_dim: {self.embed_dim} must be divisible by learner.heads ({self.heads})")
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"learner.finetune_epochs: must be >= 0, got {self.finetune_epochs}")
+        for key in ("mlp_ratio", "kd_temperature", "mixup_alpha"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"learner.{key}: must be > 0, got {getattr(self, key)}")
+        if self.div_weight < 0:
+            raise ConfigError(f"learner.div_weight: must be >= 0, got {self.div_weight}")
+
+
+def _mlp(dim: int, ratio: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, int(dim * ratio)), nn.GELU(), nn.Linear(int(dim * ratio), dim))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + SA(LN(x)), then + MLP(LN(.))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = _mlp(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TaskAttentionBlock(nn.Module):
+    """Task attention: the query comes from the task token only; keys and values from [token, patches].
+
+    Every task token sees the same patch tokens, so all T tokens go through in one pass: each token's scores
+    over the patches are shared work, its score with itself is its own.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = _mlp(dim, mlp_ratio)
+
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:  # (T, D), (B, N, D) -> (B, T, D)
+        (B, N, D), T, h = patches.shape, len(tokens), self.heads
+        t, p = self.norm1(tokens), self.norm1(patches)
+        q = self.q(t).view(T, h, D // h).transpose(0, 1)  # (h, T, d)
+        k_self, v_self = self.kv(t).view(T, 2, h, D // h).permute(1, 2, 0, 3)  # each (h, T, d)
+        k, v = self.kv(p).view(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4)  # each (B, h, N, d)
+        scale = (D // h) ** -0.5
+        own = ((q * k_self).sum(-1, keepdim=True) * scale).expand(B, -1, -1, -1)  # (B, h, T, 1)
+        shared = torch.einsum("htd,bhnd->bhtn", q, k) * scale  # (B, h, T, N)
+        a = torch.cat([own, shared], -1).softmax(-1)
+        out = a[..., :1] * v_self + a[..., 1:] @ v  # (B, h, T, d)
+        c = tokens + self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return c + self.mlp(self.norm2(c))
+
+
+def _classifier(dim: int, outputs: int) -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, outputs))
+
+
+class DyTox(Learner):
+    """The DyTox transformer on images: its own encoder, trained end to end (use the identity backbone)."""
+
+    Options = DyToxOptions
+    trains_backbone = True
+
+    def __init__(self, options: DyToxOptions, ctx):
+        super().__init__(options, ctx)
+        o = options
+        if ctx.backbone is not None and getattr(ctx.backbone, "name", "identity") != "identity":
+            raise ConfigError(f"backbone.name: dytox is its own image encoder; set backbone.name: identity "
+                              f"(got {ctx.backbone.name})")
+        if len(ctx.input_shape) != 3:
+            raise ConfigError(f"learner.name: dytox needs images (C, H, W); the data gives {tuple(ctx.input_shape)}")
+        channels, height, width = ctx.input_shape
+        if height % o.patch_size or width % o.patch_size:
+            raise ConfigError(f"learner.patch_size: {o.patch_size} must divide the image size {height}x{width}")
+        D = o.embed_dim
+        self.tokenizer = nn.Conv2d(channels, D, o.patch_size, stride=o.patch_size)
+        self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, (height // o.patch_size) * (width // o.patch_size), D), std=0.02))
+        self.blocks = nn.Sequential(*[SelfAttentionBlock(D, o.heads, o.mlp_ratio) for _ in range(o.depth)])
+        self.tab = TaskAttentionBlock(D, o.heads, o.mlp_ratio)
+        self.task_tokens = nn.ParameterList()
+        self.heads = nn.ModuleList()  # one classifier per stage
+        self.div_head: nn.Module | None = None  # from the second stage on; replaced each stage
+        self.stage_classes: list[list[int]] = []
+        self.__dict__["teacher"] = None  # the frozen model of the previous stage (not a submodule: no state)
+
+    # --- the model -----------------------------------------------------------------------------------------
+
+    def encoder_modules(self) -> list[nn.Module | nn.Parameter]:
+        """What the self-attention side is made of: tokenizer, positions, blocks."""
+        return [self.tokenizer, self.pos, self.blocks]
+
+    def embeddings(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, T, D)
+        patches = self.tokenizer(x).flatten(2).transpose(1, 2) + self.pos  # (B, N, D)
+        return self.tab(torch.cat(list(self.task_tokens)), self.blocks(patches))
+
+    def seen_logits(self, e: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, seen classes), stage by stage
+        return torch.cat([head(e[:, i]) for i, head in enumerate(self.heads)], 1)
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """Class id of each column of `seen_logits`."""
+        return torch.tensor([c for classes in self.stage_classes for c in classes], dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes); unseen: -inf
+        z = self.seen_logits(self.embeddings(x))
+        out = z.new_full((len(x), self.ctx.num_classes), float("-inf"))
+        out[:, self.columns.to(z.device)] = z
+        return out
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(x).flatten(1)  # every task's embedding, (B, T * D)
+
+    def expand(self, classes: list[int]) -> None:
+        """A new stage: one task token (a copy of the last), its classifier, a fresh divergence head."""
+        D, device = self.options.embed_dim, self.pos.device
+        first = nn.init.trunc_normal_(torch.zeros(1, D), std=0.02)
+        token = self.task_tokens[-1].detach().clone() if len(self.task_tokens) else first.to(device)
+        self.task_tokens.append(nn.Parameter(token))
+        self.heads.append(_classifier(D, len(classes)).to(device))
+        self.div_head = _classifier(D, len(classes) + 1).to(device) if self.stage_classes else None
+        self.stage_classes.append(list(classes))
+
+    # --- the stage hooks -----------------------------------------------------------------------------------
+
+    def begin_stage(self, stage) -> None:
+        if self.stage_classes:
+            self.__dict__["teacher"] = self._frozen_copy()
+        self.expand(list(stage.classes))
+        self.requires_grad_(True)
+        for old in [*self.task_tokens[:-1], *self.heads[:-1]]:
+            old.requires_grad_(False)
+        self.optimizer = self.make_optimizer()
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.train()
+        o = self.options
+        column = torch.full((self.ctx.num_classes,), -1, dtype=torch.long, device=y.device)
+        column[self.columns.to(y.device)] = torch.arange(len(self.columns), device=y.device)
+        col = column[y]
+        seen, new = len(self.columns), len(self.stage_classes[-1])
+        old = seen - new
+        targets = [F.one_hot(col, seen).float()]
+        if self.div_head is not None:  # the stage's classes, and "old" for every earlier class
+            targets.append(F.one_hot(torch.where(col >= old, col - old, new), new + 1).float())
+        if o.mixup:
+            lam = float(torch.distributions.Beta(o.mixup_alpha, o.mixup_alpha).sample())
+            perm = torch.randperm(len(y), device=y.device)
+            x = lam * x + (1 - lam) * x[perm]
+            targets = [lam * t + (1 - lam) * t[perm] for t in targets]
+        e = self.embeddings(x)
+        z = self.seen_logits(e)
+        loss = F.binary_cross_entropy_with_logits(z, targets[0])
+        teacher = self.__dict__["teacher"]
+        if teacher is not None and old:
+            alpha = old / seen
+            with torch.no_grad():
+                z_old = teacher.seen_logits(teacher.embeddings(x))  # (B, old)
+            T = o.kd_temperature
+            kd = F.kl_div(F.log_softmax(z[:, :old] / T, 1), F.log_softmax(z_old / T, 1), log_target=True,
+                          reduction="batchmean") * T * T
+            loss = (1 - alpha) * loss + alpha * kd
+        if self.div_head is not None:
+            loss = loss + o.div_weight * F.binary_cross_entropy_with_logits(self.div_head(e[:, -1]), targets[1])
+        self.step(loss, len(y))
+        return float(loss.detach())
+
+    def end_stage(self, stage, is_last: bool) -> None:
+        o = self.options
+        if len(self.stage_classes) > 1 and self.memory is not None and len(self.memory) and o.finetune_epochs:
+            self.balanced_finetune(stage.index)
+        self.__dict__["teacher"] = None
+        self.optimizer = None  # every stage starts its own (the parameters it trains change)
+
+    def balanced_finetune(self, stage_index: int) -> None:
+        """Train tokens, task attention and classifiers on the memory (its per-class quota keeps it balanced),
+        the self-attention blocks frozen; classification loss only."""
+        o, t, device = self.options, self.ctx.train, self.ctx.device
+        self.requires_grad_(True)
+        for part in self.encoder_modules():
+            part.requires_grad_(False)
+        self.div_head.requires_grad_(False)
+        self.optimizer = self.make_optimizer(o.finetune_lr)
+        x, y = self.memory.x, self.memory.y
+        column = torch.full((self.ctx.num_classes,), -1, dtype=torch.long)
+        column[self.columns] = torch.arange(len(self.columns))
+        gen = torch.Generator().manual_seed(stage_seed(self.ctx.seed, stage_index, "finetune"))
+        batch = len(y) if t.batch_size is None else min(t.batch_size, len(y))
+        self.train()
+        for epoch in range(o.finetune_epochs):
+            total = torch.zeros(2)
+            for _, mine in shard_batches(len(y), batch, gen):
+                xb, target = x[mine].to(device), F.one_hot(column[y[mine]], len(self.columns)).float().to(device)
+                loss = F.binary_cross_entropy_with_logits(self.seen_logits(self.embeddings(xb)), target)
+                self.step(loss, len(mine))
+                total += torch.tensor([float(loss.detach()) * len(mine), len(mine)])
+        sum_across(total)
+        log.info("stage %d: balanced fine-tuning on %d memory samples, %d epochs, loss %.4f", stage_index + 1,
+                 len(y), o.finetune_epochs, float(total[0] / total[1].clamp(min=1)))
+
+    # --- state ---------------------------------------------------------------------------------------------
+
+    def state(self):
+        return {**super().state(), "stage_classes": [list(c) for c in self.stage_classes]}
+
+    def load_state(self, state) -> None:
+        while len(self.stage_classes) < len(state["stage_classes"]):
+            self.expand(state["stage_classes"][len(self.stage_classes)])
+        super().load_state(state)
+
+    def _frozen_copy(self) -> "DyTox":
+        memory, optimizer = self.memory, self.optimizer
+        self.memory = self.optimizer = None  # the teacher needs neither
+        try:
+            teacher = copy.deepcopy(self)
+        finally:
+            self.memory, self.optimizer = memory, optimizer
+        return teacher.requires_grad_(False).eval()
