@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray import tune
 
+from orchestrator.trial import train_run_state
 from workloads.config import flatten, to_dict
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,18 @@ class MLflowTracking(tune.Callback):
         self.client.log_batch(run_id, metrics=metrics)
         runs["stages_logged"][trial.trial_id] = stage
         self._save_map(runs)
+        if _runs_train_workers(trial) and self.options.codebooks:  # no Tune checkpoint: read the Train run's
+            state = train_run_state(trial.config["state_dir"], trial.trial_id)
+            if state is not None and state["next_stage"] == stage + 1:
+                self._log_codebooks(trial, stage, state)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        if not self.options.codebooks:
-            return
-        model = load_state(checkpoint)["learner"]["model"]
+        if self.options.codebooks:
+            self._log_codebooks(trial, int((trial.last_result or {}).get("stage", 0)), load_state(checkpoint))
+
+    def _log_codebooks(self, trial, stage: int, state: dict) -> None:
+        model = state["learner"]["model"]
         if "bottleneck.values" in model:
-            stage = int((trial.last_result or {}).get("stage", 0))
             _best_effort("codebooks", self.log_codebooks, self.child_run(trial), stage, model)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -153,7 +159,7 @@ class MLflowTracking(tune.Callback):
         result = trial.last_result or {}
         if "accuracy_matrix" in result:
             self.log_matrix(run_id, json.loads(result["accuracy_matrix"]))
-        if self.options.log_model and trial.checkpoint is not None:
+        if self.options.log_model:
             _best_effort("the final model", self.log_model, run_id, trial)
         self.client.set_terminated(run_id, "FINISHED")
 
@@ -187,7 +193,11 @@ class MLflowTracking(tune.Callback):
         from orchestrator.trial import resolve
         from workloads.runner import rebuild_learner
 
-        learner = rebuild_learner(resolve(trial.config), load_state(trial.checkpoint))
+        state = (train_run_state(trial.config["state_dir"], trial.trial_id) if _runs_train_workers(trial)
+                 else load_state(trial.checkpoint) if trial.checkpoint is not None else None)
+        if state is None:
+            return
+        learner = rebuild_learner(resolve(trial.config), state)
         learner.memory = None  # training data, not model: the checkpoint keeps it for resumes
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id):
@@ -222,6 +232,10 @@ class MLflowTracking(tune.Callback):
             path = Path(folder) / "accuracy_matrix.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
             self.client.log_artifact(run_id, str(path))
+
+
+def _runs_train_workers(trial) -> bool:
+    return trial.config.get("resources", {}).get("num_workers", 0) > 0
 
 
 def _best_effort(what: str, fn, *args) -> None:

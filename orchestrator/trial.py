@@ -66,6 +66,14 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
     run_stream(config, resume_state=resume_state, on_stage_end=on_stage_end)
 
 
+def train_run_state(state_dir: str, trial_id: str) -> dict | None:
+    """The state in the newest stage checkpoint of a trial's Train run (trials with num_workers >= 1 keep
+    their checkpoints there, not with Tune); None before the first."""
+    folder = Path(state_dir) / "train" / f"train-{trial_id}"
+    files = sorted(folder.glob(f"checkpoint_*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    return torch.load(files[-1], map_location="cpu", weights_only=True) if files else None
+
+
 def run_trial(trial_config: dict) -> None:
     """The Tune trainable: a driver function for one trial."""
     from ray import tune
@@ -94,5 +102,7 @@ def run_trial(trial_config: dict) -> None:
                                                resources_per_worker={"CPU": resources["cpus_per_worker"]}),
         run_config=ray.train.RunConfig(name=f"train-{trial_config['trial_id']}",
                                        storage_path=os.path.join(trial_config["state_dir"], "train"),
+                                       # the last stage's checkpoint is all a resume needs
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                                        callbacks=[TuneReportCallback()]))
     trainer.fit()

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import torch
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -261,6 +262,12 @@ def test_a_trial_on_a_ray_train_worker_resumes_from_its_train_checkpoint(ray_loc
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["accuracy_matrix"] == run_stream(load_experiment(path).base).accuracy_matrix
     assert (tmp_path / "runs" / ".clorch" / "w" / "train").is_dir()  # the Train run kept its checkpoints there
+    # codebooks and the final model come from the Train run's checkpoints (Tune holds none for such trials)
+    codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
+    assert {"codebooks/stage_0.npz", "codebooks/stage_1.npz"} <= codebooks
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
+                                       filter_string=f"source_run_id = '{child.info.run_id}'")
 
 
 @pytest.mark.slow
@@ -283,3 +290,38 @@ tune:
     single = run_stream(load_experiment(path).base).accuracy_matrix
     # the same steps as one process, up to the order of float sums
     assert all(abs(a - b) <= 0.01 for row, ref in zip(matrix["accuracy_matrix"], single) for a, b in zip(row, ref))
+
+
+@pytest.mark.slow
+def test_dytox_trains_under_two_ray_train_workers_with_one_global_memory(ray_local, tmp_path):
+    path = tmp_path / "dytox.yaml"
+    path.write_text("""
+base:
+  preset: dytox_tiny
+  learner: {name: dytox, depth: 1, finetune_epochs: 1}
+  rehearsal: {memory_size: 60, selection: herding}
+  train: {epochs: 2}
+tune:
+  resources: {num_workers: 2, cpus_per_worker: 0.9}
+""")
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "dytox", *args]) == 0
+    (result,) = (tmp_path / "runs" / "dytox").glob("*/result.json")
+    reports = [json.loads(line) for line in result.read_text().splitlines()]
+    assert {r["data_parallel_workers"] for r in reports} == {2}
+    # one budget of 60 for both workers (quotas 30, 15, 10, 7, 6 per class), not 60 each; every worker checked
+    # after each stage that it holds the same memory as the other, or the trial would have failed
+    assert [r["memory_size"] for r in reports] == [60, 60, 60, 56, 60]
+    checkpoints = (tmp_path / "runs" / ".clorch" / "dytox" / "train").glob("train-*/checkpoint_*/state.pt")
+    final = max((torch.load(p, weights_only=True) for p in checkpoints), key=lambda s: s["next_stage"])
+    memory = final["learner"]["memory"]
+    assert len(memory["y"]) == 60 and torch.bincount(memory["y"]).tolist() == [6] * 10
+    client, _, (child,) = runs_of(uri, "dytox")
+    assert child.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "memory_size")] == [60, 60, 60, 56, 60]
+    assert len(final["learner"]["stage_classes"]) == 5
+    mlflow.set_tracking_uri(uri)
+    (model,) = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{child.info.run_id}'")
+    learner = mlflow.pytorch.load_model(model.model_uri)
+    assert len(learner.task_tokens) == 5 and learner.memory is None  # the model, without its training data
