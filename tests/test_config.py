@@ -22,7 +22,7 @@ def test_defaults_and_the_paper_preset():
     ({"train": {"lr": "fast"}}, r"train\.lr: got 'fast'; accepted: a number"),
     ({"train": {"epochs": 2.5}}, r"train\.epochs: got 2\.5; accepted: an integer"),
     ({"data": {"source": "mnist"}}, r"data\.source: got 'mnist'; accepted: one of 'toy2d', 'digits'"),
-    ({"learner": {"name": "gpt"}}, r"learner\.name: unknown learner 'gpt'; accepted: dkvb, finetune, linear, mlp"),
+    ({"learner": {"name": "gpt"}}, r"learner\.name: unknown learner 'gpt'; accepted: dkvb, dytox, finetune, linear, mlp"),
     ({"backbone": {"name": "vgg"}},
      r"backbone\.name: unknown backbone 'vgg'; accepted: clip_vit_b32, dino_resnet50, identity"),
     ({"data": {"stages": [[0, 1], [1, 2]]}}, r"data\.stages\[1\]: class 1 appears twice"),
@@ -64,3 +64,22 @@ def test_shipped_experiment_files_are_valid():
     paper = load_experiment(files[[f.name for f in files].index("dkvb_cifar10_paper.yaml")]).base
     assert paper.train.epochs == 2000 and paper.data.classes_per_stage == 2 and paper.data.source == "cifar10"
     assert paper.learner.num_keys == 4096 and paper.learner.key_init_data.source == "cifar100"
+
+
+def test_shipped_rivals_and_rehearsal_sweeps_cover_the_methods_and_memory_settings():
+    from pathlib import Path
+
+    from orchestrator.config import with_values
+
+    folder = Path(__file__).parent.parent / "search_spaces"
+    rivals = {a.key: a for a in load_experiment(folder / "rivals_digits.yaml").axes}
+    assert [v["name"] for v in rivals["learner"].values] == ["linear", "mlp", "dkvb", "dytox"]
+    assert rivals["rehearsal.memory_size"].values == (0, 200)
+    rehearsal = {a.key for a in load_experiment(folder / "rehearsal_digits.yaml").axes}
+    assert rehearsal == {"rehearsal.memory_size", "rehearsal.selection", "rehearsal.replay_ratio"}
+    dkvb = {a.key for a in load_experiment(folder / "dkvb_digits_sweep.yaml").axes}
+    assert {"learner.num_codebooks", "learner.num_keys", "rehearsal.memory_size"} <= dkvb
+    dytox = load_experiment(folder / "dytox_cifar100.yaml")
+    stages = [parse_run_config(with_values(dytox.base_raw, {"preset": p})).data.classes_per_stage
+              for p in dict((a.key, a) for a in dytox.axes)["preset"].values]
+    assert stages == [10, 5, 2]
