@@ -17,30 +17,40 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective(tensor: torch.Tensor, op) -> torch.Tensor:
+    """Run `op` on `tensor` in place; NCCL groups (GPU workers) take only CUDA tensors, so a CPU tensor goes
+    through a CUDA copy there."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        op(work)
+        return tensor.copy_(work)
+    op(tensor)
+    return tensor
+
+
 def batch_mean_gradients(params: list[torch.nn.Parameter], local_batch: int) -> None:
     """Turn each process's mean-loss gradients over its slice into the full batch's mean-loss gradients."""
     rank, size = world()
     if size == 1:
         return
-    total = torch.tensor([float(local_batch)])
-    dist.all_reduce(total)
+    total = sum_across(torch.tensor([float(local_batch)]))
     for p in params:
         if p.grad is not None:
             p.grad.mul_(local_batch / float(total))
-            dist.all_reduce(p.grad)
+            _collective(p.grad, dist.all_reduce)
 
 
 def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     """In place: the sum of `tensor` over all processes (itself for one process)."""
     if world()[1] > 1:
-        dist.all_reduce(tensor)
+        _collective(tensor, dist.all_reduce)
     return tensor
 
 
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     """In place: rank 0's `tensor` on every process (same shape and dtype everywhere)."""
     if world()[1] > 1:
-        dist.broadcast(tensor, 0)
+        _collective(tensor, lambda t: dist.broadcast(t, 0))
     return tensor
 
 
@@ -49,8 +59,8 @@ def same_across(tensor: torch.Tensor) -> bool:
     if world()[1] == 1:
         return True
     low, high = tensor.clone(), tensor.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    _collective(low, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+    _collective(high, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
     return bool(torch.equal(low, high))
 
 
