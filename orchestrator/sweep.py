@@ -175,5 +175,14 @@ def summarise(results, metric: str = "average_accuracy") -> list[dict]:
         finished = m.get("stage") is not None and m["stage"] + 1 == m.get("num_stages")
         rows.append({"trial": m.get("trial_id") or Path(result.path).name, "state": "ERROR" if result.error else
                      ("DONE" if finished else "INCOMPLETE"), "stage": m.get("stage"),
-                     "metric": m.get(metric), **(config.get("sweep") or {})})
+                     "metric": m.get(metric),
+                     **{k: _short(v) for k, v in (config.get("sweep") or {}).items()}})
     return rows
+
+
+def _short(value):
+    """A swept block as one readable cell: {name: dkvb, num_keys: 256} -> dkvb(num_keys=256)."""
+    if not isinstance(value, dict):
+        return value
+    rest = ", ".join(f"{k}={_short(v)}" for k, v in value.items() if k != "name")
+    return f"{value['name']}({rest})" if "name" in value else "{" + rest + "}"

@@ -47,3 +47,10 @@ def test_a_bad_sweep_in_a_file_fails_at_load(tmp_path):
     path.write_text("base: {}\nsweep:\n  learner.num_keys: {grid: []}\n")
     with pytest.raises(ConfigError, match=r"exp\.yaml: sweep\.learner\.num_keys: grid needs a non-empty list"):
         load_experiment(path)
+
+
+def test_a_swept_learner_block_shows_as_one_readable_cell():
+    from orchestrator.sweep import _short
+
+    assert _short({"name": "mlp", "hidden": 128}) == "mlp(hidden=128)"
+    assert _short({"name": "linear"}) == "linear()" and _short(0.3) == 0.3
