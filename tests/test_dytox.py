@@ -108,3 +108,12 @@ def test_tiny_dytox_beats_finetuning_without_memory_on_digits():
 def test_bad_dytox_settings_say_what_to_change(raw, message):
     with pytest.raises(ConfigError, match=message):
         run_stream(_tiny(**raw))
+
+
+def test_task_attention_in_one_pass_equals_one_token_at_a_time():
+    from workloads.learners.dytox import TaskAttentionBlock
+
+    torch.manual_seed(0)
+    tab = TaskAttentionBlock(48, 4, 4.0)
+    tokens, patches = torch.randn(3, 48), torch.randn(5, 16, 48)
+    assert torch.allclose(tab(tokens, patches), tab.one_token_at_a_time(tokens, patches), atol=1e-5)

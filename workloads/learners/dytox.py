@@ -105,6 +105,20 @@ class TaskAttentionBlock(nn.Module):
         c = tokens + self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
         return c + self.mlp(self.norm2(c))
 
+    def one_token_at_a_time(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The paper's definition, literally: for each token, z = [token, patches], the query from the token.
+        Same result as `forward`, T passes instead of one (the reference of tests and bench/)."""
+        (B, N, D), h = patches.shape, self.heads
+        out = []
+        for token in tokens:
+            z = self.norm1(torch.cat([token.expand(B, 1, D), patches], 1))  # (B, N+1, D)
+            q = self.q(z[:, :1]).view(B, 1, h, D // h).transpose(1, 2)  # (B, h, 1, d)
+            k, v = self.kv(z).view(B, N + 1, 2, h, D // h).permute(2, 0, 3, 1, 4)  # each (B, h, N+1, d)
+            a = (q @ k.transpose(-1, -2) * (D // h) ** -0.5).softmax(-1)
+            c = token + self.proj((a @ v).transpose(1, 2).reshape(B, 1, D))
+            out.append(c + self.mlp(self.norm2(c)))
+        return torch.cat(out, 1)  # (B, T, D)
+
 
 def _classifier(dim: int, outputs: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, outputs))
