@@ -89,6 +89,14 @@ def test_resume_after_a_stage_replays_the_rest_exactly():
     assert states[-1]["learner"]["stage_classes"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
 
 
+def test_mixup_trains_on_mixed_batches():
+    quick = {"name": "dytox", "depth": 1, "finetune_epochs": 1}
+    plain = run_stream(_tiny(learner=quick, train={"epochs": 3}))
+    mixed = run_stream(_tiny(learner={**quick, "mixup": True}, train={"epochs": 3}))
+    assert mixed.accuracy_matrix != plain.accuracy_matrix  # DyTox+ saw other inputs and targets...
+    assert mixed.accuracy_matrix[0][0] > 0.8  # ...and still learned the first stage
+
+
 @pytest.mark.slow
 def test_tiny_dytox_beats_finetuning_without_memory_on_digits():
     dytox = run_stream(_tiny()).metrics["average_accuracy"]
