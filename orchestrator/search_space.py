@@ -88,9 +88,16 @@ CACHE_KEY_PREFIXES = ("seed", "cache_dir", "data.", "backbone.", "learner.name",
                       "learner.num_keys", "learner.key_", "learner.projection")
 
 
+def changes_caches(key: str) -> bool:
+    """Whether a swept key can change a cache key: a cache-relevant key itself, a block holding one
+    (`learner`, `data`), or a preset."""
+    return (key == "preset" or key.startswith(CACHE_KEY_PREFIXES)
+            or any(prefix.startswith(key + ".") for prefix in CACHE_KEY_PREFIXES))
+
+
 def cache_combinations(axes: list[Axis]) -> tuple[list[dict[str, Any]], list[Axis]]:
     """Every combination of the discrete axes that touch cache keys, and the sampled ones that do (unknowable)."""
-    relevant = [a for a in axes if a.key.startswith(CACHE_KEY_PREFIXES)]
+    relevant = [a for a in axes if changes_caches(a.key)]
     discrete = [a for a in relevant if a.discrete]
     combos = [dict(zip([a.key for a in discrete], values))
               for values in itertools.product(*[a.values for a in discrete])]

@@ -42,6 +42,13 @@ def test_cache_combinations_cross_only_axes_that_change_caches():
     assert [a.key for a in sampled] == ["learner.key_dim"]
 
 
+def test_swept_blocks_and_presets_count_as_cache_axes():
+    axes = parse_sweep({"learner": {"grid": [{"name": "mlp"}, {"name": "dkvb", "num_keys": 64}]},
+                        "rehearsal.memory_size": {"grid": [0, 200]}}, BASE)
+    combos, _ = cache_combinations(axes)
+    assert combos == [{"learner": {"name": "mlp"}}, {"learner": {"name": "dkvb", "num_keys": 64}}]
+
+
 def test_a_bad_sweep_in_a_file_fails_at_load(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("base: {}\nsweep:\n  learner.num_keys: {grid: []}\n")
