@@ -120,6 +120,11 @@ def test_bad_rehearsal_settings_name_the_key(rehearsal, message):
         parse_run_config({"rehearsal": rehearsal})
 
 
+def test_asking_for_a_replay_learner_points_at_the_rehearsal_block():
+    with pytest.raises(ConfigError, match=r"experience replay is any learner with a memory.*rehearsal: \{memory_size"):
+        parse_run_config({"learner": {"name": "replay"}})
+
+
 def _check_copies(rank: int, init_file: str, differ: bool, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     memory = RehearsalMemory(4, "random", num_classes=2)

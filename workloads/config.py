@@ -180,6 +180,9 @@ def parse_learner(raw: Any):
     if not isinstance(raw, dict):
         raise ConfigError(f"learner: expected a mapping with a 'name', got {raw!r}")
     name = raw.get("name", "dkvb")
+    if name in ("replay", "er", "experience_replay"):
+        raise ConfigError(f"learner.name: {name!r} is not a learner: experience replay is any learner with a memory, "
+                          "e.g. learner: {name: mlp} with rehearsal: {memory_size: 200}")
     if name not in LEARNERS:
         raise ConfigError(f"learner.name: unknown learner {name!r}; accepted: {', '.join(sorted(LEARNERS))}")
     return from_dict(LEARNERS[name].Options, raw, "learner")
