@@ -67,12 +67,13 @@ def cmd_run(args) -> int:
     if output is not None and not output.parent.exists():
         raise ConfigError(f"--output: folder {output.parent} does not exist")
     print(f"clorch run {args.file}: learner {config.learner.name}, data {config.data.source}, seed {config.seed}")
-    print(f"{'stage':>5}  {'classes':<16} {'seen acc':>8} {'loss':>8} {'time':>8}")
+    memory = config.rehearsal.memory_size > 0
+    print(f"{'stage':>5}  {'classes':<16} {'seen acc':>8} {'loss':>8} {'time':>8}" + ("  memory" if memory else ""))
 
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
         classes = ",".join(str(c) for c in m["classes"])
         print(f"{stage + 1:>5}  {classes:<16} {_fmt(m['accuracy_on_seen_classes']):>8} {m['loss']:>8.4f} "
-              f"{m['seconds']:>7.1f}s", flush=True)
+              f"{m['seconds']:>7.1f}s" + (f"  {m['memory_size']:>6}" if memory else ""), flush=True)
 
     t0 = time.perf_counter()
     result = run_stream(config, on_stage_end=on_stage_end)

@@ -25,6 +25,14 @@ def test_run_prints_a_stage_table_and_writes_json(tmp_path, capsys):
     assert result["average_accuracy"] > 0.8
 
 
+def test_run_with_a_memory_shows_its_size_per_stage(capsys):
+    assert main(["run", QUICKSTART, "--set", "train.epochs=1", "--set", "rehearsal.memory_size=30"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:1] == ["stage"] and line.split()[-1] == "memory" for line in lines)
+    rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["5"])]
+    assert [row[-1] for row in rows] == ["30", "30"]  # quotas 15 then 3 per class: the effective size
+
+
 def _experiment(tmp_path, text: str) -> str:
     path = tmp_path / "exp.yaml"
     path.write_text(text)
