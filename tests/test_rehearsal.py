@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from conftest import digits_config
 from workloads.config import ConfigError, parse_run_config
-from workloads.rehearsal import RehearsalMemory, herding
+from workloads.rehearsal import RehearsalMemory, Replay, herding
 from workloads.runner import rebuild_learner, run_stream
 
 
@@ -64,6 +64,22 @@ def test_reservoir_gives_every_sample_of_a_class_the_same_chance():
     rate = hits / 300  # each sample should be kept with probability 10 / 100
     assert abs(rate[:50].mean() - 0.1) < 0.02 and abs(rate[50:].mean() - 0.1) < 0.02
     assert (hits > 0).sum() > 90  # early and late samples alike end up in the memory
+
+
+def test_replay_keeps_learner_ready_inputs_slot_for_slot_with_the_memory():
+    x, labels = torch.arange(200, dtype=torch.float32)[:, None], torch.arange(200) % 2
+    memory = RehearsalMemory(4, "reservoir", num_classes=2)
+    gen = torch.Generator().manual_seed(0)
+    memory.begin_stage([0, 1], gen)
+    slots, rows = memory.offer(x, labels, gen)  # 200 samples, 4 slots: many samples pass through one slot
+    # each slot once, with the row it holds now: an indexed write with a repeated index keeps any of its values
+    assert len(set(slots.tolist())) == len(slots) and torch.equal(memory.x[slots], x[rows])
+    memory = RehearsalMemory(4, "reservoir", num_classes=2)
+    memory.begin_stage([0, 1], gen)
+    replay = Replay(memory, lambda v: v * 2, ratio=1.0, device=torch.device("cpu"))
+    for i in range(0, 200, 100):
+        replay.offer(x[i:i + 100], x[i:i + 100] * 2, labels[i:i + 100], gen)
+        assert torch.equal(replay.inputs[:len(memory)], memory.x * 2)
 
 
 def test_herding_picks_the_samples_whose_mean_tracks_the_class_mean():

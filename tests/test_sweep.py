@@ -271,12 +271,13 @@ def test_a_trial_on_a_ray_train_worker_resumes_from_its_train_checkpoint(ray_loc
 
 
 @pytest.mark.slow
-def test_two_train_workers_split_every_batch_and_match_one_process(ray_local, tmp_path):
+def test_two_train_workers_split_every_batch_and_replay_and_match_one_process(ray_local, tmp_path):
     path = tmp_path / "ddp.yaml"
     path.write_text("""
 base:
   data: {source: digits, classes_per_stage: 5}
   learner: {name: mlp, hidden: 32}
+  rehearsal: {memory_size: 100, selection: reservoir}
   train: {epochs: 3, batch_size: 64, optimizer: adam, lr: 0.01}
 tune:
   resources: {num_workers: 2, cpus_per_worker: 0.9}
@@ -288,7 +289,7 @@ tune:
     assert {json.loads(line)["data_parallel_workers"] for line in result.read_text().splitlines()} == {2}
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     single = run_stream(load_experiment(path).base).accuracy_matrix
-    # the same steps as one process, up to the order of float sums
+    # the same steps as one process, replay included (one memory, the same draws), up to the order of float sums
     assert all(abs(a - b) <= 0.01 for row, ref in zip(matrix["accuracy_matrix"], single) for a, b in zip(row, ref))
 
 

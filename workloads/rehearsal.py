@@ -84,7 +84,7 @@ class RehearsalMemory:
         q = self.quota
         draws = torch.rand(len(y), generator=generator).tolist()
         slots_of: dict[int, list[int]] = {}
-        written: list[tuple[int, int]] = []
+        written: dict[int, int] = {}  # slot -> row of the batch now held there (a later row overwrites)
         for row, (c, u) in enumerate(zip(y.tolist(), draws)):
             if c not in slots_of:
                 if c not in self.classes:
@@ -102,11 +102,9 @@ class RehearsalMemory:
                     continue
                 slot = held[j]
             self._write(slot, x[row], c)
-            written.append((slot, row))
-        if not written:
-            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-        slots, rows = torch.tensor(written, dtype=torch.long).unbind(1)
-        return slots, rows
+            written[slot] = row
+        slots = torch.tensor(list(written), dtype=torch.long)
+        return slots, torch.tensor(list(written.values()), dtype=torch.long)
 
     def end_stage(self, x: torch.Tensor, y: torch.Tensor, classes: list[int],
                   features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
