@@ -94,8 +94,9 @@ def test_herding_picks_the_samples_whose_mean_tracks_the_class_mean():
     assert herd_gap < min(random_gaps)
 
 
-def test_memory_round_trips_through_a_checkpoint_and_resumes_exactly():
-    config = digits_config({"name": "mlp", "hidden": 64}, rehearsal={"memory_size": 60, "selection": "herding"},
+@pytest.mark.parametrize("selection", ["herding", "reservoir"])
+def test_memory_round_trips_through_a_checkpoint_and_resumes_exactly(selection):
+    config = digits_config({"name": "mlp", "hidden": 64}, rehearsal={"memory_size": 60, "selection": selection},
                            epochs=5, lr=0.1)
     states, sizes = [], []
     full = run_stream(config, on_stage_end=lambda i, m, s: (states.append(s), sizes.append(m["memory_size"])))
@@ -107,6 +108,7 @@ def test_memory_round_trips_through_a_checkpoint_and_resumes_exactly():
     memory = rebuild_learner(config, loaded).memory
     saved = states[2]["learner"]["memory"]
     assert torch.equal(memory.x, saved["x"]) and torch.equal(memory.y, saved["y"])
+    assert torch.equal(memory.offered, saved["offered"])
     assert memory.classes == saved["classes"] == [0, 1, 2, 3, 4, 5]
     resumed = run_stream(config, resume_state=loaded)
     assert resumed.accuracy_matrix == full.accuracy_matrix
