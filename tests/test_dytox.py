@@ -66,13 +66,18 @@ def test_presets_name_the_papers_settings():
     assert config.rehearsal.memory_size == 2000 and config.rehearsal.selection == "herding"
 
 
-def test_forward_scores_only_the_classes_seen_so_far():
+def test_forward_scores_only_the_classes_seen_so_far_without_the_divergence_head():
     learner, stream = _learner("dytox_tiny", 5)
     learner.begin_stage(stream[0])
     learner.begin_stage(stream[1])
-    logits = learner.predict(torch.rand(3, 1, 8, 8))
+    images = torch.rand(3, 1, 8, 8)
+    logits = learner.predict(images)
     assert logits.shape == (3, 10)
     assert torch.isfinite(logits[:, :4]).all() and torch.isinf(logits[:, 4:]).all()
+    with torch.no_grad():
+        for p in learner.div_head.parameters():
+            p.add_(1.0)
+    assert torch.equal(learner.predict(images), logits)  # the divergence head plays no part at test time
 
 
 def _tiny(**over):
