@@ -235,7 +235,7 @@ class MLflowTracking(tune.Callback):
 
 
 def _runs_train_workers(trial) -> bool:
-    return trial.config.get("resources", {}).get("num_workers", 0) > 0
+    return (trial.config.get("resources", {}).get("num_workers") or 0) > 0
 
 
 def _best_effort(what: str, fn, *args) -> None:

@@ -14,6 +14,24 @@ os.environ["CLORCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="clorch-test-cache-")
 from workloads.config import parse_run_config
 
 
+def write_cifar(root, folder, files, label_key, per_file, num_classes, meta_name, names_key, cycle=False):
+    """Random images in a CIFAR python-pickle release's layout; labels random, or 0, 1, 2, ... when `cycle`."""
+    import pickle
+
+    import numpy as np
+
+    base = root / folder
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in files:
+        labels = np.arange(per_file) % num_classes if cycle else rng.integers(0, num_classes, per_file)
+        batch = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                 label_key: [int(v) for v in labels], b"batch_label": b"x"}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / meta_name).write_bytes(pickle.dumps({names_key: [f"c{i}".encode() for i in range(num_classes)]}))
+    return base
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_cifar
 from workloads.config import ConfigError, DataConfig
 from workloads.data.sources import TOY2D_CENTRES, DataError, load_source
 from workloads.data.streams import make_stream, stage_classes
@@ -29,20 +30,8 @@ def test_digits_are_8x8_images_with_a_fixed_stratified_split():
     assert torch.bincount(a.y_test).min() >= 50
 
 
-def _write_cifar(root, folder, files, label_key, per_file, num_classes, meta_name, names_key):
-    base = root / folder
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in files:
-        batch = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-                 label_key: [int(v) for v in rng.integers(0, num_classes, per_file)], b"batch_label": b"x"}
-        (base / name).write_bytes(pickle.dumps(batch))
-    (base / meta_name).write_bytes(pickle.dumps({names_key: [f"c{i}".encode() for i in range(num_classes)]}))
-    return base
-
-
 def test_cifar10_reads_the_python_pickle_format(tmp_path):
-    base = _write_cifar(tmp_path, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+    base = write_cifar(tmp_path, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
                         b"labels", 20, 10, "batches.meta", b"label_names")
     data = load_source(DataConfig(source="cifar10", root=str(tmp_path)))
     assert data.x_train.shape == (100, 3, 32, 32) and data.x_train.dtype == torch.uint8
@@ -53,7 +42,7 @@ def test_cifar10_reads_the_python_pickle_format(tmp_path):
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
-    _write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", 30, 100, "meta", b"fine_label_names")
+    write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", 30, 100, "meta", b"fine_label_names")
     data = load_source(DataConfig(source="cifar100", root=str(tmp_path)))
     assert data.num_classes == 100 and len(data.y_train) == 30 and int(data.y_train.max()) < 100
 

@@ -130,3 +130,19 @@ def test_task_attention_in_one_pass_equals_one_token_at_a_time():
     tab = TaskAttentionBlock(48, 4, 4.0)
     tokens, patches = torch.randn(3, 48), torch.randn(5, 16, 48)
     assert torch.allclose(tab(tokens, patches), tab.one_token_at_a_time(tokens, patches), atol=1e-5)
+
+
+def test_the_cifar100_50_stage_preset_runs_end_to_end_on_a_cifar100_release(tmp_path):
+    from conftest import write_cifar
+
+    write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", 200, 100, "meta",
+                b"fine_label_names", cycle=True)
+    # the preset's stream, memory and schedule shape, with a smaller model and one epoch to stay quick
+    config = parse_run_config({"preset": "dytox_cifar100_50", "data": {"root": str(tmp_path), "download": False},
+                               "learner": {"name": "dytox", "embed_dim": 24, "depth": 1, "heads": 2,
+                                           "finetune_epochs": 1},
+                               "train": {"epochs": 1}})
+    states = []
+    result = run_stream(config, on_stage_end=lambda i, m, s: states.append(m["memory_size"]))
+    assert len(result.accuracy_matrix) == 50 and result.stages[1] == [2, 3]
+    assert max(states) <= 2000 and states[-1] == 200  # 2 training images per class, all kept
