@@ -21,13 +21,12 @@ when the package is not installed).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timing import median_time  # bench/timing.py (scripts run from bench/)
 from torch import nn
 
 from workloads.bottleneck import KeyValueBottleneck, learn_keys, sparse_sgd_step
@@ -51,17 +50,6 @@ class Sizes:
 
 
 PAPER, SMALL = Sizes(), Sizes(input_dim=256, codebooks=16, keys=256, stage=1_000)
-
-
-def median_time(step: Callable[[], object], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def autograd_step(model: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],

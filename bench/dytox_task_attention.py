@@ -12,22 +12,11 @@ same output (tests/test_dytox.py). The table times forward + backward at the pap
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import median_time  # bench/timing.py (scripts run from bench/)
 
 from workloads.learners.dytox import TaskAttentionBlock
-
-
-def seconds(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -48,8 +37,8 @@ def main() -> None:
         def step(forward):
             return lambda: forward(tokens, patches).sum().backward()
 
-        reference = seconds(step(tab.one_token_at_a_time), args.repeats)
-        ours = seconds(step(tab), args.repeats)
+        reference = median_time(step(tab.one_token_at_a_time), 1, args.repeats)
+        ours = median_time(step(tab), 1, args.repeats)
         print(f"{T:>4}  {reference:>20.4f}  {ours:>20.4f}  {reference / ours:>7.1f}x")
 
 
