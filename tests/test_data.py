@@ -47,6 +47,19 @@ def test_cifar100_uses_fine_labels(tmp_path):
     assert data.num_classes == 100 and len(data.y_train) == 30 and int(data.y_train.max()) < 100
 
 
+def test_a_failed_cifar_download_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)  # this machine's network, made certain
+    with pytest.raises(DataError, match=r"data.download: could not download cifar100 .*cifar-100-python/ folder"):
+        load_source(DataConfig(source="cifar100", root=str(tmp_path), download=True))
+
+
 def test_cifar_missing_folder_and_code_in_pickles_are_refused(tmp_path):
     with pytest.raises(DataError, match="cifar-10-batches-py.*not found.*download"):
         load_source(DataConfig(source="cifar10", root=str(tmp_path)))

@@ -148,7 +148,13 @@ def _load_cifar(cfg, source: str) -> LabelledData:
             import torchvision
 
             log.info("downloading %s into %s", source, cfg.root)
-            getattr(torchvision.datasets, tv_name)(root=str(cfg.root), train=True, download=True)
+            try:
+                getattr(torchvision.datasets, tv_name)(root=str(Path(cfg.root).expanduser()), train=True,
+                                                       download=True)
+            except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError
+                raise DataError(f"data.download: could not download {source} into {cfg.root} ({e}); put the "
+                                f"python-version archive's {folder}/ folder there, or run where the network "
+                                "is reachable") from None
         else:
             raise DataError(f"data.root: {base} not found; put the python-version {source} archive's "
                             f"{folder}/ folder under {cfg.root}, or set data.download: true on a networked machine")
