@@ -182,8 +182,10 @@ class DyTox(Learner):
     def expand(self, classes: list[int]) -> None:
         """A new stage: one task token (a copy of the last), its classifier, a fresh divergence head."""
         D, device = self.options.embed_dim, self.pos.device
-        first = nn.init.trunc_normal_(torch.zeros(1, D), std=0.02)
-        token = self.task_tokens[-1].detach().clone() if len(self.task_tokens) else first.to(device)
+        if len(self.task_tokens):
+            token = self.task_tokens[-1].detach().clone()
+        else:
+            token = nn.init.trunc_normal_(torch.zeros(1, D), std=0.02).to(device)
         self.task_tokens.append(nn.Parameter(token))
         self.heads.append(_classifier(D, len(classes)).to(device))
         self.div_head = _classifier(D, len(classes) + 1).to(device) if self.stage_classes else None
