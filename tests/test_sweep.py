@@ -23,6 +23,12 @@ def runs_of(uri: str, name: str):
     return client, parents, children
 
 
+def logged_models(child):
+    """The MLflow logged models of a child run (the tracking URI must be set)."""
+    return mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
+                                       filter_string=f"source_run_id = '{child.info.run_id}'")
+
+
 def sweep_args(tmp_path, *extra):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, [*extra, "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
@@ -46,8 +52,7 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
         assert {"accuracy_matrix.json", "accuracy_matrix.png", "codebooks"} <= artifacts
         codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
         assert {"codebooks/keys.npy", "codebooks/stage_4.npz", "codebooks/usage_stage_4.png"} <= codebooks
-        models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
-                                             filter_string=f"source_run_id = '{child.info.run_id}'")
+        models = logged_models(child)
         assert [m.name for m in models] == ["model"]
         assert child.data.metrics["average_accuracy"] > 0.85
     final = mlflow.pytorch.load_model(models[0].model_uri)  # the last trial's learner, as it ended
@@ -266,8 +271,7 @@ def test_a_trial_on_a_ray_train_worker_resumes_from_its_train_checkpoint(ray_loc
     codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
     assert {"codebooks/stage_0.npz", "codebooks/stage_1.npz"} <= codebooks
     mlflow.set_tracking_uri(uri)
-    assert mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
-                                       filter_string=f"source_run_id = '{child.info.run_id}'")
+    assert logged_models(child)
 
 
 @pytest.mark.slow
@@ -322,7 +326,6 @@ tune:
     assert [m.value for m in client.get_metric_history(child.info.run_id, "memory_size")] == [60, 60, 60, 56, 60]
     assert len(final["learner"]["stage_classes"]) == 5
     mlflow.set_tracking_uri(uri)
-    (model,) = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list",
-                                           filter_string=f"source_run_id = '{child.info.run_id}'")
+    (model,) = logged_models(child)
     learner = mlflow.pytorch.load_model(model.model_uri)
     assert len(learner.task_tokens) == 5 and learner.memory is None  # the model, without its training data

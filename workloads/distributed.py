@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from workloads.config import ConfigError
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) without a process group."""
@@ -69,7 +71,7 @@ def shard_batches(n: int, batch: int, generator: torch.Generator, device=None):
     slice): every process walks the same batches and takes every size-th sample of each."""
     rank, size = world()
     if batch < size:
-        raise ValueError(f"a batch of {batch} samples cannot be split over {size} processes")
+        raise ConfigError(f"train.batch_size: {batch} samples cannot be split over {size} workers")
     order = torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
     order = order.to(device) if device is not None else order
     for start in range(0, n, batch):

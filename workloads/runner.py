@@ -15,7 +15,7 @@ import torch
 
 from workloads import metrics
 from workloads.backbones import build_backbone
-from workloads.config import ConfigError, RunConfig, to_dict
+from workloads.config import RunConfig, to_dict
 from workloads.data.sources import load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.streams import Stream, make_stream, stage_classes, stage_seed
@@ -147,9 +147,7 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index))
     progress = ProgressLog(log)
     mean_loss = float("nan")
-    rank, size = world()  # data-parallel processes each take every size-th sample of a batch
-    if batch < size:
-        raise ConfigError(f"train.batch_size: {batch} samples cannot be split over {size} workers")
+    rank, size = world()  # data-parallel processes each take every size-th sample of a batch (and of replay)
     for epoch in range(t.epochs):
         total = torch.zeros(2)  # loss summed over samples, samples
         for full, mine in shard_batches(n, batch, gen, device):

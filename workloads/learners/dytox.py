@@ -170,6 +170,12 @@ class DyTox(Learner):
         """Class id of each column of `seen_logits`."""
         return torch.tensor([c for classes in self.stage_classes for c in classes], dtype=torch.long)
 
+    def column_of(self, y: torch.Tensor) -> torch.Tensor:
+        """The `seen_logits` column of each label in `y`."""
+        column = torch.full((self.ctx.num_classes,), -1, dtype=torch.long, device=y.device)
+        column[self.columns.to(y.device)] = torch.arange(len(self.columns), device=y.device)
+        return column[y]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes); unseen: -inf
         z = self.seen_logits(self.embeddings(x))
         out = z.new_full((len(x), self.ctx.num_classes), float("-inf"))
@@ -205,9 +211,7 @@ class DyTox(Learner):
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.train()
         o = self.options
-        column = torch.full((self.ctx.num_classes,), -1, dtype=torch.long, device=y.device)
-        column[self.columns.to(y.device)] = torch.arange(len(self.columns), device=y.device)
-        col = column[y]
+        col = self.column_of(y)
         seen, new = len(self.columns), len(self.stage_classes[-1])
         old = seen - new
         targets = [F.one_hot(col, seen).float()]
@@ -252,15 +256,13 @@ class DyTox(Learner):
         self.div_head.requires_grad_(False)
         self.optimizer = self.make_optimizer(o.finetune_lr)
         x, y = self.memory.x, self.memory.y
-        column = torch.full((self.ctx.num_classes,), -1, dtype=torch.long)
-        column[self.columns] = torch.arange(len(self.columns))
         gen = torch.Generator().manual_seed(stage_seed(self.ctx.seed, stage_index, "finetune"))
         batch = len(y) if t.batch_size is None else min(t.batch_size, len(y))
         self.train()
         for epoch in range(o.finetune_epochs):
             total = torch.zeros(2)
             for _, mine in shard_batches(len(y), batch, gen):
-                xb, target = x[mine].to(device), F.one_hot(column[y[mine]], len(self.columns)).float().to(device)
+                xb, target = x[mine].to(device), F.one_hot(self.column_of(y[mine]), len(self.columns)).float().to(device)
                 loss = F.binary_cross_entropy_with_logits(self.seen_logits(self.embeddings(xb)), target)
                 self.step(loss, len(mine))
                 total += torch.tensor([float(loss.detach()) * len(mine), len(mine)])
