@@ -84,8 +84,8 @@ def build_package(s: Sizes, pool: torch.Tensor) -> nn.Module | None:
 
 
 def paper_learner(s: Sizes, bottleneck: KeyValueBottleneck) -> DKVB:
-    """A DKVB learner with the dkvb_paper preset at sizes s, sharing `bottleneck`'s projection and keys."""
-    config = parse_run_config({"preset": "dkvb_paper", "learner": {
+    """A DKVB learner with the dkvb_paper_model preset at sizes s, sharing `bottleneck`'s projection and keys."""
+    config = parse_run_config({"preset": "dkvb_paper_model", "learner": {
         "name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys, "key_dim": s.key_dim}})
     ctx = LearnerContext(num_classes=s.value_dim, input_dim=s.input_dim, train=config.train, seed=0,
                          device=torch.device("cpu"))

@@ -68,7 +68,7 @@ def bare_trial(config: dict) -> None:
     raw = {**config["base"], "train": {**config["base"]["train"], "lr": config["lr"]}}
 
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
-        tune.report({"stage": stage, "average_accuracy": m["average_accuracy"]})
+        tune.report({"stage": stage, "val/average_accuracy": m["val/average_accuracy"]})
 
     run_stream(parse_run_config(raw), on_stage_end=on_stage_end)
 
@@ -80,7 +80,7 @@ def run_bare(tmp: Path, name: str, n: int) -> float:
     started = time.perf_counter()
     tuner = tune.Tuner(tune.with_resources(bare_trial, {"cpu": 1}),
                        param_space={"base": base_config(tmp / "cache"), "lr": tune.grid_search(learning_rates(n))},
-                       tune_config=tune.TuneConfig(metric="average_accuracy", mode="max"),
+                       tune_config=tune.TuneConfig(metric="val/average_accuracy", mode="max"),
                        run_config=tune.RunConfig(name=name, storage_path=str(tmp / "bare_runs"), verbose=1))
     results = tuner.fit()
     seconds = time.perf_counter() - started

@@ -15,14 +15,32 @@ def test_run_prints_a_stage_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["run", QUICKSTART, "--set", "train.epochs=2", "--output", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "stage" in table and "seen acc" in table
+    assert "stage" in table and "val acc" in table and "test acc" in table
     assert sum(1 for line in table.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])) == 5
+    assert "protocol: validation: 0.1 of each stage's training data held out" in table
+    assert "protocol: no future inputs: setup saw the first stage's inputs only" in table
     result = json.loads(out.read_text())
-    for key in ("accuracy_matrix", "average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "config"):
-        assert key in result
-    assert len(result["accuracy_matrix"]) == 5 and len(result["accuracy_matrix"][0]) == 5
+    assert result["protocol"] == {"validation": 0.1, "selection_split": "val", "setup_inputs": "first_stage",
+                                  "future_inputs": False}
+    for split in ("val", "test"):  # both splits, with the same metrics
+        for key in ("accuracy_matrix", "average_accuracy", "average_incremental_accuracy", "forgetting", "bwt",
+                    "accuracy_on_seen_classes", "class_accuracy_matrix"):
+            assert key in result[split], (split, key)
+        assert len(result[split]["accuracy_matrix"]) == 5 and len(result[split]["accuracy_matrix"][0]) == 5
+        assert result[split]["average_accuracy"] > 0.7
     assert result["config"]["train"]["epochs"] == 2 and result["config"]["learner"]["name"] == "dkvb"
-    assert result["average_accuracy"] > 0.8
+
+
+def test_run_without_a_validation_set_says_so_and_future_inputs_are_printed(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["run", QUICKSTART, "--set", "train.epochs=1", "--set", "data.validation=0",
+                 "--set", "learner.key_init_data=stream", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "val acc" not in table and "no validation set exists" in table
+    assert "FUTURE INPUTS USED" in table
+    result = json.loads(out.read_text())
+    assert result["val"] is None and result["test"]["accuracy_matrix"]
+    assert result["protocol"]["future_inputs"] is True and result["protocol"]["selection_split"] is None
 
 
 def test_run_with_a_memory_shows_its_size_per_stage(capsys):

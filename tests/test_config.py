@@ -5,14 +5,23 @@ from orchestrator.config import apply_overrides, load_experiment
 from workloads.config import ConfigError, flatten, parse_run_config, to_dict
 
 
-def test_defaults_and_the_paper_preset():
-    config = parse_run_config({"preset": "dkvb_paper", "train": {"epochs": 3}})
+def test_defaults_and_the_paper_model_preset():
+    config = parse_run_config({"preset": "dkvb_paper_model", "train": {"epochs": 3}})
     assert (config.learner.num_codebooks, config.learner.num_keys, config.learner.key_dim) == (256, 4096, 14)
     assert config.learner.value_dim is None and config.learner.decoder == "vote"
     t = config.train
     assert (t.optimizer, t.lr, t.momentum, t.grad_clip, t.batch_size, t.label_smoothing) == \
         ("sgd", 0.3, 0.0, 1.0, 256, 0.1)
     assert t.epochs == 3  # the file's own keys win over the preset
+    defaults = parse_run_config({})
+    assert defaults.data.validation == 0.1 and defaults.learner.key_init_data == "first_stage"
+
+
+def test_a_preset_named_after_a_paper_runs_its_protocol_or_says_it_is_the_model_only():
+    # dkvb_paper set the model but not the protocol's 2000 epochs: it is renamed, and the old name says so
+    with pytest.raises(ConfigError, match="'dkvb_paper' is now dkvb_paper_model.*dkvb_cifar10_paper.yaml"):
+        parse_run_config({"preset": "dkvb_paper"})
+    assert parse_run_config({"preset": "dkvb_paper_model"}).train.epochs == 1  # the model only: epochs untouched
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -28,7 +37,15 @@ def test_defaults_and_the_paper_preset():
     ({"data": {"stages": [[0, 1], [1, 2]]}}, r"data\.stages\[1\]: class 1 appears twice"),
     ({"train": {"epochs": 0}}, r"train\.epochs: must be a positive integer"),
     ({"learner": {"name": "dkvb", "topk": 9, "num_keys": 4}}, r"learner\.topk: 9 exceeds learner\.num_keys"),
-    ({"preset": "fast"}, r"preset: unknown preset 'fast'; accepted: dkvb_paper"),
+    ({"preset": "fast"}, r"preset: unknown preset 'fast'; accepted: dkvb_paper_model"),
+    ({"data": {"validation": 1.0}}, r"data\.validation: the held-out fraction must lie in \[0, 1\)"),
+    ({"data": {"validation": -0.1}}, r"data\.validation: the held-out fraction must lie in \[0, 1\)"),
+    ({"data": {"class_order": "order9"}}, r"data\.class_order: unknown order 'order9'; accepted: a list of class "
+                                          r"ids, 'seed' \(shuffled with the run's seed\), cifar100_order1"),
+    ({"data": {"class_order": [3, 1, 3]}}, r"data\.class_order: class 3 appears twice"),
+    ({"data": {"class_order": "seed", "class_order_seed": 4}}, r"data\.class_order: set either class_order or"),
+    ({"learner": {"name": "dkvb", "key_init_data": "all"}},
+     r"learner\.key_init_data: got 'all'; accepted: one of 'first_stage', 'stream' or a mapping"),
 ])
 def test_bad_configs_name_the_key_and_what_is_accepted(raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -64,6 +81,9 @@ def test_shipped_experiment_files_are_valid():
     paper = load_experiment(files[[f.name for f in files].index("dkvb_cifar10_paper.yaml")]).base
     assert paper.train.epochs == 2000 and paper.data.classes_per_stage == 2 and paper.data.source == "cifar10"
     assert paper.learner.num_keys == 4096 and paper.learner.key_init_data.source == "cifar100"
+    # five seeds, each with its own random class split, as the paper's sweep ran them
+    paper_file = load_experiment(files[[f.name for f in files].index("dkvb_cifar10_paper.yaml")])
+    assert paper.data.class_order == "seed" and [a.values for a in paper_file.axes] == [(1, 2, 3, 4, 5)]
 
 
 def test_shipped_rivals_and_rehearsal_sweeps_cover_the_methods_and_memory_settings():

@@ -117,3 +117,46 @@ def test_make_stream_splits_samples_by_class_and_slices_like_a_list():
     assert len(stream) == 2 and stream.classes == [0, 1, 2, 3]
     assert stream[1].y_train.tolist() == [2, 3, 2, 3]
     assert stream[1:][0].classes == (2, 3)
+
+
+def test_named_explicit_and_per_seed_class_orders():
+    from workloads.data.orders import CLASS_ORDERS
+
+    order1 = stage_classes(100, 10, class_order="cifar100_order1")
+    assert order1[0] == [87, 0, 52, 58, 44, 91, 68, 97, 51, 15]  # DER / PODNet / DyTox "order 1"
+    assert [c for s in order1 for c in s] == CLASS_ORDERS["cifar100_order1"]
+    assert stage_classes(6, 2, class_order=[5, 3, 1, 0]) == [[5, 3], [1, 0]]
+    # class_order: seed shuffles with the run's own seed, so every seed of a sweep gets its own split
+    by_seed = [stage_classes(10, 2, class_order="seed", seed=s) for s in range(5)]
+    assert len({str(s) for s in by_seed}) == 5
+    assert by_seed[1] == stage_classes(10, 2, class_order="seed", seed=1)
+    with pytest.raises(ConfigError, match="data.class_order cifar100_order1: class 87 has no samples"):
+        stage_classes(10, 2, class_order="cifar100_order1")
+
+
+def test_validation_is_held_out_of_training_class_balanced_and_fixed_by_the_seed():
+    from workloads.config import parse_run_config
+    from workloads.runner import prepare
+
+    def split(seed: int, validation: float = 0.1):
+        return prepare(parse_run_config({"seed": seed, "data": {"source": "digits", "validation": validation},
+                                         "learner": {"name": "linear"}})).stream
+
+    stream = split(0)
+    data = load_source(DataConfig(source="digits"))
+    rows = {tuple(r.tolist()) for r in data.x_train.flatten(1)}
+    for stage in stream:
+        train = {tuple(r.tolist()) for r in stage.x_train.flatten(1)}
+        val = {tuple(r.tolist()) for r in stage.x_val.flatten(1)}
+        test = {tuple(r.tolist()) for r in stage.x_test.flatten(1)}
+        assert not train & val and not val & test and val <= rows  # held out of training, not from test
+        assert len(stage.y_train) + len(stage.y_val) == int(torch.isin(data.y_train, torch.tensor(stage.classes)).sum())
+        for c in stage.classes:  # the same fraction of every class (round(0.1 n_c))
+            n_c = int((data.y_train == c).sum())
+            assert int((stage.y_val == c).sum()) == round(0.1 * n_c)
+    same, other = split(0), split(1)
+    assert all(torch.equal(a.x_val, b.x_val) for a, b in zip(stream, same))  # fixed by the seed...
+    assert not all(torch.equal(a.x_val, b.x_val) for a, b in zip(stream, other))  # ...and drawn from it
+    none = split(0, validation=0)
+    assert not none.has_validation and none[0].x_val is None
+    assert sum(len(s.y_train) for s in none) == len(data.y_train)

@@ -90,7 +90,7 @@ def test_resume_after_a_stage_replays_the_rest_exactly():
     states = []
     full = run_stream(config, on_stage_end=lambda i, m, s: states.append(s))
     resumed = run_stream(config, resume_state=states[1])
-    assert resumed.accuracy_matrix == full.accuracy_matrix
+    assert resumed.test.accuracy_matrix == full.test.accuracy_matrix
     assert states[-1]["learner"]["stage_classes"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
 
 
@@ -98,17 +98,17 @@ def test_mixup_trains_on_mixed_batches():
     quick = {"name": "dytox", "depth": 1, "finetune_epochs": 1}
     plain = run_stream(_tiny(learner=quick, train={"epochs": 3}))
     mixed = run_stream(_tiny(learner={**quick, "mixup": True}, train={"epochs": 3}))
-    assert mixed.accuracy_matrix != plain.accuracy_matrix  # DyTox+ saw other inputs and targets...
-    assert mixed.accuracy_matrix[0][0] > 0.8  # ...and still learned the first stage
+    assert mixed.test.accuracy_matrix != plain.test.accuracy_matrix  # DyTox+ saw other inputs and targets...
+    assert mixed.test.accuracy_matrix[0][0] > 0.8  # ...and still learned the first stage
 
 
 @pytest.mark.slow
 def test_tiny_dytox_beats_finetuning_without_memory_on_digits():
-    dytox = run_stream(_tiny()).metrics["average_accuracy"]
+    dytox = run_stream(_tiny()).metrics["test/average_accuracy"]
     finetune = run_stream(parse_run_config({
         "data": {"source": "digits", "classes_per_stage": 2}, "backbone": {"name": "small_cnn"},
         "learner": {"name": "finetune"},
-        "train": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 30}})).metrics["average_accuracy"]
+        "train": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 30}})).metrics["test/average_accuracy"]
     assert dytox > finetune + 0.3, (dytox, finetune)
 
 
@@ -144,5 +144,5 @@ def test_the_cifar100_50_stage_preset_runs_end_to_end_on_a_cifar100_release(tmp_
                                "train": {"epochs": 1}})
     states = []
     result = run_stream(config, on_stage_end=lambda i, m, s: states.append(m["memory_size"]))
-    assert len(result.accuracy_matrix) == 50 and result.stages[1] == [2, 3]
+    assert len(result.test.accuracy_matrix) == 50 and result.stages[1] == [2, 3]
     assert max(states) <= 2000 and states[-1] == 200  # 2 training images per class, all kept

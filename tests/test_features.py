@@ -38,7 +38,7 @@ def test_two_runs_of_one_config_encode_once(tmp_path, caplog):
     log = messages(caplog)
     assert "encoded" not in log and "digits train: 1257 embeddings served from the cache" in log
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    assert second.accuracy_matrix == first.accuracy_matrix
+    assert second.test.accuracy_matrix == first.test.accuracy_matrix
 
 
 def test_runs_that_differ_only_in_learning_rate_learn_keys_once(tmp_path, caplog):
@@ -74,7 +74,7 @@ def test_a_truncated_feature_file_is_detected_and_rebuilt(tmp_path, caplog):
     second = run_stream(cnn_config(tmp_path))
     assert "is corrupt" in messages(caplog) and "encoded digits train" in messages(caplog)
     read_features(victim)  # valid again
-    assert second.accuracy_matrix == first.accuracy_matrix
+    assert second.test.accuracy_matrix == first.test.accuracy_matrix
 
 
 def test_a_flipped_byte_fails_the_checksum(tmp_path):

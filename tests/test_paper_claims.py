@@ -8,30 +8,30 @@ from workloads.runner import run_stream
 @pytest.mark.slow
 def test_toy2d_dkvb_keeps_every_class_while_linear_and_mlp_forget():
     dkvb = run_stream(toy2d_config(TOY_DKVB))
-    final = dkvb.class_accuracy_matrix[-1]
+    final = dkvb.test.class_accuracy_matrix[-1]
     assert all(acc >= 0.9 for acc in final), final
     for learner in ({"name": "linear"}, {"name": "mlp", "hidden": 32}):  # MLP 2-32-8 as in the paper's figure
         result = run_stream(toy2d_config(learner))
-        assert result.metrics["average_accuracy"] <= 0.5, (learner, result.metrics)
+        assert result.metrics["test/average_accuracy"] <= 0.5, (learner, result.metrics)
 
 
 @pytest.mark.slow
 def test_digits_dkvb_beats_mlp_by_far():
     dkvb = run_stream(digits_config(DIGITS_DKVB))
     mlp = run_stream(digits_config({"name": "mlp"}, lr=0.1))
-    assert len(dkvb.accuracy_matrix) == 5
-    assert dkvb.metrics["average_accuracy"] >= 0.85, dkvb.metrics
-    assert mlp.metrics["average_accuracy"] <= 0.40, mlp.metrics
+    assert len(dkvb.test.accuracy_matrix) == 5
+    assert dkvb.metrics["test/average_accuracy"] >= 0.85, dkvb.metrics
+    assert mlp.metrics["test/average_accuracy"] <= 0.40, mlp.metrics
 
 
 def test_same_config_and_seed_give_identical_accuracy_matrices():
     learner = {**DIGITS_DKVB, "num_codebooks": 16, "key_init": "ema", "key_init_epochs": 2}
     first = run_stream(digits_config(learner, epochs=3))
     second = run_stream(digits_config(learner, epochs=3))
-    assert first.accuracy_matrix == second.accuracy_matrix
-    assert first.class_accuracy_matrix == second.class_accuracy_matrix
+    assert first.test.accuracy_matrix == second.test.accuracy_matrix
+    assert first.test.class_accuracy_matrix == second.test.class_accuracy_matrix
     other_seed = run_stream(digits_config(learner, seed=1, epochs=3))
-    assert other_seed.class_accuracy_matrix != first.class_accuracy_matrix  # the seed does reach the run
+    assert other_seed.test.class_accuracy_matrix != first.test.class_accuracy_matrix  # the seed does reach the run
 
 
 @pytest.mark.parametrize("learner", [
@@ -45,4 +45,4 @@ def test_resume_from_a_stage_state_matches_an_uninterrupted_run(learner):
     resumed_stages = []
     resumed = run_stream(config, resume_state=states[1], on_stage_end=lambda i, m, s: resumed_stages.append(i))
     assert resumed_stages == [2, 3, 4]  # stages 0 and 1 were not trained again
-    assert resumed.accuracy_matrix == full.accuracy_matrix
+    assert resumed.test.accuracy_matrix == full.test.accuracy_matrix

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the labelled data comes from and how it is cut into class-incremental stages."""
+    """Where the labelled data comes from, how it is cut into class-incremental stages, what is held out."""
 
     source: Literal["toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "digits"
     root: str | None = None  # cifar: folder holding (or receiving) the archive; image_folder: the folder; npz: the file
@@ -28,15 +28,22 @@ class DataConfig:
     classes_per_stage: int = 2
     stages: list[list[int]] | None = None  # explicit stages (lists of class ids); overrides classes_per_stage
     class_order_seed: int | None = None  # None keeps the natural class order; kept apart from the training seed
+    class_order: list[int] | str | None = None  # an explicit order, a named one (orders.CLASS_ORDERS), or "seed"
+    validation: float = 0.1  # fraction of each stage's training data held out per class for model selection
     image_size: int = 32  # image_folder: images are resized to image_size x image_size
     test_fraction: float = 0.3  # digits / image_folder: stratified held-out fraction (fixed split seed 0)
     train_samples_per_class: int = 50  # toy2d: 50 per class = the paper's 100 samples per stage
     test_samples_per_class: int = 200  # toy2d
 
 
+# Where a learner's unsupervised setup (DKVB's key learning) reads its unlabelled inputs, when from the stream:
+# `first_stage` sees only what stage 1 shows; `stream` sees every stage's inputs before stage 1 (transductive).
+SETUP_MODES = ("first_stage", "stream")
+
+
 @dataclass
 class KeyInitData:
-    """Unlabelled inputs that a DKVB learns its keys on, when not the stream's own training inputs."""
+    """Unlabelled inputs that a DKVB learns its keys on, from a source of their own (not the stream)."""
 
     source: Literal["unit_square", "toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "unit_square"
     root: str | None = None
@@ -114,12 +121,14 @@ def _dytox_cifar100(stages: int) -> dict[str, Any]:
     }
 
 
-# Named configs: merged under the user's keys, so anything set explicitly wins.
+# Named configs: merged under the user's keys, so anything set explicitly wins. A preset named after a paper
+# either runs that paper's protocol or says in its name that it holds the model only.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Träuble et al. (ICML 2023): 256 codebooks of 4096 keys of dimension 14, values of dimension = number of
-    # classes read by the voting decoder, SGD lr 0.3 without momentum, gradient clipping 1.0, batch 256,
-    # label smoothing 0.1. Only the values are trained.
-    "dkvb_paper": {
+    # Träuble et al. (ICML 2023), the model and optimiser only: 256 codebooks of 4096 keys of dimension 14,
+    # values of dimension = number of classes read by the voting decoder, SGD lr 0.3 without momentum,
+    # gradient clipping 1.0, batch 256, label smoothing 0.1. Only the values are trained. The protocol (2000
+    # epochs per stage, keys learned on a separate data set) is search_spaces/dkvb_cifar10_paper.yaml.
+    "dkvb_paper_model": {
         "learner": {
             "name": "dkvb", "num_codebooks": 256, "num_keys": 4096, "key_dim": 14, "value_dim": None,
             "decoder": "vote", "key_init": "ema", "key_init_decay": 0.95,
@@ -144,6 +153,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Presets that were renamed, with why: a config naming the old name gets an error that says what to use.
+RENAMED_PRESETS = {
+    "dkvb_paper": "dkvb_paper_model (it sets the paper's model and optimiser, not its protocol; "
+                  "search_spaces/dkvb_cifar10_paper.yaml runs the protocol)",
+}
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """A new dict: `override` laid over `base`, recursing into nested dicts."""
     out = copy.deepcopy(base)
@@ -162,6 +178,8 @@ def parse_run_config(raw: dict | None) -> RunConfig:
         raise ConfigError(f"the run config must be a mapping, got {type(raw).__name__}")
     preset = raw.get("preset")
     if preset is not None:
+        if preset in RENAMED_PRESETS:
+            raise ConfigError(f"preset: {preset!r} is now {RENAMED_PRESETS[preset]}")
         if preset not in PRESETS:
             raise ConfigError(f"preset: unknown preset {preset!r}; accepted: {', '.join(sorted(PRESETS))}")
         raw = deep_merge(PRESETS[preset], raw)
@@ -209,6 +227,10 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError(f"rehearsal.memory_size: must be >= 0 (0 = no memory), got {config.rehearsal.memory_size}")
     if config.rehearsal.replay_ratio < 0:
         raise ConfigError(f"rehearsal.replay_ratio: must be >= 0, got {config.rehearsal.replay_ratio}")
+    if not 0 <= config.data.validation < 1:
+        raise ConfigError(f"data.validation: the held-out fraction must lie in [0, 1) (0 = no validation set), "
+                          f"got {config.data.validation}")
+    check_class_order(config.data)
     if not 0 < config.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {config.data.test_fraction}")
     if not 0 <= config.train.label_smoothing < 1:
@@ -230,6 +252,30 @@ def check_run_config(config: RunConfig) -> None:
                           f"accepted: {', '.join(sorted(BACKBONES))}")
     if hasattr(config.learner, "check"):
         config.learner.check()
+
+
+def check_class_order(data: DataConfig) -> None:
+    """data.class_order: a named order, `seed`, or a list of distinct class ids; not with class_order_seed."""
+    from workloads.data.orders import CLASS_ORDERS, SEEDED_ORDER
+
+    order = data.class_order
+    if order is None:
+        return
+    if data.class_order_seed is not None:
+        raise ConfigError("data.class_order: set either class_order or class_order_seed, not both "
+                          "(class_order: seed shuffles with the run's seed)")
+    if data.stages is not None:
+        raise ConfigError("data.class_order: explicit data.stages already fix the order; drop one of them")
+    if isinstance(order, str):
+        if order != SEEDED_ORDER and order not in CLASS_ORDERS:
+            raise ConfigError(f"data.class_order: unknown order {order!r}; accepted: a list of class ids, "
+                              f"{SEEDED_ORDER!r} (shuffled with the run's seed), {', '.join(sorted(CLASS_ORDERS))}")
+        return
+    if not order:
+        raise ConfigError("data.class_order: an explicit order needs at least one class")
+    repeated = sorted({c for c in order if order.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"data.class_order: class {repeated[0]} appears twice; each class arrives once")
 
 
 def to_dict(config: Any) -> Any:

@@ -155,14 +155,13 @@ def encode_with_progress(backbone: Backbone, x: torch.Tensor, device: torch.devi
 
 @dataclass
 class StreamFeatures:
-    """A source's train and test embeddings, with the cache key of the train split."""
+    """A source's train and test embeddings."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    train_key: str  # identifies the training inputs (for caches derived from them, such as keys)
 
 
 class FeatureStore:
@@ -221,7 +220,7 @@ class FeatureStore:
         x_train, y_train, num_classes = self._split(self._key(source, "train"), f"{data_cfg.source} train",
                                                     split_loader("train"))
         x_test, y_test, _ = self._split(self._key(source, "test"), f"{data_cfg.source} test", split_loader("test"))
-        return StreamFeatures(x_train, y_train, x_test, y_test, num_classes, self._key(source, "train"))
+        return StreamFeatures(x_train, y_train, x_test, y_test, num_classes)
 
     def unlabelled(self, cfg, seed: int) -> tuple[torch.Tensor, str]:
         """Embeddings of a KeyInitData source's training inputs (at most num_samples), and their key."""

@@ -3,6 +3,9 @@
 Notation: T stages; R[i][j] = accuracy on the test samples of stage j's classes after training stage i
 (0-based, a full T x T matrix, so entries with j > i show accuracy on classes not trained yet);
 A[i][c] = accuracy on class c's test samples after training stage i.
+
+Every metric exists once per evaluation split and is named `<split>/<metric>`: `val/` for the held-out part
+of the training data (what models are selected on) and `test/` for the test data (what a paper reports).
 """
 from __future__ import annotations
 
@@ -67,6 +70,25 @@ def backward_transfer(R: list[list[float]]) -> float:
     if T < 2:
         return 0.0
     return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+SPLITS = ("val", "test")
+
+# Which way is better, for every metric a run reports per split (selection, ranking, reports).
+DIRECTIONS = {"average_accuracy": "max", "average_incremental_accuracy": "max", "accuracy_on_seen_classes": "max",
+              "forgetting": "min", "bwt": "max"}
+
+
+def split_of(name: str) -> str | None:
+    """'val/average_accuracy' -> 'val'; None for a name without a split prefix."""
+    head, _, rest = name.partition("/")
+    return head if rest and head in SPLITS else None
+
+
+def direction(name: str) -> str | None:
+    """'max' or 'min' for a (split-prefixed) metric name; None if unknown."""
+    base = name.partition("/")[2] if split_of(name) else name
+    return DIRECTIONS.get(base) or ("min" if base == "loss" else None)
 
 
 def summarise(R: list[list[float]], class_matrix: list[list[float | None]], stages: list[list[int]]) -> dict:

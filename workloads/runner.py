@@ -6,6 +6,7 @@ else loops over stages.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 
 from workloads import metrics
 from workloads.backbones import build_backbone
-from workloads.config import RunConfig, to_dict
+from workloads.config import ConfigError, RunConfig, to_dict
 from workloads.data.sources import load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.streams import Stream, make_stream, stage_classes, stage_seed
@@ -30,21 +31,81 @@ StageCallback = Callable[[int, dict, dict], None]
 
 
 @dataclass
+class SplitScores:
+    """The raw matrices of one evaluation split (`val` or `test`), one row per stage trained so far."""
+
+    accuracy_matrix: list[list[float]] = field(default_factory=list)  # R[i][j]
+    class_accuracy_matrix: list[list[float | None]] = field(default_factory=list)  # A[i][c]
+
+    def metrics(self, stages: list[list[int]]) -> dict[str, float]:
+        """Every derived metric (workloads.metrics) of the stages so far, unprefixed."""
+        return {"accuracy_on_seen_classes": metrics.accuracy_after_each_stage(self.class_accuracy_matrix, stages)[-1],
+                **metrics.summarise(self.accuracy_matrix, self.class_accuracy_matrix, stages)}
+
+    def to_json(self, stages: list[list[int]]) -> dict[str, Any]:
+        return {"accuracy_matrix": self.accuracy_matrix,
+                **metrics.summarise(self.accuracy_matrix, self.class_accuracy_matrix, stages),
+                "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(self.class_accuracy_matrix, stages),
+                "class_accuracy_matrix": self.class_accuracy_matrix}
+
+
+@dataclass
 class RunResult:
-    """What a finished run hands back: the raw matrices, the derived metrics, per-stage timings."""
+    """What a finished run hands back: the raw matrices per split, the derived metrics, per-stage timings and
+    the protocol that produced them."""
 
     config: dict
     stages: list[list[int]]
-    accuracy_matrix: list[list[float]]  # R[i][j]
-    class_accuracy_matrix: list[list[float | None]]  # A[i][c]
+    splits: dict[str, SplitScores]  # `test`, and `val` unless data.validation is 0
     stage_seconds: list[float]
-    metrics: dict[str, float] = field(default_factory=dict)
+    protocol: dict[str, Any]
+
+    @property
+    def test(self) -> SplitScores:
+        return self.splits["test"]
+
+    @property
+    def val(self) -> SplitScores | None:
+        return self.splits.get("val")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """`<split>/<metric>` for every split and every derived metric."""
+        return {f"{name}/{k}": v for name, scores in self.splits.items() for k, v in scores.metrics(self.stages).items()}
 
     def to_json(self) -> dict[str, Any]:
-        return {"accuracy_matrix": self.accuracy_matrix, **self.metrics,
-                "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(self.class_accuracy_matrix, self.stages),
-                "class_accuracy_matrix": self.class_accuracy_matrix, "stages": self.stages,
+        return {"protocol": self.protocol, "stages": self.stages,
+                **{name: None if name not in self.splits else self.splits[name].to_json(self.stages)
+                   for name in metrics.SPLITS},
                 "stage_seconds": self.stage_seconds, "config": self.config}
+
+
+def describe_protocol(config: RunConfig, setup_data: str) -> dict[str, Any]:
+    """What a reviewer asks of a run's numbers: is there a validation set, and did anything see a stage's
+    inputs before that stage (`future_inputs`): the whole stream, or a "separate" source that is the stream's
+    own data set."""
+    own = getattr(config.learner, "key_init_data", None)
+    same_source = (setup_data == "own_source" and (own.source, own.root) == (config.data.source, config.data.root))
+    return {"validation": config.data.validation, "selection_split": "val" if config.data.validation else None,
+            "setup_inputs": "stream_source" if same_source else setup_data,
+            "future_inputs": setup_data == "stream" or same_source}
+
+
+def protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    """The protocol in words, for the console."""
+    v = protocol["validation"]
+    lines = [f"validation: {v:g} of each stage's training data held out (never trained on)" if v else
+             "validation: none (data.validation is 0): no validation set exists; only test scores are reported"]
+    setup = protocol["setup_inputs"]
+    if protocol["future_inputs"]:
+        how = ("learner.key_init_data reads the stream's own data set" if setup == "stream_source"
+               else "learner.key_init_data: stream")
+        lines.append(f"FUTURE INPUTS USED: the learner's setup saw every stage's unlabelled inputs before stage 1 "
+                     f"(transductive; {how})")
+    else:
+        lines.append("no future inputs: setup saw " + {"first_stage": "the first stage's inputs only",
+                                                        "own_source": "a separate data source only"}[setup])
+    return lines
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,19 +136,20 @@ def prepare(config: RunConfig) -> PreparedStream:
         data = load_source(config.data)
         x_train, y_train = backbone.transform(data.x_train), data.y_train
         x_test, y_test = backbone.transform(data.x_test), data.y_test
-        num_classes, train_key = data.num_classes, None
+        num_classes = data.num_classes
     else:
         backbone.requires_grad_(False)
         store = FeatureStore(backbone, config.backbone.name, config.cache_dir, device)
         f = store.labelled(config.data)
         x_train, y_train, x_test, y_test = f.x_train, f.y_train, f.x_test, f.y_test
-        num_classes, train_key = f.num_classes, f.train_key
+        num_classes = f.num_classes
     present = set(torch.unique(torch.cat([y_train, y_test])).tolist())
-    classes = stage_classes(num_classes, config.data.classes_per_stage, config.data.stages,
-                            config.data.class_order_seed, present)
-    stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes)
+    d = config.data
+    classes = stage_classes(num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present, d.class_order,
+                            config.seed)
+    stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes, d.validation, config.seed)
     ctx = LearnerContext(num_classes=num_classes, input_dim=backbone.output_dim, train=config.train,
-                         seed=config.seed, device=device, features=store, train_key=train_key,
+                         seed=config.seed, device=device, features=store,
                          backbone=None if store else backbone, rehearsal=config.rehearsal,
                          input_shape=tuple(x_train.shape[1:]))
     return PreparedStream(stream, ctx, tuple(shape))
@@ -118,16 +180,26 @@ def precompute(config: RunConfig) -> str:
              + (f"encoded {encoded} inputs" if encoded else "embeddings already cached")]
     if config.learner.name == "dkvb":
         learner = build_learner(config.learner, ctx)
-        learner.setup(torch.cat([s.x_train for s in prepared.stream]))
+        learner.setup(setup_inputs(learner, prepared.stream))
         o = config.learner
         parts.append(f"keys ready ({o.num_codebooks} x {o.num_keys}, {o.key_init})")
     return "; ".join(parts) + f"; cache {ctx.features.cache_dir}"
 
 
-def evaluate(learner, stream: Stream, batch_size: int) -> tuple[list[float], list[float | None]]:
-    """Predict every stage's test set; return a row of R and a row of A."""
-    x = torch.cat([s.x_test for s in stream])
-    y = torch.cat([s.y_test for s in stream])
+def setup_inputs(learner: Learner, stream: Stream) -> torch.Tensor | None:
+    """The unlabelled inputs `learner.setup` may see before stage 1: the first stage's training inputs unless
+    the learner was told, by name, to read the whole stream (or reads a source of its own: None)."""
+    mode = learner.setup_data
+    if mode == "own_source":
+        return None
+    stages = stream if mode == "stream" else stream[:1]
+    return torch.cat([s.x_train for s in stages])
+
+
+def evaluate(learner, stream: Stream, split: str, batch_size: int) -> tuple[list[float], list[float | None]]:
+    """Predict every stage's samples of `split` (`val` or `test`); return a row of R and a row of A."""
+    x = torch.cat([s.split(split)[0] for s in stream])
+    y = torch.cat([s.split(split)[1] for s in stream])
     device = learner.ctx.device
     preds = torch.cat([learner.predict(x[i:i + batch_size].to(device)).argmax(1).cpu()
                        for i in range(0, len(x), batch_size)])
@@ -179,26 +251,32 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
                on_stage_end: StageCallback | None = None, prepared: PreparedStream | None = None) -> RunResult:
     """Train `config.learner` on the stream stage by stage; resume after the stages `resume_state` holds.
 
-    After each stage, `on_stage_end(stage_index, stage_metrics, state)` receives the metrics so far and the
-    full state to resume from (learner tensors and optimiser, the matrices so far).
+    After each stage the learner is scored on every stage's validation and test samples. `on_stage_end(
+    stage_index, stage_metrics, state)` then receives the metrics so far (`val/...` and `test/...`), the
+    protocol, and the full state to resume from (learner tensors and optimiser, the matrices so far).
     """
     prepared = prepared or prepare(config)
     stream, ctx = prepared.stream, prepared.context
     learner = build_learner(config.learner, ctx).to(ctx.device)
     stages = [list(s.classes) for s in stream]
-    R: list[list[float]] = []
-    A: list[list[float | None]] = []
+    split_names = [name for name in metrics.SPLITS if name == "test" or stream.has_validation]
+    splits = {name: SplitScores() for name in split_names}
     seconds: list[float] = []
     first = 0
+    protocol = describe_protocol(config, learner.setup_data)
     if resume_state is not None:
+        if "splits" not in resume_state:
+            raise ConfigError("the stage checkpoint was written by a clorch without validation splits; its run "
+                              "cannot continue under this protocol: start the run again")
         learner.load_state(resume_state["learner"])
-        R, A, seconds = copy.deepcopy([resume_state[k] for k in ("accuracy_matrix", "class_accuracy_matrix",
-                                                                 "stage_seconds")])
+        splits = {name: SplitScores(**copy.deepcopy(m)) for name, m in resume_state["splits"].items()}
+        seconds = list(resume_state["stage_seconds"])
         first = resume_state["next_stage"]
         log.info("resuming at stage %d/%d", first + 1, len(stream))
     else:
         torch.manual_seed(config.seed)
-        learner.setup(torch.cat([s.x_train for s in stream]).to(ctx.device))
+        inputs = setup_inputs(learner, stream)
+        learner.setup(None if inputs is None else inputs.to(ctx.device))
     memory = learner.memory
     for stage in stream[first:]:
         t0 = time.perf_counter()
@@ -215,22 +293,25 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
                              lambda x: batched_features(learner, x, config.train.eval_batch_size), memory_gen)
             memory.check_global()
         learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
-        row, class_row = evaluate(learner, stream, config.train.eval_batch_size)
-        R.append(row)
-        A.append(class_row)
-        seconds.append(time.perf_counter() - t0)
         stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
-                         "loss": loss,
-                         "accuracy_on_seen_classes": metrics.accuracy_after_each_stage(A, stages)[-1],
-                         "stage_accuracies": row, "seconds": seconds[-1], **metrics.summarise(R, A, stages)}
+                         "loss": loss, "protocol": protocol}
+        for name, scores in splits.items():
+            row, class_row = evaluate(learner, stream, name, config.train.eval_batch_size)
+            scores.accuracy_matrix.append(row)
+            scores.class_accuracy_matrix.append(class_row)
+            stage_metrics[f"{name}/stage_accuracies"] = row
+            stage_metrics.update({f"{name}/{k}": v for k, v in scores.metrics(stages[:stage.index + 1]).items()})
+        seconds.append(time.perf_counter() - t0)
+        stage_metrics["seconds"] = seconds[-1]
         if memory is not None:
             stage_metrics["memory_size"] = len(memory)  # the effective size: quotas round down
         if on_stage_end is not None:
             # A snapshot: later stages must not change what the callback was handed.
-            state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(), "accuracy_matrix": R,
-                                   "class_accuracy_matrix": A, "stage_seconds": seconds,
+            state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(),
+                                   "splits": {name: dataclasses.asdict(s) for name, s in splits.items()},
+                                   "stage_seconds": seconds, "protocol": protocol,
                                    "learner_shape": {"num_classes": ctx.num_classes, "input_dim": ctx.input_dim,
                                                      "input_shape": list(ctx.input_shape),
                                                      "source_shape": list(prepared.source_shape)}})
             on_stage_end(stage.index, stage_metrics, state)
-    return RunResult(to_dict(config), stages, R, A, seconds, metrics.summarise(R, A, stages))
+    return RunResult(to_dict(config), stages, splits, seconds, protocol)

@@ -1,4 +1,9 @@
-"""Class-incremental streams: a labelled dataset cut into stages, each holding a disjoint set of classes."""
+"""Class-incremental streams: a labelled dataset cut into stages, each holding a disjoint set of classes.
+
+Each stage's training data is split once more: a class-balanced validation part (the same fraction of every
+class, drawn with a seed of its own) is held out and never trained on; models are selected on it, never on
+test data.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from workloads.config import ConfigError
+from workloads.data.orders import CLASS_ORDERS, SEEDED_ORDER
 
 
 # Each purpose draws from its own seed, far apart, so that their random streams never correlate.
-SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40}
+SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40}
 
 
 def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
@@ -19,7 +25,8 @@ def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
 
 @dataclass
 class Stage:
-    """One stage of a stream: its classes and their train / test samples (labels keep the source's ids)."""
+    """One stage of a stream: its classes and their train / validation / test samples (labels keep the
+    source's ids); validation samples come out of the source's training split and are never trained on."""
 
     index: int
     classes: tuple[int, ...]
@@ -27,6 +34,12 @@ class Stage:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_val: torch.Tensor | None = None  # None: the run has no validation set (data.validation: 0)
+    y_val: torch.Tensor | None = None
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of an evaluation split: `val` or `test`."""
+        return (self.x_val, self.y_val) if name == "val" else (self.x_test, self.y_test)
 
 
 class Stream:
@@ -48,14 +61,21 @@ class Stream:
         return self.stages[i]
 
     @property
+    def has_validation(self) -> bool:
+        return bool(self.stages) and self.stages[0].y_val is not None
+
+    @property
     def classes(self) -> list[int]:
         """Every class of the stream, in stage order."""
         return [c for s in self.stages for c in s.classes]
 
 
 def stage_classes(num_classes: int, classes_per_stage: int = 2, stages: list[list[int]] | None = None,
-                  class_order_seed: int | None = None, present: set[int] | None = None) -> list[list[int]]:
-    """The classes of each stage: `stages` as given, or the (optionally shuffled) class order cut in chunks."""
+                  class_order_seed: int | None = None, present: set[int] | None = None,
+                  class_order: list[int] | str | None = None, seed: int = 0) -> list[list[int]]:
+    """The classes of each stage: `stages` as given, or the class order cut in chunks. The order is the
+    natural one, shuffled by `class_order_seed`, or `class_order` (a list, a named order, or `seed`: shuffled
+    with the run's `seed`)."""
     present = set(range(num_classes)) if present is None else present
     if stages is not None:
         for i, stage in enumerate(stages):
@@ -65,21 +85,48 @@ def stage_classes(num_classes: int, classes_per_stage: int = 2, stages: list[lis
                                       f"classes present: {sorted(present)}")
         return [list(s) for s in stages]
     order = sorted(present)
-    if class_order_seed is not None:
-        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(class_order_seed))
+    shuffle_seed = seed if class_order == SEEDED_ORDER else class_order_seed
+    if shuffle_seed is not None:
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed))
         order = [order[i] for i in perm.tolist()]
+    elif class_order is not None:
+        name = class_order if isinstance(class_order, str) else None
+        order = list(CLASS_ORDERS[name]) if name else list(class_order)
+        missing = [c for c in order if c not in present]
+        if missing:
+            raise ConfigError(f"data.class_order{' ' + name if name else ''}: class {missing[0]} has no samples in "
+                              f"this source; classes present: {sorted(present)}")
     if classes_per_stage > len(order):
         raise ConfigError(f"data.classes_per_stage: {classes_per_stage} exceeds the {len(order)} classes present")
     return [order[i:i + classes_per_stage] for i in range(0, len(order), classes_per_stage)]
 
 
+def validation_rows(y: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """A boolean mask over `y`: round(fraction * n_c) random samples of every class c (at least one, and never
+    a class's last training sample), so the held-out part has the training part's class proportions."""
+    held = torch.zeros(len(y), dtype=torch.bool)
+    if fraction <= 0:
+        return held
+    for c in torch.unique(y).tolist():  # sorted: the draw does not depend on the order samples come in
+        rows = (y == c).nonzero().flatten()
+        count = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+        held[rows[torch.randperm(len(rows), generator=gen)[:count]]] = True
+    return held
+
+
 def make_stream(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                num_classes: int, classes: list[list[int]]) -> Stream:
-    """Split train and test tensors into the stages whose classes `classes` lists."""
+                num_classes: int, classes: list[list[int]], validation: float = 0.0, seed: int = 0) -> Stream:
+    """Split train and test tensors into the stages whose classes `classes` lists; with `validation` > 0, hold
+    out that fraction of each stage's training samples per class (drawn from a seed derived from `seed`)."""
     stages = []
     for i, cls in enumerate(classes):
         c = torch.tensor(cls)
         tr = torch.isin(y_train, c)
         te = torch.isin(y_test, c)
-        stages.append(Stage(i, tuple(cls), x_train[tr], y_train[tr], x_test[te], y_test[te]))
+        x, y = x_train[tr], y_train[tr]
+        if validation > 0:
+            held = validation_rows(y, validation, torch.Generator().manual_seed(stage_seed(seed, i, "validation")))
+            stages.append(Stage(i, tuple(cls), x[~held], y[~held], x_test[te], y_test[te], x[held], y[held]))
+        else:
+            stages.append(Stage(i, tuple(cls), x, y, x_test[te], y_test[te]))
     return Stream(stages, num_classes)

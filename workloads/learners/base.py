@@ -23,7 +23,6 @@ class LearnerContext:
     seed: int
     device: torch.device
     features: Any = None  # the run's FeatureStore (frozen backbone): other sources' embeddings, the key cache
-    train_key: str | None = None  # cache key of the stream's training inputs
     backbone: nn.Module | None = None  # only for learners that train it (trains_backbone = True)
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     input_shape: tuple[int, ...] = ()  # one raw input's shape, e.g. (C, H, W) for images
@@ -48,8 +47,15 @@ class Learner(nn.Module):
         # the runner fills it and mixes it into batches (workloads.rehearsal); learners may read it
         self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes) if r.memory_size else None
 
-    def setup(self, unlabelled: torch.Tensor) -> None:
-        """Before the first stage of a fresh run: unsupervised preparation on the stream's training inputs."""
+    @property
+    def setup_data(self) -> str:
+        """Which unlabelled inputs `setup` receives: `first_stage` (the default: nothing from a later stage may
+        reach a learner before its stage), `stream` (every stage's, transductive; only when a user names it),
+        or `own_source` (the learner reads inputs of its own, outside the stream: `setup` gets none)."""
+        return "first_stage"
+
+    def setup(self, unlabelled: torch.Tensor | None) -> None:
+        """Before the first stage of a fresh run: unsupervised preparation on the inputs `setup_data` names."""
 
     def begin_stage(self, stage) -> None:
         """Before training on a stage: make the optimiser the first time (or when parameters changed)."""

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DKVBOptions:
-    """Options of the Discrete Key-Value Bottleneck learner (the `dkvb_paper` preset sets the paper's sizes)."""
+    """Options of the Discrete Key-Value Bottleneck learner (the `dkvb_paper_model` preset sets the paper's sizes)."""
 
     name: Literal["dkvb"] = "dkvb"
     num_codebooks: int = 64  # C: heads, one codebook each
@@ -34,7 +34,9 @@ class DKVBOptions:
     key_init_epochs: int = 10
     key_init_decay: float = 0.95  # ema
     key_init_batch_size: int = 1024  # ema
-    key_init_data: KeyInitData | None = None  # None: the stream's own training inputs, unlabelled
+    # first_stage: the first stage's training inputs, unlabelled; stream: every stage's (transductive, uses
+    # future inputs); or a source of its own ({source, root, ...})
+    key_init_data: Literal["first_stage", "stream"] | KeyInitData = "first_stage"
     decoder: Literal["vote", "linear", "mlp"] = "vote"
     decoder_hidden: int = 128  # mlp decoder
     mask_unused: bool = True  # at evaluation, keys never selected in training cannot be fetched
@@ -86,14 +88,21 @@ class DKVB(Learner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.bottleneck(x))  # (B, D) -> (B, C, d_v) -> (B, num_classes)
 
-    def setup(self, unlabelled: torch.Tensor) -> None:
-        """Learn the keys on unlabelled inputs (the stream's, or key_init_data's), then freeze them.
+    @property
+    def setup_data(self) -> str:
+        return self.options.key_init_data if isinstance(self.options.key_init_data, str) else "own_source"
+
+    def setup(self, unlabelled: torch.Tensor | None) -> None:
+        """Learn the keys on unlabelled inputs (the stream's, as `setup_data` says, or key_init_data's source),
+        then freeze them.
 
         With a feature store, keys are cached: runs that share the inputs and the key config learn them once.
         """
         o, ctx = self.options, self.ctx
-        inputs_key = ctx.train_key
-        if o.key_init_data is not None:
+        if unlabelled is not None:
+            # the exact rows (which stages, which held-out split) identify them, whatever chose them
+            inputs_key = state_digest({"unlabelled": unlabelled})
+        else:
             unlabelled, inputs_key = ctx.features.unlabelled(o.key_init_data, ctx.seed)
             if unlabelled.shape[1] != ctx.input_dim:
                 raise ConfigError(f"learner.key_init_data: {o.key_init_data.source} gives {unlabelled.shape[1]}-d "
@@ -109,12 +118,15 @@ class DKVB(Learner):
             return learn_keys(z, o.num_keys, o.key_init, o.key_init_epochs, o.key_init_decay,
                               o.key_init_batch_size, seed=ctx.seed).cpu()
 
-        if ctx.features is None or inputs_key is None:
+        if ctx.features is None:
             keys = learn()
         else:
             projection = {k: v for k, v in b.state_dict().items() if k.startswith("proj")}
+            # C and d_k on their own too: a C x d_k projection drawn from one seed has the same numbers for
+            # 2 x 4 and 4 x 2, and keys of one shape must never be served to the other
             keys = ctx.features.keys({
-                "inputs": inputs_key, "projection": state_digest(projection), "num_keys": o.num_keys,
+                "inputs": inputs_key, "projection": state_digest(projection), "num_codebooks": o.num_codebooks,
+                "key_dim": o.key_dim, "num_keys": o.num_keys,
                 "init": o.key_init, "epochs": o.key_init_epochs, "decay": o.key_init_decay,
                 "batch_size": o.key_init_batch_size, "seed": ctx.seed}, learn)
         b.keys.copy_(keys)
