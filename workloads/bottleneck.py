@@ -135,7 +135,9 @@ class KeyValueBottleneck(nn.Module):
         heads = torch.arange(self.num_codebooks, device=x.device).view(1, -1, 1)
         dist = (z.unsqueeze(2) - self.keys[heads, cand]).pow(2).sum(-1)  # (B, C, m)
         weights = torch.softmax(-dist / dist.detach().mean(-1, keepdim=True).clamp_min(1e-8), -1)
-        soft = (weights.unsqueeze(-1) * self.values[heads, cand]).sum(2)  # (B, C, d_v)
+        # Detached values: the soft path only steers the projection; the values keep the bottleneck's locality
+        # (only the fetched rows train, with exactly the hard lookup's gradient).
+        soft = (weights.unsqueeze(-1) * self.values.detach()[heads, cand]).sum(2)  # (B, C, d_v)
         return self.fetch(idx) + soft - soft.detach()
 
     @torch.no_grad()
