@@ -44,6 +44,22 @@ def test_memory_keeps_its_budget_and_the_per_class_quota(selection):
     assert len(memory) == 50  # 10 classes x 5: nothing lost to rounding here
 
 
+@pytest.mark.parametrize("selection", ["random", "herding", "reservoir"])
+def test_old_classes_keep_the_full_budget_while_a_stage_trains(selection):
+    memory = RehearsalMemory(100, selection, num_classes=4)
+    next(_stream_through(memory, [[0, 1]], per_class=60))
+    gen = torch.Generator().manual_seed(1)
+    memory.begin_stage([2, 3], gen)
+    if selection == "reservoir":  # fills online during the stage, so it makes room for the new classes up front
+        assert memory.class_counts() == {0: 25, 1: 25}
+        return
+    assert memory.class_counts() == {0: 50, 1: 50}  # replay draws on the whole memory during stage 2...
+    y = torch.tensor([2, 3]).repeat_interleave(60)
+    memory.end_stage(torch.randn(len(y), 3), y, [2, 3], lambda v: v, gen)
+    assert memory.class_counts() == {0: 25, 1: 25, 2: 25, 3: 25}  # ...and is cut to the new quota after it
+    assert len(memory) == 100 and memory.classes == [0, 1, 2, 3] and memory.quota == 25
+
+
 def test_memory_smaller_than_a_class_keeps_what_it_can():
     memory = RehearsalMemory(7, "random", num_classes=4)
     for _ in _stream_through(memory, [[0, 1], [2, 3]], per_class=3):
@@ -111,21 +127,21 @@ def test_memory_round_trips_through_a_checkpoint_and_resumes_exactly(selection):
     assert torch.equal(memory.offered, saved["offered"])
     assert memory.classes == saved["classes"] == [0, 1, 2, 3, 4, 5]
     resumed = run_stream(config, resume_state=loaded)
-    assert resumed.accuracy_matrix == full.accuracy_matrix
+    assert resumed.test.accuracy_matrix == full.test.accuracy_matrix
 
 
 def test_experience_replay_lifts_the_mlp_on_digits():
     mlp = {"name": "mlp", "hidden": 128}
-    plain = run_stream(digits_config(mlp, epochs=20, batch_size=32, lr=0.05)).metrics["average_accuracy"]
+    plain = run_stream(digits_config(mlp, epochs=20, batch_size=32, lr=0.05)).metrics["test/average_accuracy"]
     replay = run_stream(digits_config(mlp, rehearsal={"memory_size": 200}, epochs=20, batch_size=32,
-                                      lr=0.05)).metrics["average_accuracy"]
+                                      lr=0.05)).metrics["test/average_accuracy"]
     assert replay >= plain + 0.2, (plain, replay)
 
 
 @pytest.mark.parametrize("learner", [{"name": "linear"}, {"name": "dkvb", "num_codebooks": 16, "num_keys": 64}])
 def test_every_learner_takes_a_memory(learner):
     result = run_stream(digits_config(learner, rehearsal={"memory_size": 100, "selection": "reservoir"}, epochs=3))
-    assert result.metrics["average_accuracy"] > 0.3
+    assert result.metrics["test/average_accuracy"] > 0.3
 
 
 @pytest.mark.parametrize("rehearsal, message", [

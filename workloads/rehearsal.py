@@ -2,7 +2,8 @@
 
 Budget: `memory_size` samples in all, never per worker. Data-parallel workers each hold the same full memory:
 they walk the same full batches with the same seeds, and herding's picks are broadcast from rank 0.
-Quota: once a stage's classes arrive, each class seen so far keeps at most memory_size // classes seen.
+Quota: memory_size // classes seen (a stage's classes count from its start) per class; when the classes held
+are cut to it depends on the selection (below).
 Selection:
   random     at the end of a stage, a uniformly random subset of each new class;
   reservoir  online, in the stage's first epoch: each sample is offered once as the stream presents it, and
@@ -10,8 +11,10 @@ Selection:
              (algorithm R, one reservoir per class), so replay can draw the stage's own samples too;
   herding    at the end of a stage, iCaRL's herding on the learner's features: greedily, the sample that keeps
              the running mean of the chosen ones closest to the class mean.
-When the quota shrinks, random and herding keep their first picks (their order is their priority); reservoir
-keeps a uniformly random subset.
+When the quota shrinks, the classes already held are cut to it: random and herding keep their first picks
+(their order is their priority), and only at the end of the stage, right before the new classes' picks go in,
+so the stage replays the full budget (as iCaRL and DyTox do); reservoir keeps a uniformly random subset, cut at
+the start of the stage, since it fills the freed room online while the stage trains.
 
 The memory holds inputs as the stream gives them to the learner (embeddings of a frozen backbone, or
 transformed images), on the CPU; `Replay` keeps the learner-ready form of the same rows for one stage.
@@ -65,19 +68,10 @@ class RehearsalMemory:
         return dict(zip(labels.tolist(), counts.tolist()))
 
     def begin_stage(self, classes: list[int], generator: torch.Generator) -> None:
-        """A stage's classes arrive: the quota shrinks, and each class already held is cut down to it."""
+        """A stage's classes arrive and the quota shrinks; reservoir cuts the classes it holds now (see end_stage)."""
         self.classes += [c for c in classes if c not in self.classes]
-        q = self.quota
-        keep = []
-        for c in torch.unique(self.y).tolist():
-            slots = (self.y == c).nonzero().flatten()
-            if len(slots) > q:
-                chosen = torch.randperm(len(slots), generator=generator)[:q] if self.selection == "reservoir" \
-                    else torch.arange(q)
-                slots = slots[chosen]
-            keep.append(slots)
-        if keep:
-            self._keep(torch.cat(keep).sort().values)
+        if self.selection == "reservoir":  # it fills online during the stage, so it needs the room up front
+            self._cut(generator)
 
     def offer(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Reservoir: stream a batch past the memory; returns (slots written, rows of the batch written there)."""
@@ -108,9 +102,11 @@ class RehearsalMemory:
 
     def end_stage(self, x: torch.Tensor, y: torch.Tensor, classes: list[int],
                   features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
-        """Random and herding: choose each new class's `quota` samples from the stage's (x, y)."""
+        """Random and herding: cut the old classes to the quota (they kept the full budget for the stage's
+        replay), then choose each new class's `quota` samples from the stage's (x, y)."""
         if self.selection == "reservoir":
             return
+        self._cut(generator)
         q = self.quota
         for c in classes:
             rows = (y == c).nonzero().flatten()
@@ -159,6 +155,20 @@ class RehearsalMemory:
             self._x = torch.zeros((self.size, *x.shape), dtype=x.dtype)
         self._x[slot] = x.cpu()
         self._y[slot] = label
+
+    def _cut(self, generator: torch.Generator) -> None:
+        """Cut each class held to the quota: reservoir keeps a random subset, random and herding their first picks."""
+        q = self.quota
+        keep = []
+        for c in torch.unique(self.y).tolist():
+            slots = (self.y == c).nonzero().flatten()
+            if len(slots) > q:
+                chosen = torch.randperm(len(slots), generator=generator)[:q] if self.selection == "reservoir" \
+                    else torch.arange(q)
+                slots = slots[chosen]
+            keep.append(slots)
+        if keep:
+            self._keep(torch.cat(keep).sort().values)
 
     def _keep(self, slots: torch.Tensor) -> None:
         """Keep only these slots, in this order, at the front."""
