@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("name", help="sweep name")
     report.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
     report.add_argument("--out", help="folder for the CSV and plots (default: <storage>/.clorch/NAME/report)")
-    report.add_argument("--metric", help="sort by this metric (default: the sweep's)")
+    report.add_argument("--metric", help="rank by this metric (default: the sweep's selection metric)")
+    report.add_argument("--mode", choices=("max", "min"), help="better is max or min (default: the metric's own "
+                        "direction, e.g. min for forgetting)")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the tracking store")
     ui.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000)
@@ -68,19 +70,27 @@ def cmd_run(args) -> int:
         raise ConfigError(f"--output: folder {output.parent} does not exist")
     print(f"clorch run {args.file}: learner {config.learner.name}, data {config.data.source}, seed {config.seed}")
     memory = config.rehearsal.memory_size > 0
-    print(f"{'stage':>5}  {'classes':<16} {'seen acc':>8} {'loss':>8} {'time':>8}" + ("  memory" if memory else ""))
+    val = config.data.validation > 0
+    print(f"{'stage':>5}  {'classes':<16} " + (f"{'val acc':>8} " if val else "") +
+          f"{'test acc':>8} {'loss':>8} {'time':>8}" + ("  memory" if memory else ""))
 
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
         classes = ",".join(str(c) for c in m["classes"])
-        print(f"{stage + 1:>5}  {classes:<16} {_fmt(m['accuracy_on_seen_classes']):>8} {m['loss']:>8.4f} "
-              f"{m['seconds']:>7.1f}s" + (f"  {m['memory_size']:>6}" if memory else ""), flush=True)
+        print(f"{stage + 1:>5}  {classes:<16} " + (f"{_fmt(m['val/accuracy_on_seen_classes']):>8} " if val else "")
+              + f"{_fmt(m['test/accuracy_on_seen_classes']):>8} {m['loss']:>8.4f} {m['seconds']:>7.1f}s"
+              + (f"  {m['memory_size']:>6}" if memory else ""), flush=True)
 
     t0 = time.perf_counter()
     result = run_stream(config, on_stage_end=on_stage_end)
-    m = result.metrics
-    print(f"average accuracy {_fmt(m['average_accuracy'])}  average incremental accuracy "
-          f"{_fmt(m['average_incremental_accuracy'])}  forgetting {_fmt(m['forgetting'])}  bwt {_fmt(m['bwt'])}  "
-          f"({time.perf_counter() - t0:.1f}s)")
+    for split, scores in result.splits.items():
+        m = {k.partition("/")[2]: v for k, v in result.metrics.items() if k.startswith(split + "/")}
+        print(f"{split:>4}: average accuracy {_fmt(m['average_accuracy'])}  average incremental accuracy "
+              f"{_fmt(m['average_incremental_accuracy'])}  forgetting {_fmt(m['forgetting'])}  bwt {_fmt(m['bwt'])}")
+    from workloads.runner import protocol_lines
+
+    for line in protocol_lines(result.protocol):
+        print(f"protocol: {line}")
+    print(f"({time.perf_counter() - t0:.1f}s)")
     if output is not None:
         output.write_text(json.dumps(result.to_json(), indent=2))
         print(f"results written to {output}")
@@ -115,7 +125,7 @@ def cmd_sweep(args) -> int:
     from orchestrator.tracking import parse_tracking
 
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
-    options = parse_tune(experiment.tune)
+    options = parse_tune(experiment.tune, experiment)
     tracking = parse_tracking(experiment.tracking)
     name = args.name or Path(args.file).stem
     target = _target(args)
@@ -153,23 +163,39 @@ def cmd_status(args) -> int:
 
 
 def _print_results(results, metric: str, mode: str, status_only: bool = False) -> int:
-    """The leaderboard, best trial first; exit status 1 when a sweep (not a status query) left errors."""
-    from orchestrator.sweep import summarise
+    """Every trial (finished ones ranked first, the others unranked below), then the configurations with
+    seeds aggregated; exit status 1 when a sweep (not a status query) left errors."""
+    from orchestrator import leaderboard as lb
+    from orchestrator.sweep import trial_summaries
 
-    worst = float("-inf") if mode == "max" else float("inf")
-    rows = sorted(summarise(results, metric), key=lambda r: worst if r["metric"] is None else r["metric"],
-                  reverse=mode == "max")
-    keys = sorted({k for r in rows for k in r} - {"trial", "state", "stage", "metric"})
-    print(f"{'trial':<14} {'state':<10} {'stage':>5} {metric:>18}  " + "  ".join(keys))
-    for r in rows:
-        value = r["metric"]
-        stage = "-" if r["stage"] is None else r["stage"] + 1
-        print(f"{r['trial']:<14} {r['state']:<10} {stage:>5} {'-' if value is None else f'{value:.4f}':>18}  "
-              + "  ".join(str(r.get(k, "")) for k in keys))
-    errored = sum(r["state"] == "ERROR" for r in rows)
+    trials = trial_summaries(results)
+    keys = sorted({k for t in trials for k in t.params})
+    scores = lb.score_metrics(metric)
+    rows = []
+    for i, t in enumerate(lb.ranked_trials(trials, metric, mode), 1):
+        rank = str(i) if t.state == "done" else "-"
+        rows.append([rank, t.trial, t.state.upper(), f"{t.stages}/{t.total_stages or '?'}",
+                     *(_cell(t.metrics.get(m)) for m in scores), *(str(t.params.get(k, "")) for k in keys),
+                     "yes" if t.future_inputs else ""])
+    print(lb.text_table(["#", "trial", "state", "stages", *scores, *keys, "future_inputs"], rows))
+    groups, unranked = lb.rank(trials, metric, mode)
+    if groups:
+        print(f"\nconfigurations, mean ± std over seeds; {lb.selection_note(metric)}")
+        config_keys = [k for k in keys if k not in lb.SEED_KEYS]
+        table = [[str(r["rank"]), str(r["n"]), *(lb.mean_std(r[f"{m} mean"], r[f"{m} std"]) for m in scores),
+                  *(str(r[k]) for k in config_keys), "yes" if r["future_inputs"] else ""]
+                 for r in lb.group_rows(groups, metric, config_keys)]
+        print(lb.text_table(["#", "n", *scores, *config_keys, "future_inputs"], table))
+    if unranked:
+        print(f"{len(unranked)} unfinished trial(s) are not ranked (their metrics cover fewer stages)")
+    errored = sum(t.state == "error" for t in trials)
     if errored and not status_only:
         print(f"{errored} trial(s) errored: `clorch resume NAME` continues them from their last stage")
     return 1 if errored and not status_only else 0
+
+
+def _cell(value) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.4f}"
 
 
 def cmd_report(args) -> int:
@@ -180,8 +206,9 @@ def cmd_report(args) -> int:
     storage = resolve_target(None, args.storage, None).storage
     check_sweep(args.name, storage)
     tune_options = sweep_info(storage, args.name)["tune"]
-    print(write_report(args.name, storage, Path(args.out) if args.out else None,
-                       args.metric or tune_options["metric"], tune_options["mode"]))
+    metric = args.metric or tune_options["metric"]
+    mode = args.mode or (tune_options["mode"] if metric == tune_options["metric"] else None)
+    print(write_report(args.name, storage, Path(args.out) if args.out else None, metric, mode))
     return 0
 
 

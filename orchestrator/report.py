@@ -1,4 +1,4 @@
-"""A sweep's leaderboard: its trials ranked by a metric, with their swept values, state and stages, and plots.
+"""A sweep's report: configurations ranked with seeds aggregated, every trial, and per-trial plots.
 
 Everything is read from the experiment folder (Tune's experiment state and each trial's reported results), so
 a report works while the sweep runs, after it ended or failed, and with neither Ray nor MLflow running.
@@ -8,28 +8,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.sweep import check_sweep, state_dir
+from orchestrator import leaderboard as lb
+from orchestrator.leaderboard import TrialSummary
+from orchestrator.sweep import check_sweep, short_value, state_dir
 from workloads.config import ConfigError
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
-CSV_FILE = "leaderboard.csv"
-
-
-@dataclass
-class TrialSummary:
-    """One trial as the report sees it."""
-
-    trial: str
-    state: str  # done | stopped (early, e.g. by ASHA) | error | running | pending | paused
-    stages: int  # stages completed
-    total_stages: int | None  # None until the trial has reported once
-    metrics: dict  # the last report's scalar metrics
-    params: dict  # swept dotted key -> value
-    seen: list[float] = field(default_factory=list)  # accuracy on seen classes after each stage
-    matrix: list[list[float]] = field(default_factory=list)  # R[i][j] for the stages completed
+CSV_FILE = "leaderboard.csv"  # configurations, seeds aggregated
+TRIALS_FILE = "trials.csv"  # every trial
 
 
 def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]]:
@@ -42,66 +30,84 @@ def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]
     trials = []
     for t in analysis.trials:
         last = t.last_result or {}
-        matrix = json.loads(last["accuracy_matrix"]) if "accuracy_matrix" in last else []
+        matrix = json.loads(last["test/accuracy_matrix"]) if "test/accuracy_matrix" in last else []
         stages = int(last["stage"]) + 1 if "stage" in last else 0
-        total = len(matrix[0]) if matrix else None
+        total = last.get("num_stages")
         state = {"TERMINATED": "done" if total and stages == total else "stopped"}.get(t.status, t.status.lower())
         df = frames.get(t.trial_id)
         seen = []
-        if df is not None and "accuracy_on_seen_classes" in df:
+        if df is not None and "test/accuracy_on_seen_classes" in df:
             # A resumed trial may report a stage again: keep its latest report.
             df = df.dropna(subset=["stage"]).drop_duplicates("stage", keep="last").sort_values("stage")
-            seen = [float(v) for v in df["accuracy_on_seen_classes"]]
-        params = (t.config or {}).get("sweep") or {}
+            seen = [float(v) for v in df["test/accuracy_on_seen_classes"]]
+        params = {k: short_value(v) for k, v in ((t.config or {}).get("sweep") or {}).items()}
         keys += [k for k in params if k not in keys]
         trials.append(TrialSummary(t.trial_id, state, stages, total,
                                    {k: v for k, v in last.items() if _is_number(v)}, params, seen, matrix))
     return trials, keys
 
 
-def write_report(name: str, storage: Path, out_dir: Path | None = None, metric: str = "average_accuracy",
-                 mode: str = "max") -> str:
-    """`clorch report NAME [--storage S] [--out DIR]` calls this: a markdown leaderboard; CSV and plots to out_dir."""
-    if mode not in ("max", "min"):
+def write_report(name: str, storage: Path, out_dir: Path | None = None, metric: str = lb.DEFAULT_METRIC,
+                 mode: str | None = None) -> str:
+    """`clorch report NAME` calls this: a markdown leaderboard of configurations (seeds aggregated) and of
+    trials; CSVs and plots to out_dir. `mode` defaults to the metric's own direction."""
+    if mode not in ("max", "min", None):
         raise ConfigError(f"--mode: max or min, got {mode!r}")
     trials, keys = load_trials(name, storage)
     reported = [t for t in trials if t.metrics]
     if reported and not any(metric in t.metrics for t in reported):
-        known = sorted({k for t in reported for k in t.metrics if k in SUMMARY_METRICS or "accuracy" in k})
+        known = sorted({k for t in reported for k in t.metrics if lb.direction(k)})
         raise ConfigError(f"--metric: no trial of {name} reports {metric!r}; reported: {', '.join(known)}")
-    sign = -1 if mode == "max" else 1
-
-    def order(t: TrialSummary) -> tuple:
-        value = t.metrics.get(metric)
-        missing = value is None or math.isnan(value)
-        # Finished trials first: a metric over fewer stages (stopped, errored, running) is not comparable.
-        return missing, t.state != "done", 0.0 if missing else sign * value
-
-    trials.sort(key=order)
+    mode = mode or lb.direction(metric) or "max"
+    groups, unranked = lb.rank(trials, metric, mode)
+    trials = lb.ranked_trials(trials, metric, mode)
     out_dir = Path(out_dir) if out_dir is not None else state_dir(Path(storage), name) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = [metric] + [m for m in SUMMARY_METRICS if m != metric]
+    config_keys = [k for k in keys if k not in lb.SEED_KEYS]
+    scores = lb.score_metrics(metric)
+    rows = lb.group_rows(groups, metric, config_keys)
 
     with open(out_dir / CSV_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["rank", "n", *(f"{m} {s}" for m in scores for s in ("mean", "std")),
+                                               *config_keys, "future_inputs", "trials"])
+        writer.writeheader()
+        writer.writerows(rows)
+    columns = [*scores, *(f"test/{m}" for m in SUMMARY_METRICS if f"test/{m}" not in scores)]
+    with open(out_dir / TRIALS_FILE, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "trial", "state", "stages_completed", "stages_total", *columns, *keys, "plot"])
-        for rank, t in enumerate(trials, 1):
+        writer.writerow(["rank", "trial", "state", "stages_completed", "stages_total", *columns, *keys,
+                         "future_inputs", "plot"])
+        for i, t in enumerate(trials, 1):
             plot = _plot(t, keys, out_dir / f"{t.trial}.png")
-            writer.writerow([rank, t.trial, t.state, t.stages, t.total_stages or "",
+            writer.writerow([i if t.state == "done" else "", t.trial, t.state, t.stages, t.total_stages or "",
                              *(t.metrics.get(c, "") for c in columns), *(t.params.get(k, "") for k in keys),
-                             plot.name if plot else ""])
+                             t.future_inputs, plot.name if plot else ""])
 
-    head = ["#", "trial", "state", "stages", *columns, *keys]
-    lines = [f"## Sweep `{name}`: {len(trials)} trial(s) by {metric} ({mode})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rank, t in enumerate(trials, 1):
-        stages = f"{t.stages}/{t.total_stages}" if t.total_stages else "0"
-        cells = [str(rank), t.trial, t.state, stages, *(_cell(t.metrics.get(c)) for c in columns),
-                 *(_cell(t.params.get(k)) for k in keys)]
+    lines = [f"## Sweep `{name}`: {len(groups)} configuration(s) of {len(trials)} trial(s) by {metric} ({mode})",
+             "", lb.selection_note(metric) + ".", ""]
+    if any(t.metrics.get("protocol.validation") == 0 for t in reported):
+        lines += ["Some trials ran with data.validation: 0: they have no validation set, only test scores.", ""]
+    if any(t.future_inputs for t in trials):
+        lines += ["**Future inputs**: trials marked `yes` learned from every stage's unlabelled inputs before "
+                  "stage 1 (learner.key_init_data: stream); their scores are transductive.", ""]
+    head = ["#", "n", *scores, *config_keys, "future_inputs"]
+    lines += ["Configurations (finished trials only; mean ± std over seeds, std with n - 1):", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["rank"]), str(r["n"]), *(lb.mean_std(r[f"{m} mean"], r[f"{m} std"]) for m in scores),
+                 *(_cell(r.get(k)) for k in config_keys), "yes" if r["future_inputs"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(t.state != "done" for t in trials):
-        lines += ["", "Trials that did not finish every stage are ranked after those that did."]
-    lines += ["", f"CSV and one plot per trial (`<trial>.png`) in {out_dir}"]
+    head = ["#", "trial", "state", "stages", *columns, *keys, "future_inputs"]
+    lines += ["", "Trials:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, t in enumerate(trials, 1):
+        stages = f"{t.stages}/{t.total_stages}" if t.total_stages else "0"
+        cells = [str(i) if t.state == "done" else "-", t.trial, t.state, stages,
+                 *(_cell(t.metrics.get(c)) for c in columns), *(_cell(t.params.get(k)) for k in keys),
+                 "yes" if t.future_inputs else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if unranked:
+        lines += ["", f"{len(unranked)} trial(s) did not finish every stage: they are listed, not ranked."]
+    lines += ["", f"{CSV_FILE} (configurations), {TRIALS_FILE} and one plot per trial (`<trial>.png`) in {out_dir}"]
     return "\n".join(lines) + "\n"
 
 
@@ -117,11 +123,11 @@ def _plot(t: TrialSummary, keys: list[str], path: Path) -> Path | None:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, sharey=True)
     left.plot(range(1, len(t.seen) + 1), t.seen, marker="o")
-    left.set(xlabel="after stage", ylabel="accuracy", title="accuracy on seen classes", ylim=(0, 1.02))
+    left.set(xlabel="after stage", ylabel="accuracy", title="test accuracy on seen classes", ylim=(0, 1.02))
     for j in range(len(t.matrix)):
         xs = list(range(j + 1, len(t.matrix) + 1))
         right.plot(xs, [t.matrix[i][j] for i in range(j, len(t.matrix))], marker="o", label=f"stage {j + 1}")
-    right.set(xlabel="after stage", title="accuracy on each stage's classes")
+    right.set(xlabel="after stage", title="test accuracy on each stage's classes")
     if t.matrix:
         right.legend(fontsize="small")
     for ax in (left, right):

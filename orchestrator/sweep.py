@@ -34,8 +34,8 @@ class Resources:
 class TuneOptions:
     """The `tune:` block of an experiment file."""
 
-    metric: str = "average_accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str = "val/average_accuracy"  # selection on test data only when a test/ metric is named here
+    mode: Literal["max", "min"] | None = None  # None: the metric's own direction
     num_samples: int = 1  # repeats of the grid (grid search) or samples drawn (random, optuna)
     scheduler: Literal["fifo", "asha"] = "fifo"
     search: Literal["grid", "random", "optuna"] = "grid"
@@ -45,9 +45,13 @@ class TuneOptions:
     resources: Resources = field(default_factory=Resources)
 
 
-def parse_tune(raw: dict) -> TuneOptions:
-    """Validate the `tune:` block; errors name `tune.<key>` and what is accepted."""
+def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptions:
+    """Validate the `tune:` block (against the experiment's validation setting when given); errors name
+    `tune.<key>` and what is accepted."""
+    from orchestrator.leaderboard import check_metric
+
     options = from_dict(TuneOptions, raw or {}, "tune")
+    options.mode = options.mode or check_metric(options.metric, _always_validated(experiment))
     if options.num_samples < 1:
         raise ConfigError(f"tune.num_samples: must be >= 1, got {options.num_samples}")
     if options.resources.num_workers is not None and options.resources.num_workers < 0:
@@ -60,6 +64,19 @@ def parse_tune(raw: dict) -> TuneOptions:
         except ImportError:
             raise ConfigError("tune.search: optuna needs the optuna package (pip install optuna)") from None
     return options
+
+
+def _always_validated(experiment: ExperimentFile | None) -> bool:
+    """Whether every trial of the experiment has a validation set (data.validation > 0, swept or not)."""
+    if experiment is None:
+        return True
+    values = [experiment.base.data.validation]
+    for axis in (a for a in experiment.axes if a.kind in ("grid", "choice")):
+        if axis.key == "data.validation":
+            values += [v for v in axis.values if isinstance(v, (int, float))]
+        elif axis.key == "data":
+            values += [v.get("validation", 0.1) for v in axis.values if isinstance(v, dict)]
+    return all(v > 0 for v in values)
 
 
 def state_dir(storage: Path, name: str) -> Path:
@@ -109,7 +126,8 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                   # keeping one checkpoint makes Tune snapshot the experiment state at every
                                   # stage, so a restart resumes from the last stage reported, not an older one
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[MLflowTracking(tracking_uri, name, str(own_dir), tracking)]))
+                                  callbacks=[MLflowTracking(tracking_uri, name, str(own_dir), tracking,
+                                                            options.metric, options.mode)]))
 
 
 def _scheduler(options: TuneOptions):
@@ -166,23 +184,33 @@ def _trainable(resources: dict):
                                else DRIVER_ONLY)
 
 
-def summarise(results, metric: str = "average_accuracy") -> list[dict]:
-    """One row per trial: id, state, stage reached, the metric's last value, swept values."""
-    rows = []
-    for result in results:
-        m = result.metrics or {}
-        config = result.config or {}
-        finished = m.get("stage") is not None and m["stage"] + 1 == m.get("num_stages")
-        rows.append({"trial": m.get("trial_id") or Path(result.path).name, "state": "ERROR" if result.error else
-                     ("DONE" if finished else "INCOMPLETE"), "stage": m.get("stage"),
-                     "metric": m.get(metric),
-                     **{k: _short(v) for k, v in (config.get("sweep") or {}).items()}})
-    return rows
+def trial_summaries(results) -> list:
+    """The leaderboard's view (orchestrator.leaderboard.TrialSummary) of a Tune ResultGrid's trials."""
+    return [_summary(m.get("trial_id") or Path(r.path).name, "error" if r.error else None, m, r.config)
+            for r in results for m in [r.metrics or {}]]
 
 
-def _short(value):
+def live_trial_summaries(trials) -> list:
+    """The leaderboard's view of the driver's Trial objects (in a Tune callback)."""
+    return [_summary(t.trial_id, None if t.status == "TERMINATED" else t.status.lower(), t.last_result or {},
+                     t.config) for t in trials]
+
+
+def _summary(trial_id: str, state: str | None, last: dict, config: dict | None):
+    """A TrialSummary; `state` None means: done if every stage reported, else incomplete."""
+    from orchestrator.leaderboard import TrialSummary
+
+    total = last.get("num_stages")
+    stages = int(last["stage"]) + 1 if last.get("stage") is not None else 0
+    state = state or ("done" if total and stages == total else "incomplete")
+    return TrialSummary(trial_id, state, stages, total,
+                        {k: v for k, v in last.items() if isinstance(v, (int, float))},
+                        {k: short_value(v) for k, v in ((config or {}).get("sweep") or {}).items()})
+
+
+def short_value(value):
     """A swept block as one readable cell: {name: dkvb, num_keys: 256} -> dkvb(num_keys=256)."""
     if not isinstance(value, dict):
         return value
-    rest = ", ".join(f"{k}={_short(v)}" for k, v in value.items() if k != "name")
+    rest = ", ".join(f"{k}={short_value(v)}" for k, v in value.items() if k != "name")
     return f"{value['name']}({rest})" if "name" in value else "{" + rest + "}"

@@ -16,6 +16,7 @@ from ray import tune
 
 from orchestrator.trial import train_run_state
 from workloads.config import flatten, to_dict
+from workloads.metrics import DIRECTIONS, SPLITS, split_of
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ def load_state(checkpoint) -> dict:
 class MLflowTracking(tune.Callback):
     """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow."""
 
-    def __init__(self, tracking_uri: str, experiment: str, state_dir: str, options: TrackingOptions | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, state_dir: str, options: TrackingOptions | None = None,
+                 metric: str = "val/average_accuracy", mode: str = "max"):
         self.tracking_uri, self.experiment, self.state_dir = tracking_uri, experiment, state_dir
         self.options = options or TrackingOptions()
+        self.metric, self.mode = metric, mode  # the sweep's selection metric
         self._client = None
         self._attached: set[str] = set()  # child runs this driver already checked (or created)
 
@@ -87,8 +90,13 @@ class MLflowTracking(tune.Callback):
         if runs["parent"] is None:
             exp = self.client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-            runs["parent"] = self.client.create_run(exp_id, run_name=self.experiment,
-                                                    tags={"clorch.sweep": self.experiment}).info.run_id
+            from orchestrator.leaderboard import selection_note
+            from workloads.metrics import split_of
+
+            tags = {"clorch.sweep": self.experiment, "protocol.selection_metric": self.metric,
+                    "protocol.selection": {"val": "validation", "test": "test (asked for by name)"}[
+                        split_of(self.metric)], "protocol.selection_note": selection_note(self.metric)}
+            runs["parent"] = self.client.create_run(exp_id, run_name=self.experiment, tags=tags).info.run_id
             self._save_map(runs)
         return runs["parent"]
 
@@ -137,7 +145,14 @@ class MLflowTracking(tune.Callback):
         stamp = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(k, float(v), stamp, stage) for k, v in result.items()
                    if _is_stage_metric(k, v)]
-        self.client.log_batch(run_id, metrics=metrics)
+        tags = []
+        if logged < 0:  # the protocol is the trial's, the same at every stage: tag it once
+            from mlflow.entities import RunTag
+
+            validation = result.get("protocol.validation", 0)
+            tags = [RunTag("protocol.future_inputs", str(bool(result.get("protocol.future_inputs"))).lower()),
+                    RunTag("protocol.validation", f"{validation:g}" if validation else "none")]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
         runs["stages_logged"][trial.trial_id] = stage
         self._save_map(runs)
         if _runs_train_workers(trial) and self.options.codebooks:  # no Tune checkpoint: read the Train run's
@@ -157,8 +172,10 @@ class MLflowTracking(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run(trial)
         result = trial.last_result or {}
-        if "accuracy_matrix" in result:
-            self.log_matrix(run_id, json.loads(result["accuracy_matrix"]))
+        matrices = {split: json.loads(result[f"{split}/accuracy_matrix"]) for split in SPLITS
+                    if f"{split}/accuracy_matrix" in result}
+        if matrices:
+            self.log_matrices(run_id, matrices)
         if self.options.log_model:
             _best_effort("the final model", self.log_model, run_id, trial)
         self.client.set_terminated(run_id, "FINISHED")
@@ -216,22 +233,56 @@ class MLflowTracking(tune.Callback):
         self._attached.discard(run_id)  # a retry (max_failures) or a resume marks it RUNNING again
 
     def on_experiment_end(self, trials, **info) -> None:
+        parent = self.parent_run()
+        _best_effort("the sweep's leaderboard", self.log_leaderboard, parent, trials)
         failed = any(t.status == "ERROR" for t in trials)
-        self.client.set_terminated(self.parent_run(), "FAILED" if failed else "FINISHED")
+        self.client.set_terminated(parent, "FAILED" if failed else "FINISHED")
 
-    def log_matrix(self, run_id: str, matrix: list[list[float]]) -> None:
-        """The accuracy matrix as JSON and as a heatmap PNG."""
-        self.client.log_dict(run_id, {"accuracy_matrix": matrix}, "accuracy_matrix.json")
-        fig = _figure(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
-        ax = fig.subplots()
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xlabel("evaluated on stage j")
-        ax.set_ylabel("after training stage i")
-        fig.colorbar(image, ax=ax)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "accuracy_matrix.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            self.client.log_artifact(run_id, str(path))
+    def log_leaderboard(self, run_id: str, trials) -> None:
+        """On the parent run: configurations ranked on the selection metric, seeds aggregated (`leaderboard.json`,
+        an MLflow table), the best configuration's means and stds as metrics, and the protocol as tags."""
+        from mlflow.entities import Metric
+
+        from orchestrator import leaderboard as lb
+        from orchestrator.sweep import live_trial_summaries
+
+        summaries = live_trial_summaries(trials)
+        groups, _ = lb.rank(summaries, self.metric, self.mode)
+        keys = sorted({k for s in summaries for k in s.params if k not in lb.SEED_KEYS})
+        rows = lb.group_rows(groups, self.metric, keys)
+        future = any(s.future_inputs for s in summaries)
+        self.client.set_tag(run_id, "protocol.future_inputs", str(future).lower())
+        if not rows:
+            return
+        import pandas as pd
+
+        table = pd.DataFrame([{k: (str(v) if k in keys else v) for k, v in r.items()} for r in rows])
+        self.client.log_table(run_id, table, "leaderboard.json")
+        best = groups[0]
+        metrics = {"best/n": float(best.n)}
+        for m in lb.score_metrics(self.metric):
+            mean, std = best.stats(m)
+            metrics[f"best/{m}_mean"], metrics[f"best/{m}_std"] = mean, std
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items() if v == v])
+        self.client.set_tag(run_id, "best.config", ", ".join(f"{k}={best.params.get(k)}" for k in keys) or "base")
+        self.client.set_tag(run_id, "best.trials", " ".join(t.trial for t in best.trials))
+
+    def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]]) -> None:
+        """The accuracy matrix of each split as JSON (`accuracy_matrix.json`: {split: R}) and as a heatmap
+        PNG per split (`accuracy_matrix_<split>.png`)."""
+        self.client.log_dict(run_id, matrices, "accuracy_matrix.json")
+        for split, matrix in matrices.items():
+            fig = _figure(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
+            ax = fig.subplots()
+            image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xlabel("evaluated on stage j")
+            ax.set_ylabel("after training stage i")
+            ax.set_title(f"{split} accuracy")
+            fig.colorbar(image, ax=ax)
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / f"accuracy_matrix_{split}.png"
+                fig.savefig(path, dpi=100, bbox_inches="tight")
+                self.client.log_artifact(run_id, str(path))
 
 
 def _runs_train_workers(trial) -> bool:
@@ -256,9 +307,13 @@ def _figure(**kwargs):
     return fig
 
 
-STAGE_METRICS = ("accuracy_on_seen_classes", "average_accuracy", "average_incremental_accuracy", "forgetting",
-                 "bwt", "loss", "seconds", "memory_size")
+RUN_METRICS = ("loss", "seconds", "memory_size")  # the rest are `val/...` and `test/...`
 
 
 def _is_stage_metric(key: str, value) -> bool:
-    return (key in STAGE_METRICS or key.startswith("accuracy_stage_")) and isinstance(value, (int, float))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    if split_of(key):
+        base = key.partition("/")[2]
+        return base in DIRECTIONS or base.startswith("accuracy_stage_")
+    return key in RUN_METRICS

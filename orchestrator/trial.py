@@ -28,10 +28,16 @@ def resolve(trial_config: dict):
 
 
 def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
-    """What a stage report carries: the stage index, scalar metrics, and per-stage accuracies by name."""
+    """What a stage report carries: the stage index, scalar metrics (`val/...`, `test/...`), each stage's
+    accuracy by name from the stage at which it was first trained, and the protocol as numbers."""
+    from workloads.metrics import SPLITS
+
     out = {"stage": stage, **{k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "stage"}}
-    for j, acc in enumerate(m["stage_accuracies"]):
-        out[f"accuracy_stage_{j}"] = acc
+    for split in SPLITS:
+        for j, acc in enumerate(m.get(f"{split}/stage_accuracies", [])[:stage + 1]):  # later stages: untrained
+            out[f"{split}/accuracy_stage_{j}"] = acc
+    out["protocol.validation"] = float(m["protocol"]["validation"])
+    out["protocol.future_inputs"] = int(m["protocol"]["future_inputs"])
     return out
 
 
@@ -56,7 +62,8 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
             report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
-                    "accuracy_matrix": json.dumps(state["accuracy_matrix"])},
+                    **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
+                       for split, scores in state["splits"].items()}},
                    Checkpoint.from_directory(folder))
         if fail_at is not None and stage + 1 == fail_at and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)

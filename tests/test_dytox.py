@@ -145,4 +145,5 @@ def test_the_cifar100_50_stage_preset_runs_end_to_end_on_a_cifar100_release(tmp_
     states = []
     result = run_stream(config, on_stage_end=lambda i, m, s: states.append(m["memory_size"]))
     assert len(result.test.accuracy_matrix) == 50 and result.stages[1] == [2, 3]
-    assert max(states) <= 2000 and states[-1] == 200  # 2 training images per class, all kept
+    # 2 training images per class, one held out for validation, the other kept
+    assert max(states) <= 2000 and states[-1] == 100

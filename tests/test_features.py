@@ -53,6 +53,17 @@ def test_runs_that_differ_only_in_learning_rate_learn_keys_once(tmp_path, caplog
     assert len(list((tmp_path / "keys").glob("*.pt"))) == 2  # another key config learns its own keys
 
 
+def test_key_configs_with_the_same_codebooks_times_key_dim_do_not_share_keys(tmp_path):
+    # 2 x 4 and 4 x 2 draw the same projection numbers from one seed; the second once crashed on the first's keys
+    for codebooks, key_dim in ((2, 4), (4, 2)):
+        config = {"cache_dir": str(tmp_path), "train": {"epochs": 1},
+                  "learner": {"name": "dkvb", "num_codebooks": codebooks, "num_keys": 16, "key_dim": key_dim}}
+        states = []
+        run_stream(parse_run_config(config), on_stage_end=lambda i, m, s: states.append(s))
+        assert states[0]["learner"]["model"]["bottleneck.keys"].shape == (codebooks, 16, key_dim)
+    assert len(list((tmp_path / "keys").glob("*.pt"))) == 2
+
+
 def test_keys_on_identity_inputs_are_cached_too(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     config = {"cache_dir": str(tmp_path), "learner": {"name": "dkvb", "num_codebooks": 4, "num_keys": 16},

@@ -13,7 +13,7 @@ def test_finetune_trains_the_backbone_on_images():
                                "train": {"epochs": 15, "batch_size": 32, "optimizer": "adam", "lr": 1e-2}})
     states = []
     result = run_stream(config, on_stage_end=lambda i, m, s: states.append(s))
-    assert sum(result.test.accuracy_matrix[i][i] for i in range(5)) / 5 > 0.85  # learns each stage...
+    assert sum(result.test.accuracy_matrix[i][i] for i in range(5)) / 5 > 0.75  # learns each stage...
     assert result.metrics["test/forgetting"] > 0.5  # ...and forgets the earlier ones: the naive baseline
     first, last = states[0]["learner"]["model"], states[-1]["learner"]["model"]
     conv = "backbone.net.0.weight"

@@ -43,10 +43,16 @@ def finished_sweep(ray_local, tmp_path_factory):
     return "tiny", storage
 
 
-def _table(markdown: str) -> tuple[list[str], list[list[str]]]:
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
-            if line.startswith("|") and not line.startswith("|---")]
-    return rows[0], rows[1:]
+def _tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table of a report: (header, rows)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|") and not line.startswith("|---"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif not line.startswith("|") and current:
+            tables.append((current[0], current[1:]))
+            current = []
+    return tables
 
 
 @pytest.mark.slow
@@ -55,14 +61,18 @@ def test_report_ranks_trials_best_first_with_a_csv_row_and_a_plot_each(finished_
 
     name, storage = finished_sweep
     markdown = write_report(name, storage, tmp_path / "out")
-    head, rows = _table(markdown)
+    assert "selected on validation data (val/average_accuracy)" in markdown
+    (ghead, groups), (head, rows) = _tables(markdown)
+    assert [r[ghead.index("n")] for r in groups] == ["1", "1"]  # no seed axis: each configuration once
     assert len(rows) == 2 and all(r[head.index("state")] == "done" and r[head.index("stages")] == "2/2"
                                   for r in rows)
-    values = [float(r[head.index("average_accuracy")]) for r in rows]
+    values = [float(r[head.index("val/average_accuracy")]) for r in rows]
     assert values == sorted(values, reverse=True)
+    assert [r[ghead.index("learner.num_keys")] for r in groups] == [r[head.index("learner.num_keys")] for r in rows]
     assert sorted(r[head.index("learner.num_keys")] for r in rows) == ["16", "32"]
+    assert all(r[head.index("future_inputs")] == "no" for r in rows)
 
-    with open(tmp_path / "out" / "leaderboard.csv") as f:
+    with open(tmp_path / "out" / "trials.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["trial"] for r in table] == [r[head.index("trial")] for r in rows]
     assert sorted(int(r["learner.num_keys"]) for r in table) == [16, 32]
@@ -70,18 +80,23 @@ def test_report_ranks_trials_best_first_with_a_csv_row_and_a_plot_each(finished_
         png = tmp_path / "out" / f"{r['trial']}.png"
         assert r["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(r["plot"] for r in table)
+    with open(tmp_path / "out" / "leaderboard.csv") as f:
+        configs = list(csv.DictReader(f))
+    assert [c["n"] for c in configs] == ["1", "1"] and "val/average_accuracy mean" in configs[0]
 
 
 @pytest.mark.slow
-def test_report_orders_by_any_metric_and_names_unknown_ones(finished_sweep):
+def test_report_orders_by_any_metric_in_its_own_direction_and_names_unknown_ones(finished_sweep):
     from orchestrator.report import write_report
 
     name, storage = finished_sweep
-    head, rows = _table(write_report(name, storage, metric="forgetting", mode="min"))
-    values = [float(r[head.index("forgetting")]) for r in rows]
+    markdown = write_report(name, storage, metric="test/forgetting")  # no mode: forgetting's own, min
+    assert "by test/forgetting (min)" in markdown and "selected on TEST data (test/forgetting, asked for" in markdown
+    _, (head, rows) = _tables(markdown)
+    values = [float(r[head.index("test/forgetting")]) for r in rows]
     assert values == sorted(values)
     assert (storage / ".clorch" / name / "report" / "leaderboard.csv").exists()  # the default out_dir
-    with pytest.raises(ConfigError, match="no_such_metric.*average_accuracy"):
+    with pytest.raises(ConfigError, match="no_such_metric.*val/average_accuracy"):
         write_report(name, storage, metric="no_such_metric")
     with pytest.raises(ConfigError, match="no sweep of that name.*tiny"):
         write_report("other", storage)

@@ -57,7 +57,7 @@ def test_a_bad_sweep_in_a_file_fails_at_load(tmp_path):
 
 
 def test_a_swept_learner_block_shows_as_one_readable_cell():
-    from orchestrator.sweep import _short
+    from orchestrator.sweep import short_value
 
-    assert _short({"name": "mlp", "hidden": 128}) == "mlp(hidden=128)"
-    assert _short({"name": "linear"}) == "linear()" and _short(0.3) == 0.3
+    assert short_value({"name": "mlp", "hidden": 128}) == "mlp(hidden=128)"
+    assert short_value({"name": "linear"}) == "linear()" and short_value(0.3) == 0.3
