@@ -141,7 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dytox_cifar100_10": _dytox_cifar100(10),
     "dytox_cifar100_20": _dytox_cifar100(20),
     "dytox_cifar100_50": _dytox_cifar100(50),
-    # DyTox scaled down to scikit-learn's digits as 8x8 images: under 20 s on 2 CPU cores for 5 stages
+    # DyTox scaled down to scikit-learn's digits as 8x8 images: about 21 s on 2 CPU cores for 5 stages
     "dytox_tiny": {
         "data": {"source": "digits", "classes_per_stage": 2},
         "backbone": {"name": "identity"},
