@@ -32,6 +32,18 @@ def write_cifar(root, folder, files, label_key, per_file, num_classes, meta_name
     return base
 
 
+def markdown_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every table of a markdown text (a `clorch report`), in order: (header cells, rows of cells)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|") and not line.startswith("|---"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif not line.startswith("|") and current:
+            tables.append((current[0], current[1:]))
+            current = []
+    return tables
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

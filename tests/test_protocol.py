@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import markdown_tables
 from workloads.config import parse_run_config
 from workloads.runner import run_stream
 
@@ -87,15 +88,15 @@ sweep:
 """
 
 
-def _tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
-    tables, current = [], []
-    for line in markdown.splitlines() + [""]:
-        if line.startswith("|") and not line.startswith("|---"):
-            current.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif not line.startswith("|") and current:
-            tables.append((current[0], current[1:]))
-            current = []
-    return tables
+def sweep_inverted(tmp_path, template: str, name: str):
+    """Run `template` (formatted with the inverted-test npz) as sweep `name` through the CLI: (storage, uri)."""
+    from orchestrator.cli import main
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(template.format(root=write_inverted_test(tmp_path / "inverted.npz")))
+    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sweep", str(path), "--name", name, "--storage", str(storage), "--tracking-uri", uri]) == 0
+    return storage, uri
 
 
 @pytest.mark.slow
@@ -106,18 +107,14 @@ def test_tune_the_report_and_the_parent_run_pick_the_validation_winner_with_seed
 
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.cli import main
     from orchestrator.report import write_report
     from orchestrator.sweep import restore_tuner
 
-    path = tmp_path / "inverted.yaml"
-    path.write_text(INVERTED.format(root=write_inverted_test(tmp_path / "inverted.npz")))
-    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["sweep", str(path), "--name", "inv", "--storage", str(storage), "--tracking-uri", uri]) == 0
+    storage, uri = sweep_inverted(tmp_path, INVERTED, "inv")
     out = capsys.readouterr().out
 
     markdown = write_report("inv", storage, tmp_path / "report")
-    (ghead, groups), (head, trials) = _tables(markdown)
+    (ghead, groups), (head, trials) = markdown_tables(markdown)
     by_lr = {lr: [r for r in trials if float(r[head.index("train.lr")]) == lr] for lr in (1e-5, 0.5)}
     mean = {lr: statistics.fmean(float(r[head.index("val/average_accuracy")]) for r in rows)
             for lr, rows in by_lr.items()}
@@ -177,17 +174,14 @@ def test_selection_on_test_and_future_inputs_are_said_in_the_table_the_report_an
 
     from orchestrator.cli import main
 
-    path = tmp_path / "mixed.yaml"
-    path.write_text(MIXED.format(root=write_inverted_test(tmp_path / "inverted.npz")))
-    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["sweep", str(path), "--name", "mixed", "--storage", str(storage), "--tracking-uri", uri]) == 0
+    storage, uri = sweep_inverted(tmp_path, MIXED, "mixed")
     out = capsys.readouterr().out
     assert "selected on TEST data (test/average_accuracy, asked for by name)" in out
 
     assert main(["report", "mixed", "--storage", str(storage)]) == 0  # ranks on the sweep's own metric
     markdown = capsys.readouterr().out
     assert "selected on TEST data" in markdown and "**Future inputs**" in markdown
-    _, (head, trials) = _tables(markdown)
+    _, (head, trials) = markdown_tables(markdown)
     flags = {r[head.index("learner")].split("(")[0]: r[head.index("future_inputs")] for r in trials}
     assert flags == {"linear": "no", "dkvb": "yes"}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import markdown_tables
 from workloads.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,18 +44,6 @@ def finished_sweep(ray_local, tmp_path_factory):
     return "tiny", storage
 
 
-def _tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every markdown table of a report: (header, rows)."""
-    tables, current = [], []
-    for line in markdown.splitlines() + [""]:
-        if line.startswith("|") and not line.startswith("|---"):
-            current.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif not line.startswith("|") and current:
-            tables.append((current[0], current[1:]))
-            current = []
-    return tables
-
-
 @pytest.mark.slow
 def test_report_ranks_trials_best_first_with_a_csv_row_and_a_plot_each(finished_sweep, tmp_path):
     from orchestrator.report import write_report
@@ -62,7 +51,7 @@ def test_report_ranks_trials_best_first_with_a_csv_row_and_a_plot_each(finished_
     name, storage = finished_sweep
     markdown = write_report(name, storage, tmp_path / "out")
     assert "selected on validation data (val/average_accuracy)" in markdown
-    (ghead, groups), (head, rows) = _tables(markdown)
+    (ghead, groups), (head, rows) = markdown_tables(markdown)
     assert [r[ghead.index("n")] for r in groups] == ["1", "1"]  # no seed axis: each configuration once
     assert len(rows) == 2 and all(r[head.index("state")] == "done" and r[head.index("stages")] == "2/2"
                                   for r in rows)
@@ -92,7 +81,7 @@ def test_report_orders_by_any_metric_in_its_own_direction_and_names_unknown_ones
     name, storage = finished_sweep
     markdown = write_report(name, storage, metric="test/forgetting")  # no mode: forgetting's own, min
     assert "by test/forgetting (min)" in markdown and "selected on TEST data (test/forgetting, asked for" in markdown
-    _, (head, rows) = _tables(markdown)
+    _, (head, rows) = markdown_tables(markdown)
     values = [float(r[head.index("test/forgetting")]) for r in rows]
     assert values == sorted(values)
     assert (storage / ".clorch" / name / "report" / "leaderboard.csv").exists()  # the default out_dir

@@ -71,7 +71,8 @@ class RunResult:
     @property
     def metrics(self) -> dict[str, float]:
         """`<split>/<metric>` for every split and every derived metric."""
-        return {f"{name}/{k}": v for name, scores in self.splits.items() for k, v in scores.metrics(self.stages).items()}
+        return {f"{name}/{k}": v for name, scores in self.splits.items()
+                for k, v in scores.metrics(self.stages).items()}
 
     def to_json(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "stages": self.stages,
