@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +264,9 @@ class MLflowTracking(tune.Callback):
         for m in lb.score_metrics(self.metric):
             mean, std = best.stats(m)
             metrics[f"best/{m}_mean"], metrics[f"best/{m}_std"] = mean, std
-        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items() if v == v])
+        now = int(time.time() * 1000)
+        # a std of n = 1 is nan: left out rather than logged as a number
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v])
         self.client.set_tag(run_id, "best.config", ", ".join(f"{k}={best.params.get(k)}" for k in keys) or "base")
         self.client.set_tag(run_id, "best.trials", " ".join(t.trial for t in best.trials))
 
