@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
         p.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
-        p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+        p.add_argument("--num-cpus", type=_positive_int, help="CPUs of a local Ray (default: all)")
     report = sub.add_parser("report", help="leaderboard (markdown + CSV) and accuracy-per-stage plots of a sweep")
     report.add_argument("name", help="sweep name")
     report.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
@@ -55,16 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 CPUs would leave every trial waiting forever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
 def cmd_run(args) -> int:
     from orchestrator.config import load_experiment
-    from workloads.runner import run_stream
+    from workloads.runner import resolve_device, run_stream
 
     experiment = load_experiment(args.file, args.overrides)
     config = experiment.base
+    resolve_device(config.device)  # `cuda` without a GPU fails here, before any output or work
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.exists():
         raise ConfigError(f"--output: folder {output.parent} does not exist")
@@ -128,6 +141,9 @@ def cmd_sweep(args) -> int:
     options = parse_tune(experiment.tune, experiment)
     tracking = parse_tracking(experiment.tracking)
     name = args.name or Path(args.file).stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"--name: {name!r} is not a plain name; accepted: letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit (the sweep's folder goes under --storage)")
     target = _target(args)
     if (target.storage / name).exists():
         raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "

@@ -27,6 +27,8 @@ def resolve_target(address: str | None, storage: str | None, tracking_uri: str |
     """Fill in the embedded defaults: local Ray, ./clorch_runs, sqlite:///mlflow.db (absolute paths)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     storage_path = Path(storage or DEFAULT_STORAGE).expanduser().resolve()
+    if storage_path.exists() and not storage_path.is_dir():
+        raise ConfigError(f"--storage: {storage_path} is a file; give a folder (it is created if missing)")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())

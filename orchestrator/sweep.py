@@ -52,10 +52,14 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
 
     options = from_dict(TuneOptions, raw or {}, "tune")
     options.mode = options.mode or check_metric(options.metric, _always_validated(experiment))
-    if options.num_samples < 1:
-        raise ConfigError(f"tune.num_samples: must be >= 1, got {options.num_samples}")
     if options.resources.num_workers is not None and options.resources.num_workers < 0:
         raise ConfigError(f"tune.resources.num_workers: must be >= 0, got {options.resources.num_workers}")
+    for key, value, low in (("num_samples", options.num_samples, 1),
+                            ("max_concurrent_trials", options.max_concurrent_trials, 1),
+                            ("max_failures", options.max_failures, 0), ("fail_at_stage", options.fail_at_stage, 1),
+                            ("resources.cpus_per_trial", options.resources.cpus_per_trial, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"tune.{key}: must be an integer >= {low}, got {value}")
     if options.resources.cpus_per_worker <= 0:
         raise ConfigError(f"tune.resources.cpus_per_worker: must be > 0, got {options.resources.cpus_per_worker}")
     if options.search == "optuna":

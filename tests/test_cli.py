@@ -67,6 +67,12 @@ def _experiment(tmp_path, text: str) -> str:
      "learner.num_codebooks x learner.num_keys: 4096 x 100000000 codebook entries need"),
     ("bsae: {}\n", [], "unknown top-level key 'bsae'"),
     ("base: [1, 2\n", [], "not valid YAML at line"),
+    ("base:\n  train: {lr: .nan}\n", [], "train.lr: got nan; accepted: a finite number"),
+    ("base:\n  train: {grad_clip: -1}\n", [], "train.grad_clip: the largest gradient norm must be > 0"),
+    ("base: {}\n", ["--set", "seed=1180591620717411303424"], "seed: must be an integer in [0, 2**63)"),
+    ("base:\n  learner: {name: dkvb, value_dim: 0}\n", [], "learner.value_dim: must be a positive integer"),
+    pytest.param("base:\n  device: cuda\n", [], "device: cuda, but this machine has no CUDA GPU",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, body, extra, message):
     assert main(["run", _experiment(tmp_path, body), *extra]) == 2

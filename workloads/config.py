@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from typing import Any, Literal, Union
 
 class ConfigError(ValueError):
     """A user mistake in a config: the message names the offending key or value and what is accepted."""
+
+
+SEED_LIMIT = 2**63  # seeds are signed 64-bit integers wherever they go (torch, numpy, JSON readers)
 
 
 @dataclass
@@ -221,8 +225,18 @@ def check_run_config(config: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be > 0, got {config.train.lr}")
+    for key, seed in (("seed", config.seed), ("data.class_order_seed", config.data.class_order_seed)):
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"{key}: must be an integer in [0, 2**63), got {seed}")
+    t = config.train
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+    for key, value in (("train.momentum", t.momentum), ("train.weight_decay", t.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip: the largest gradient norm must be > 0 (null: no clipping), "
+                          f"got {t.grad_clip}")
     if config.rehearsal.memory_size < 0:
         raise ConfigError(f"rehearsal.memory_size: must be >= 0 (0 = no memory), got {config.rehearsal.memory_size}")
     if config.rehearsal.replay_ratio < 0:
@@ -366,13 +380,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .nan or .inf would train to garbage without a word
+                raise ConfigError(f"{key}: got {value!r}; accepted: a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -113,6 +113,9 @@ def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA where present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but this machine has no CUDA GPU (or torch has no CUDA build); "
+                          "accepted here: auto or cpu")
     return torch.device(name)
 
 

@@ -20,7 +20,7 @@ SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validati
 
 def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
     """Every stage draws from its own seeds, so a run resumed at a stage replays what an uninterrupted one does."""
-    return seed * 1_000_003 + stage + SEED_PURPOSES[purpose]
+    return (seed * 1_000_003 + stage + SEED_PURPOSES[purpose]) % 2**64  # torch takes seeds below 2**64
 
 
 @dataclass

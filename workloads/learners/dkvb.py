@@ -48,6 +48,14 @@ class DKVBOptions:
                     "decoder_hidden"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"learner.{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.value_dim is not None and self.value_dim <= 0:
+            raise ConfigError(f"learner.value_dim: must be a positive integer (null: the number of classes), "
+                              f"got {self.value_dim}")
+        if isinstance(self.key_init_data, KeyInitData):
+            for key in ("num_samples", "image_size"):
+                if getattr(self.key_init_data, key) <= 0:
+                    raise ConfigError(f"learner.key_init_data.{key}: must be a positive integer, "
+                                      f"got {getattr(self.key_init_data, key)}")
         if self.topk > self.num_keys:
             raise ConfigError(f"learner.topk: {self.topk} exceeds learner.num_keys ({self.num_keys})")
         if not 0 < self.key_init_decay < 1:

@@ -56,6 +56,8 @@ class DyToxOptions:
                 raise ConfigError(f"learner.{key}: must be > 0, got {getattr(self, key)}")
         if self.div_weight < 0:
             raise ConfigError(f"learner.div_weight: must be >= 0, got {self.div_weight}")
+        if self.finetune_lr is not None and self.finetune_lr <= 0:
+            raise ConfigError(f"learner.finetune_lr: must be > 0 (null: train.lr), got {self.finetune_lr}")
 
 
 def _mlp(dim: int, ratio: float) -> nn.Module:
