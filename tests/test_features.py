@@ -98,6 +98,27 @@ def test_a_flipped_byte_fails_the_checksum(tmp_path):
         read_features(victim)
 
 
+def test_edited_metadata_fails_the_checksum_and_the_file_is_rebuilt(tmp_path, caplog):
+    import json
+
+    import pyarrow as pa
+
+    first = run_stream(cnn_config(tmp_path))
+    victim = max((tmp_path / "features").glob("*.arrow"), key=lambda p: p.stat().st_size)
+    table = pa.ipc.open_file(pa.BufferReader(victim.read_bytes())).read_all()  # in memory: the file is rewritten
+    info = json.loads(table.schema.metadata[b"clorch"])
+    info["num_classes"] = 1000  # the columns untouched: only what the file says about them changes
+    table = table.replace_schema_metadata({"clorch": json.dumps(info)})
+    with open(victim, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(CacheCorrupt, match="checksum"):
+        read_features(victim)
+    caplog.set_level(logging.INFO)
+    second = run_stream(cnn_config(tmp_path))
+    assert "is corrupt" in messages(caplog) and read_features(victim)[2]["num_classes"] == 10
+    assert second.test.accuracy_matrix == first.test.accuracy_matrix
+
+
 def test_a_corrupt_key_file_is_rebuilt(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     run_stream(cnn_config(tmp_path))

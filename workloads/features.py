@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CACHE_ENV = "CLORCH_CACHE_DIR"
-FORMAT_VERSION = 1  # bump when the file layout changes: old files then miss instead of misreading
+FORMAT_VERSION = 2  # bump when the file layout changes: old files then miss instead of misreading
 
 
 def default_cache_dir() -> Path:
@@ -90,8 +90,11 @@ def cached(path: Path, build: Callable[[Path], None], read: Callable[[Path], T],
 
 # --- embeddings as Arrow IPC files --------------------------------------------------------------------------
 
-def _checksum(x: np.ndarray, y: np.ndarray) -> str:
-    return f"{zlib.crc32(y.tobytes(), zlib.crc32(x.tobytes())):08x}"
+def _checksum(x: np.ndarray, y: np.ndarray, meta: dict) -> str:
+    """CRC32 over the columns and the metadata (all of it but the checksum): an edited `num_classes` or row
+    count is as much a corruption as a flipped byte."""
+    described = json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True, default=str)
+    return f"{zlib.crc32(described.encode(), zlib.crc32(y.tobytes(), zlib.crc32(x.tobytes()))):08x}"
 
 
 def write_features(path: Path, x: torch.Tensor, y: torch.Tensor, meta: dict) -> None:
@@ -99,7 +102,8 @@ def write_features(path: Path, x: torch.Tensor, y: torch.Tensor, meta: dict) -> 
     xn = x.float().contiguous().numpy()
     yn = y.long().numpy()
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(xn.reshape(-1)), xn.shape[1])
-    info = {**meta, "rows": len(yn), "dim": xn.shape[1], "checksum": _checksum(xn, yn)}
+    info = {**meta, "rows": len(yn), "dim": xn.shape[1]}
+    info["checksum"] = _checksum(xn, yn, info)
     table = pa.table({"label": pa.array(yn), "embedding": embedding}).replace_schema_metadata(
         {"clorch": json.dumps(info)})
     with open(path, "wb") as f:
@@ -124,7 +128,7 @@ def read_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     if len(labels) != info["rows"] or flat.size != info["rows"] * info["dim"]:
         raise CacheCorrupt(f"{len(labels)} rows, expected {info['rows']}")
     x = flat.reshape(info["rows"], info["dim"])
-    if _checksum(x, labels) != info["checksum"]:
+    if _checksum(x, labels, info) != info.get("checksum"):
         raise CacheCorrupt("checksum mismatch")
     with warnings.catch_warnings():  # the mapped buffer is read-only and nothing writes to inputs
         warnings.simplefilter("ignore")
@@ -249,7 +253,7 @@ class FeatureStore:
 
         def build(tmp: Path) -> None:
             keys = learn().contiguous()
-            torch.save({"keys": keys, "checksum": _checksum(keys.numpy(), np.zeros(0)), "meta": meta}, tmp)
+            torch.save({"keys": keys, "checksum": _checksum(keys.numpy(), np.zeros(0), meta), "meta": meta}, tmp)
 
         def read(p: Path) -> torch.Tensor:
             if not p.exists():
@@ -259,7 +263,7 @@ class FeatureStore:
                 keys = saved["keys"]
             except Exception as e:  # torch raises several types for a truncated zip / pickle
                 raise CacheCorrupt(f"unreadable: {e}") from e
-            if _checksum(keys.numpy(), np.zeros(0)) != saved["checksum"]:
+            if _checksum(keys.numpy(), np.zeros(0), saved.get("meta", {})) != saved["checksum"]:
                 raise CacheCorrupt("checksum mismatch")
             return keys
 
