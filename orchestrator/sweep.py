@@ -129,6 +129,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
                                   # keeping one checkpoint makes Tune snapshot the experiment state at every
                                   # stage, so a restart resumes from the last stage reported, not an older one
+                                  # (clorch keeps its own verified copies too: orchestrator.checkpoints)
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[MLflowTracking(tracking_uri, name, str(own_dir), tracking,
                                                             options.metric, options.mode)]))
@@ -174,8 +175,22 @@ def restore_tuner(name: str, storage: Path):
     from ray import tune
 
     experiment_dir = check_sweep(name, storage)
+    _stand_in_for_lost_checkpoints(experiment_dir)
     trainable = _trainable(sweep_info(storage, name)["tune"]["resources"])
     return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+
+
+def _stand_in_for_lost_checkpoints(experiment_dir: Path) -> None:
+    """Tune refuses to restore a trial whose last checkpoint folder is gone. An empty folder stands in for it:
+    the trial then finds no state there and continues from clorch's own verified copies, or from scratch
+    (orchestrator.checkpoints), and says which."""
+    from ray.tune import ExperimentAnalysis
+
+    for trial in ExperimentAnalysis(str(experiment_dir)).trials:
+        if trial.checkpoint is not None and not Path(trial.checkpoint.path).exists():
+            log.warning("trial %s: its last checkpoint %s is gone; it continues from the newest verified copy",
+                        trial.trial_id, trial.checkpoint.path)
+            Path(trial.checkpoint.path).mkdir(parents=True)
 
 
 def _trainable(resources: dict):

@@ -40,14 +40,11 @@ def parse_tracking(raw: dict) -> TrackingOptions:
     return from_dict(TrackingOptions, raw or {}, "tracking")
 
 
-def load_state(checkpoint) -> dict:
-    """The run state a trial saved with a stage checkpoint."""
-    import torch
+def load_state(checkpoint) -> dict | None:
+    """The run state of a trial's newest stage checkpoint that verifies (None if none does)."""
+    from orchestrator import checkpoints
 
-    from orchestrator.trial import STATE_FILE
-
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    return checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), None), "tracking")
 
 
 class MLflowTracking(tune.Callback):
@@ -162,8 +159,9 @@ class MLflowTracking(tune.Callback):
                 self._log_codebooks(trial, stage, state)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        if self.options.codebooks:
-            self._log_codebooks(trial, int((trial.last_result or {}).get("stage", 0)), load_state(checkpoint))
+        state = load_state(checkpoint) if self.options.codebooks else None
+        if state is not None:
+            self._log_codebooks(trial, int((trial.last_result or {}).get("stage", 0)), state)
 
     def _log_codebooks(self, trial, stage: int, state: dict) -> None:
         model = state["learner"]["model"]

@@ -14,9 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from orchestrator import checkpoints
 
-STATE_FILE = "state.pt"
 
 
 def resolve(trial_config: dict):
@@ -52,15 +51,20 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
     config = resolve(trial_config)
     node = ray.get_runtime_context().get_node_id()  # which node ran each stage, for `clorch status` and tests
     resume_state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    copies = checkpoints.copies_folder(trial_config["state_dir"], trial_config["trial_id"])
+    if checkpoint is not None or checkpoints.candidates(None, copies):
+        # the newest stage checkpoint that verifies (Ray's, else clorch's copies), else from scratch; one warning
+        resume_state = checkpoints.newest_valid(
+            checkpoints.candidates(None if checkpoint is None else Path(checkpoint.path), copies),
+            f"trial {trial_config['trial_id']}")
     fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
     marker = Path(trial_config["state_dir"]) / "failures" / trial_config["trial_id"]
 
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
+        if world()[0] == 0:  # one writer of the copies, whatever the number of data-parallel workers
+            checkpoints.keep_copy(copies, stage, state)
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
+            checkpoints.write(Path(folder), state)
             report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
                     **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
                        for split, scores in state["splits"].items()}},
@@ -77,8 +81,7 @@ def train_run_state(state_dir: str, trial_id: str) -> dict | None:
     """The state in the newest stage checkpoint of a trial's Train run (trials with num_workers >= 1 keep
     their checkpoints there, not with Tune); None before the first."""
     folder = Path(state_dir) / "train" / f"train-{trial_id}"
-    files = sorted(folder.glob(f"checkpoint_*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-    return torch.load(files[-1], map_location="cpu", weights_only=True) if files else None
+    return checkpoints.newest_valid(checkpoints.candidates(None, folder), f"trial {trial_id}")
 
 
 def run_trial(trial_config: dict) -> None:
@@ -109,7 +112,7 @@ def run_trial(trial_config: dict) -> None:
                                                resources_per_worker={"CPU": resources["cpus_per_worker"]}),
         run_config=ray.train.RunConfig(name=f"train-{trial_config['trial_id']}",
                                        storage_path=os.path.join(trial_config["state_dir"], "train"),
-                                       # the last stage's checkpoint is all a resume needs
+                                       # the last stage's checkpoint is all Ray needs (clorch keeps copies)
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                                        callbacks=[TuneReportCallback()]))
     trainer.fit()

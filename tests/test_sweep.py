@@ -361,3 +361,56 @@ tune:
     (model,) = logged_models(child)
     learner = mlflow.pytorch.load_model(model.model_uri)
     assert len(learner.task_tokens) == 5 and learner.memory is None  # the model, without its training data
+
+
+def flip_inside_largest_tensor(path: Path) -> None:
+    """Flip one byte in the middle of the largest tensor's bytes of a torch.save file (a zip of raw tensors):
+    the file still loads, with one wrong number, which only a digest notices."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.compress_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # still a readable checkpoint: the corruption would pass unseen
+
+
+VERIFY = TWO_TRIALS.replace("epochs: 20", "epochs: 2").replace("classes_per_stage: 5", "classes_per_stage: 2") \
+    .replace("[0, 1]", "[0]") + "tune:\n  fail_at_stage: 3\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_run(ray_local, tmp_path, damage):
+    from orchestrator import checkpoints
+
+    path = tmp_path / "verify.yaml"
+    path.write_text(VERIFY)
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "v", *args]) == 1  # fails once, after stage 3
+    (latest,) = (tmp_path / "runs" / "v").glob("*/checkpoint_*")  # Ray's: the state after stage 3
+    (copies,) = (tmp_path / "runs" / ".clorch" / "v" / "stages").iterdir()
+    assert sorted(p.name for p in copies.iterdir()) == ["stage_00001", "stage_00002"]  # clorch keeps two
+    if damage == "flipped":  # Ray's checkpoint and clorch's copy of stage 3: the newest good one is stage 2's
+        for folder in (latest, copies / "stage_00002"):
+            flip_inside_largest_tensor(folder / checkpoints.STATE_FILE)
+            with pytest.raises(checkpoints.CheckpointInvalid, match="does not match its digest"):
+                checkpoints.read(folder)
+        expected = [0, 1, 2, 2, 3, 4]  # stage 3 (index 2) trained again, from stage 2's state
+    else:  # every checkpoint gone: the trial starts again from stage 1
+        import shutil
+
+        shutil.rmtree(latest)
+        shutil.rmtree(copies)
+        expected = [0, 1, 2, 0, 1, 2, 3, 4]
+    assert main(["resume", "v", *args]) == 0
+    (result,) = (tmp_path / "runs" / "v").glob("*/result.json")
+    assert [json.loads(line)["stage"] for line in result.read_text().splitlines()] == expected
+    client, _, (child,) = runs_of(uri, "v")
+    assert child.info.status == "FINISHED"
+    matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
+    assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
