@@ -229,14 +229,39 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    import os
+    import signal
+    import socket
     import subprocess
 
     from orchestrator.cluster import resolve_target
 
     uri = resolve_target(None, None, args.tracking_uri).tracking_uri
+    with socket.socket() as probe:  # a taken port is the user's to fix, not a server that dies in the background
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError:
+            raise ConfigError(f"--port: 127.0.0.1:{args.port} is already in use; pick another --port") from None
     print(f"MLflow UI at http://127.0.0.1:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", "127.0.0.1", "--port", str(args.port)])
+    # its own process group, so that stopping clorch stops the server and every worker it started
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(args.port)], start_new_session=True)
+
+    stopped = []
+
+    def stop(signum, frame) -> None:
+        stopped.append(signum)
+        os.killpg(server.pid, signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        status = server.wait()
+        return 0 if stopped else status  # stopped on request: a clean exit
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 COMMANDS = {"run": cmd_run, "cache": cmd_cache, "sweep": cmd_sweep, "resume": cmd_resume, "status": cmd_status,
