@@ -32,7 +32,7 @@ def test_digits_are_8x8_images_with_a_fixed_stratified_split():
 
 def test_cifar10_reads_the_python_pickle_format(tmp_path):
     base = write_cifar(tmp_path, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                        b"labels", 20, 10, "batches.meta", b"label_names")
+                        b"labels", 20, 10, "batches.meta", b"label_names", cycle=True)
     data = load_source(DataConfig(source="cifar10", root=str(tmp_path)))
     assert data.x_train.shape == (100, 3, 32, 32) and data.x_train.dtype == torch.uint8
     assert data.x_test.shape == (20, 3, 32, 32)
@@ -42,7 +42,8 @@ def test_cifar10_reads_the_python_pickle_format(tmp_path):
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
-    write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", 30, 100, "meta", b"fine_label_names")
+    write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", 30, 100, "meta", b"fine_label_names",
+                cycle=True)  # labels 0..29 in both splits: every trained class is in the test set
     data = load_source(DataConfig(source="cifar100", root=str(tmp_path)))
     assert data.num_classes == 100 and len(data.y_train) == 30 and int(data.y_train.max()) < 100
 

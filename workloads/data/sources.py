@@ -6,6 +6,7 @@ backbone's transform turns into floats. Nothing here downloads unless `download:
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from workloads.config import KeyInitData
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +26,18 @@ class DataError(ValueError):
 
 @dataclass
 class LabelledData:
-    """Train and test splits of one labelled source, with the names of its classes."""
+    """Train and test splits of one labelled source, with the names of its classes.
+
+    A loader may fill it with numpy arrays as read (any numeric dtype, float labels) and leave num_classes and
+    class_names None to have them inferred from the labels; `load_source` hands out only what `check_labelled`
+    returns: float32 or uint8 inputs, int64 labels in [0, num_classes), every field set."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor  # int64, values in [0, num_classes)
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int
-    class_names: list[str]
+    num_classes: int | None
+    class_names: list[str] | None
 
 
 SOURCES: dict[str, Callable[..., LabelledData]] = {}
@@ -48,10 +55,160 @@ def load_source(cfg) -> LabelledData:
     """Load the source a DataConfig (or KeyInitData) names."""
     if cfg.source not in SOURCES:
         raise DataError(f"data.source: unknown source {cfg.source!r}; accepted: {', '.join(sorted(SOURCES))}")
-    data = SOURCES[cfg.source](cfg)
+    training = not isinstance(cfg, KeyInitData)  # a key-init source is read for its inputs only
+    data = check_labelled(SOURCES[cfg.source](cfg), _where(cfg), training=training)
     log.info("data %s: %d train / %d test samples, %d classes, input %s", cfg.source, len(data.y_train),
              len(data.y_test), data.num_classes, tuple(data.x_train.shape[1:]))
     return data
+
+
+# --- checks at the door: every loader's arrays, before any work is done on them -------------------------------
+
+# npz files declare no class count: the largest label + 1 is taken, so one stray id must not size every head and
+# matrix (1e9 classes would be gigabytes). A label may exceed the sample count (ids need not be contiguous), but
+# not by this factor, nor this absolute bound.
+CLASSES_PER_SAMPLE = 100
+MAX_CLASSES = 1_000_000
+INPUT_LAYOUTS = "vectors (N, D) or images (N, C, H, W) with C = 1 (grey) or 3 (RGB)"
+SPLITS = ("train", "test")
+
+
+def _where(cfg) -> str:
+    """The config key and file a source's data came from, as error messages start."""
+    prefix = "learner.key_init_data" if isinstance(cfg, KeyInitData) else "data"
+    if cfg.source in ("npz", "image_folder", "cifar10", "cifar100") and cfg.root is not None:
+        path = Path(cfg.root).expanduser()
+        if cfg.source in CIFAR_LAYOUT:
+            path = path / CIFAR_LAYOUT[cfg.source][0]
+        return f"{prefix}.root: {path}"
+    return f"{prefix}.source: {cfg.source}"
+
+
+def _value(v) -> str:
+    """A label as a message shows it: 0.7, nan, 1000000000 (a whole float as the integer it stands for)."""
+    if isinstance(v, (float, np.floating)):
+        return str(int(v)) if math.isfinite(v) and float(v).is_integer() else f"{v:.7g}"
+    return str(v)
+
+
+def check_input_layout(shape: tuple[int, ...], dtype, name: str, where: str) -> None:
+    """Refuse inputs that are neither numbers nor vectors (N, D) / images (N, C, H, W) with C in {1, 3}."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise DataError(f"{where}: {name} has dtype {dtype}; accepted: numbers (uint8 images, or ints / floats)")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 4 and shape[1] not in (1, 3):
+        hint = " (channels last? store them as (N, C, H, W))" if shape[3] in (1, 3) else ""
+        raise DataError(f"{where}: {name} has shape {shape}: {shape[1]} channels{hint}; accepted: {INPUT_LAYOUTS}")
+    if len(shape) not in (2, 4) or 0 in shape[1:]:
+        raise DataError(f"{where}: {name} has shape {shape} ({len(shape)} dimension(s)); accepted: {INPUT_LAYOUTS}")
+
+
+def _checked_x(x, name: str, where: str) -> torch.Tensor:
+    """Inputs as a uint8 or float32 tensor, after the layout check and a count of NaN / inf values."""
+    a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    check_input_layout(a.shape, a.dtype, name, where)
+    if a.dtype == np.uint8:
+        return torch.from_numpy(a)
+    with np.errstate(over="ignore"):  # values past float32's range become inf, counted and named below
+        t = torch.from_numpy(a if a.dtype == np.float32 else a.astype(np.float32))
+    # A finite sum proves every value finite (NaN and inf propagate) at a fraction of an elementwise test's cost;
+    # only a sum that is not finite (a NaN / inf, or finite values overflowing it) pays for the full count.
+    if a.dtype.kind == "f" and not math.isfinite(float(t.sum())):
+        values = t.numpy().reshape(len(t), -1)
+        finite = np.isfinite(values)
+        if not finite.all():
+            read = a.reshape(len(a), -1)  # counted as stored: float64 values past float32's range are told apart
+            nan, inf = int(np.isnan(read).sum()), int(np.isinf(read).sum())
+            wide = int(finite.size - finite.sum()) - nan - inf
+            first = int(np.argmin(finite.all(1)))
+            raise DataError(f"{where}: {name} holds {nan} NaN and {inf} inf value(s)"
+                            + (f" and {wide} beyond float32's range" if wide else "")
+                            + f", the first in sample {first} ({name}[{first}]); accepted: finite numbers"
+                            + (" within float32's range" if wide else ""))
+    return t
+
+
+def _checked_y(y, name: str, where: str) -> np.ndarray:
+    """Labels as a 1-d numeric array whose values are whole numbers (not yet range-checked)."""
+    a = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise DataError(f"{where}: {name} has shape {tuple(a.shape)}; accepted: one integer class id per sample, "
+                        "shape (N,) (one-hot labels: store their argmax)")
+    if a.dtype.kind not in "biuf":
+        example = f" (first value {a[0].item()!r})" if len(a) else ""
+        raise DataError(f"{where}: {name} has dtype {a.dtype}{example}; accepted: integer class ids 0, 1, 2, ...")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"{where}: {name}[{i}] = {_value(a[i])} is not an integer class id; accepted: integer "
+                            "class ids 0, 1, 2, ... (floats only when whole numbers, e.g. 3.0)")
+    return a.astype(np.int64) if a.dtype.kind == "b" else a
+
+
+def check_labelled(data: LabelledData, where: str, training: bool = True) -> LabelledData:
+    """`data` checked and made uniform (float32 / uint8 inputs, int64 labels, num_classes and names set); a
+    DataError names the first problem, where (`where`, the array, the index) and what is accepted.
+
+    `training` False (a key-init source: only its inputs are read) skips the non-empty test set, two-classes
+    and test-coverage checks."""
+    x = {s: _checked_x(getattr(data, f"x_{s}"), f"x_{s}", where) for s in SPLITS}
+    y = {s: _checked_y(getattr(data, f"y_{s}"), f"y_{s}", where) for s in SPLITS}
+    for s in SPLITS:
+        if len(x[s]) != len(y[s]):
+            raise DataError(f"{where}: x_{s} has {len(x[s])} rows but y_{s} has {len(y[s])}; accepted: one label "
+                            "per input")
+    if x["test"].shape[1:] != x["train"].shape[1:]:
+        raise DataError(f"{where}: x_test has inputs of shape {tuple(x['test'].shape[1:])} but x_train "
+                        f"{tuple(x['train'].shape[1:])}; accepted: the same input shape in both splits")
+    for s in SPLITS if training else ("train",):
+        if len(y[s]) == 0:
+            raise DataError(f"{where}: x_{s} and y_{s} hold no samples; accepted: at least one sample per split")
+
+    num_classes = data.num_classes
+    if num_classes is None:  # inferred from the labels: bound it by the data's size
+        samples = len(y["train"]) + len(y["test"])
+        limit = min(MAX_CLASSES, CLASSES_PER_SAMPLE * samples)
+        too_big = (f"is not a plausible class id for {samples} samples; accepted: class ids 0..{limit - 1} "
+                   f"(below {CLASSES_PER_SAMPLE} x the number of samples and {MAX_CLASSES}: the largest id + 1 "
+                   "is taken as the number of classes)")
+    else:
+        limit = num_classes
+        too_big = f"is out of range; accepted: class ids 0..{num_classes - 1} (the source has {num_classes} classes)"
+    for s in SPLITS:
+        a, name = y[s], f"y_{s}"
+        negative = a < 0
+        if negative.any():
+            i = int(np.argmax(negative))
+            raise DataError(f"{where}: {name}[{i}] = {_value(a[i])} is negative; accepted: class ids 0, 1, 2, ...")
+        over = a >= limit
+        if over.any():
+            i = int(np.argmax(over))
+            raise DataError(f"{where}: {name}[{i}] = {_value(a[i])} {too_big}")
+    labels = {s: torch.from_numpy(y[s].astype(np.int64)) for s in SPLITS}
+    if num_classes is None:
+        num_classes = int(max((int(v.max()) for v in labels.values() if len(v)), default=-1)) + 1
+    names = data.class_names if data.class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise DataError(f"{where}: {len(names)} class names for {num_classes} classes; accepted: one name per class")
+
+    if training:
+        train_counts = torch.bincount(labels["train"], minlength=num_classes)
+        present = train_counts.nonzero().flatten()
+        if len(present) < 2:
+            c = int(present[0])
+            raise DataError(f"{where}: y_train holds a single class ({c}, {names[c]!r}); accepted: at least two "
+                            "classes in the training data")
+        missing = present[torch.bincount(labels["test"], minlength=num_classes)[present] == 0]
+        if len(missing):
+            c = int(missing[0])
+            raise DataError(f"{where}: class {c} ({names[c]!r}) has {int(train_counts[c])} sample(s) in y_train but "
+                            f"none in y_test ({len(missing)} trained class(es) missing from the test set); accepted: "
+                            "every class in the training data also present in the test set")
+    return LabelledData(x["train"], labels["train"], x["test"], labels["test"], num_classes, list(names))
 
 
 # --- toy2d: the DKVB paper's 2D problem (Figure 2) ----------------------------------------------------------
@@ -166,9 +323,13 @@ def _load_cifar(cfg, source: str) -> LabelledData:
             if not path.is_file():
                 raise DataError(f"data.root: {path} missing from the {source} folder")
             batch = _read_pickle(path)
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[label_key], dtype=np.int64))
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+            try:
+                xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(batch[label_key]))  # as stored: check_labelled refuses non-integer ids
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                raise DataError(f"data.root: {path}: not a {source} batch ({type(e).__name__}: {e}); accepted: a "
+                                f"dict with b'data' (N x 3072 uint8) and {label_key!r} (N class ids)") from None
+        return torch.from_numpy(np.concatenate(xs)), np.concatenate(ys)
 
     x_train, y_train = read(train_files)
     x_test, y_test = read(test_files)
@@ -223,7 +384,18 @@ def load_image_folder(cfg) -> LabelledData:
             labels.append(label)
     x = torch.from_numpy(np.stack(images))
     y_np = np.asarray(labels, dtype=np.int64)
-    train, test = _stratified_split(y_np, getattr(cfg, "test_fraction", 0.3))
+    fraction = getattr(cfg, "test_fraction", 0.3)
+    counts = np.bincount(y_np, minlength=len(classes))
+    if len(classes) > 1 and counts.min() < 2:  # one class alone is left to check_labelled's two-classes message
+        c = int(np.argmin(counts))
+        raise DataError(f"data.root: class folder {root / classes[c]} holds {counts[c]} image; accepted: at least "
+                        "2 images per class (one for training, one for the test set)")
+    try:
+        train, test = _stratified_split(y_np, fraction)
+    except ValueError as e:  # too few images for a test set holding every class
+        raise DataError(f"data.root: {root}: {len(y_np)} images of {len(classes)} classes cannot be split with "
+                        f"test_fraction {fraction} ({e}); accepted: a test set of at least one image per class "
+                        "(more images, or a larger data.test_fraction)") from None
     y = torch.from_numpy(y_np)
     return LabelledData(x[train], y[train], x[test], y[test], len(classes), classes)
 
@@ -251,23 +423,9 @@ def load_npz(cfg) -> LabelledData:
     except (OSError, ValueError) as e:
         raise DataError(f"data.root: {path} is not a readable .npz file ({e})") from e
 
-    def as_x(a: np.ndarray) -> torch.Tensor:
-        if a.dtype == np.uint8:
-            return torch.from_numpy(a.copy())
-        return torch.from_numpy(a.astype(np.float32))
-
-    y_train = arrays["y_train"].astype(np.int64).reshape(-1)
-    y_test = arrays["y_test"].astype(np.int64).reshape(-1)
-    for split in ("train", "test"):
-        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
-            raise DataError(f"data.root: {path}: x_{split} has {len(arrays[f'x_{split}'])} rows but "
-                            f"y_{split} has {len(arrays[f'y_{split}'])}")
-    labels = np.concatenate([y_train, y_test])
-    if labels.min() < 0:
-        raise DataError(f"data.root: {path}: labels must be integers >= 0, found {labels.min()}")
-    num_classes = int(labels.max()) + 1
-    return LabelledData(as_x(arrays["x_train"]), torch.from_numpy(y_train), as_x(arrays["x_test"]),
-                        torch.from_numpy(y_test), num_classes, [str(i) for i in range(num_classes)])
+    # Left as read: check_labelled refuses what is wrong (0.7 as a label, NaN, ...) before any cast could hide it,
+    # and infers the number of classes from the labels.
+    return LabelledData(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], None, None)
 
 
 def source_shape(cfg) -> tuple[int, ...]:
@@ -288,9 +446,11 @@ def source_shape(cfg) -> tuple[int, ...]:
         with zipfile.ZipFile(path) as archive, archive.open("x_train.npy") as f:
             version = np.lib.format.read_magic(f)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return tuple(reader(f)[0][1:])
+            shape, _, dtype = reader(f)
     except (KeyError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise DataError(f"data.root: {path} is not an .npz file with an x_train array ({e})") from e
+    check_input_layout(shape, dtype, "x_train", _where(cfg))  # before a backbone is built for that shape
+    return tuple(shape[1:])
 
 
 # Options that change what a source yields; everything else (stages, seeds of training) does not.
