@@ -55,23 +55,28 @@ def read(folder: Path) -> dict:
         raise CheckpointInvalid(f"{folder.name}: {STATE_FILE} is unreadable ({str(e).splitlines()[0]})") from None
 
 
-def newest_valid(folders: list[Path], what: str) -> dict | None:
-    """The state of the newest folder that verifies (folders newest first); None if none does. One warning
-    line when anything was skipped."""
+def inspect(folders: list[Path]) -> tuple[dict | None, Path | None, list[str]]:
+    """(state, folder) of the newest folder that verifies (folders newest first), or (None, None); and why
+    each newer one was skipped."""
     skipped = []
     for folder in folders:
         try:
-            state = read(folder)
+            return read(folder), Path(folder), skipped
         except CheckpointInvalid as e:
             skipped.append(str(e))
-            continue
-        if skipped:
-            log.warning("%s: skipped %s; continuing after stage %d from %s", what, "; ".join(skipped),
-                        state["next_stage"], Path(folder).name)
-        return state
-    if skipped:
+    return None, None, skipped
+
+
+def newest_valid(folders: list[Path], what: str) -> dict | None:
+    """The state of the newest folder that verifies (folders newest first); None if none does. One warning
+    line when anything was skipped."""
+    state, folder, skipped = inspect(folders)
+    if skipped and state is not None:
+        log.warning("%s: skipped %s; continuing after stage %d from %s", what, "; ".join(skipped),
+                    state["next_stage"], folder.name)
+    elif skipped:
         log.warning("%s: no stage checkpoint verifies (%s); starting again from stage 1", what, "; ".join(skipped))
-    return None
+    return state
 
 
 def copies_folder(state_dir: str | Path, trial_id: str) -> Path:

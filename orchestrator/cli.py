@@ -169,13 +169,35 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from orchestrator.sweep import check_sweep, restore_tuner, sweep_info
+    from orchestrator.sweep import check_sweep, restore_tuner, state_dir, sweep_info
 
     target = _target(args)
     check_sweep(args.name, target.storage)
     results = restore_tuner(args.name, target.storage).get_results()
     tune_options = sweep_info(target.storage, args.name)["tune"]
-    return _print_results(results, tune_options["metric"], tune_options["mode"], status_only=True)
+    status = _print_results(results, tune_options["metric"], tune_options["mode"], status_only=True)
+    _print_resume_points(results, state_dir(target.storage, args.name))
+    return status
+
+
+def _print_resume_points(results, own_dir: Path) -> None:
+    """For every unfinished trial: the stage a resume continues after, or why it starts again from stage 1."""
+    from orchestrator import checkpoints
+
+    for r in results:
+        m = r.metrics or {}
+        if m.get("num_stages") and m.get("stage") is not None and m["stage"] + 1 == m["num_stages"]:
+            continue
+        trial = m.get("trial_id") or Path(r.path).name
+        latest = Path(r.checkpoint.path) if r.checkpoint is not None else None
+        state, _, skipped = checkpoints.inspect(checkpoints.candidates(latest, checkpoints.copies_folder(own_dir,
+                                                                                                          trial)))
+        why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+        if state is not None:
+            print(f"{trial}: a resume continues after stage {state['next_stage']}{why}")
+        elif skipped:
+            print(f"{trial}: cannot be continued, no stage checkpoint verifies{why}; a resume starts it again "
+                  "from stage 1")
 
 
 def _print_results(results, metric: str, mode: str, status_only: bool = False) -> int:

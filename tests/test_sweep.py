@@ -385,7 +385,8 @@ VERIFY = TWO_TRIALS.replace("epochs: 20", "epochs: 2").replace("classes_per_stag
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped", "deleted"])
-def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_run(ray_local, tmp_path, damage):
+def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_run(ray_local, tmp_path, damage,
+                                                                                      capsys):
     from orchestrator import checkpoints
 
     path = tmp_path / "verify.yaml"
@@ -407,6 +408,13 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
         shutil.rmtree(latest)
         shutil.rmtree(copies)
         expected = [0, 1, 2, 0, 1, 2, 3, 4]
+    capsys.readouterr()
+    assert main(["status", "v", *args]) == 0  # says, before any resume, where each trial would continue
+    out = capsys.readouterr().out
+    if damage == "flipped":
+        assert "a resume continues after stage 2 (skipped: checkpoint_000002: state.pt does not match" in out
+    else:
+        assert "cannot be continued, no stage checkpoint verifies" in out and "starts it again from stage 1" in out
     assert main(["resume", "v", *args]) == 0
     (result,) = (tmp_path / "runs" / "v").glob("*/result.json")
     assert [json.loads(line)["stage"] for line in result.read_text().splitlines()] == expected
