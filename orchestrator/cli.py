@@ -73,7 +73,7 @@ def _fmt(x: float) -> str:
 
 def cmd_run(args) -> int:
     from orchestrator.config import load_experiment
-    from workloads.runner import resolve_device, run_stream
+    from workloads.runner import protocol_lines, resolve_device, run_stream
 
     experiment = load_experiment(args.file, args.overrides)
     config = experiment.base
@@ -96,11 +96,9 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     result = run_stream(config, on_stage_end=on_stage_end)
     for split, scores in result.splits.items():
-        m = {k.partition("/")[2]: v for k, v in result.metrics.items() if k.startswith(split + "/")}
+        m = scores.metrics(result.stages)
         print(f"{split:>4}: average accuracy {_fmt(m['average_accuracy'])}  average incremental accuracy "
               f"{_fmt(m['average_incremental_accuracy'])}  forgetting {_fmt(m['forgetting'])}  bwt {_fmt(m['bwt'])}")
-    from workloads.runner import protocol_lines
-
     for line in protocol_lines(result.protocol):
         print(f"protocol: {line}")
     print(f"({time.perf_counter() - t0:.1f}s)")
@@ -183,20 +181,19 @@ def cmd_status(args) -> int:
 def _print_resume_points(results, own_dir: Path) -> None:
     """For every unfinished trial: the stage a resume continues after, or why it starts again from stage 1."""
     from orchestrator import checkpoints
+    from orchestrator.sweep import trial_summaries
 
-    for r in results:
-        m = r.metrics or {}
-        if m.get("num_stages") and m.get("stage") is not None and m["stage"] + 1 == m["num_stages"]:
+    for r, t in zip(results, trial_summaries(results)):
+        if t.state == "done":
             continue
-        trial = m.get("trial_id") or Path(r.path).name
         latest = Path(r.checkpoint.path) if r.checkpoint is not None else None
-        state, _, skipped = checkpoints.inspect(checkpoints.candidates(latest, checkpoints.copies_folder(own_dir,
-                                                                                                          trial)))
+        copies = checkpoints.copies_folder(own_dir, t.trial)
+        state, _, skipped = checkpoints.inspect(checkpoints.candidates(latest, copies))
         why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
         if state is not None:
-            print(f"{trial}: a resume continues after stage {state['next_stage']}{why}")
+            print(f"{t.trial}: a resume continues after stage {state['next_stage']}{why}")
         elif skipped:
-            print(f"{trial}: cannot be continued, no stage checkpoint verifies{why}; a resume starts it again "
+            print(f"{t.trial}: cannot be continued, no stage checkpoint verifies{why}; a resume starts it again "
                   "from stage 1")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orchestrator import leaderboard as lb
 from orchestrator.leaderboard import TrialSummary
-from orchestrator.sweep import check_sweep, short_value, state_dir
+from orchestrator.sweep import check_sweep, live_trial_summaries, state_dir
 from workloads.config import ConfigError
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
@@ -27,23 +27,16 @@ def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]
     analysis = ExperimentAnalysis(str(check_sweep(name, Path(storage))))
     keys: list[str] = []
     frames = analysis.trial_dataframes
-    trials = []
-    for t in analysis.trials:
+    trials = live_trial_summaries(analysis.trials)
+    for t, summary in zip(analysis.trials, trials):
         last = t.last_result or {}
-        matrix = json.loads(last["test/accuracy_matrix"]) if "test/accuracy_matrix" in last else []
-        stages = int(last["stage"]) + 1 if "stage" in last else 0
-        total = last.get("num_stages")
-        state = {"TERMINATED": "done" if total and stages == total else "stopped"}.get(t.status, t.status.lower())
+        summary.matrix = json.loads(last["test/accuracy_matrix"]) if "test/accuracy_matrix" in last else []
         df = frames.get(t.trial_id)
-        seen = []
         if df is not None and "test/accuracy_on_seen_classes" in df:
             # A resumed trial may report a stage again: keep its latest report.
             df = df.dropna(subset=["stage"]).drop_duplicates("stage", keep="last").sort_values("stage")
-            seen = [float(v) for v in df["test/accuracy_on_seen_classes"]]
-        params = {k: short_value(v) for k, v in ((t.config or {}).get("sweep") or {}).items()}
-        keys += [k for k in params if k not in keys]
-        trials.append(TrialSummary(t.trial_id, state, stages, total,
-                                   {k: v for k, v in last.items() if _is_number(v)}, params, seen, matrix))
+            summary.seen = [float(v) for v in df["test/accuracy_on_seen_classes"]]
+        keys += [k for k in summary.params if k not in keys]
     return trials, keys
 
 
@@ -138,10 +131,6 @@ def _plot(t: TrialSummary, keys: list[str], path: Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _cell(value) -> str:

@@ -210,20 +210,21 @@ def trial_summaries(results) -> list:
 
 
 def live_trial_summaries(trials) -> list:
-    """The leaderboard's view of the driver's Trial objects (in a Tune callback)."""
+    """The leaderboard's view of Tune's Trial objects (in a Tune callback, or as ExperimentAnalysis reads
+    them); a trial Tune ended before its last stage (ASHA) is `stopped`."""
     return [_summary(t.trial_id, None if t.status == "TERMINATED" else t.status.lower(), t.last_result or {},
-                     t.config) for t in trials]
+                     t.config, unfinished="stopped") for t in trials]
 
 
-def _summary(trial_id: str, state: str | None, last: dict, config: dict | None):
-    """A TrialSummary; `state` None means: done if every stage reported, else incomplete."""
+def _summary(trial_id: str, state: str | None, last: dict, config: dict | None, unfinished: str = "incomplete"):
+    """A TrialSummary; `state` None means: done if every stage reported, else `unfinished`."""
     from orchestrator.leaderboard import TrialSummary
 
     total = last.get("num_stages")
     stages = int(last["stage"]) + 1 if last.get("stage") is not None else 0
-    state = state or ("done" if total and stages == total else "incomplete")
+    state = state or ("done" if total and stages == total else unfinished)
     return TrialSummary(trial_id, state, stages, total,
-                        {k: v for k, v in last.items() if isinstance(v, (int, float))},
+                        {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                         {k: short_value(v) for k, v in ((config or {}).get("sweep") or {}).items()})
 
 

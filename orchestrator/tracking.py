@@ -44,7 +44,7 @@ def load_state(checkpoint) -> dict | None:
     """The run state of a trial's newest stage checkpoint that verifies (None if none does)."""
     from orchestrator import checkpoints
 
-    return checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), None), "tracking")
+    return checkpoints.newest_valid([Path(checkpoint.path)], "tracking")
 
 
 class MLflowTracking(tune.Callback):
@@ -89,7 +89,6 @@ class MLflowTracking(tune.Callback):
             exp = self.client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
             from orchestrator.leaderboard import selection_note
-            from workloads.metrics import split_of
 
             tags = {"clorch.sweep": self.experiment, "protocol.selection_metric": self.metric,
                     "protocol.selection": {"val": "validation", "test": "test (asked for by name)"}[
