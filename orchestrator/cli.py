@@ -184,11 +184,10 @@ def _print_resume_points(results, own_dir: Path) -> None:
     from orchestrator.sweep import trial_summaries
 
     for r, t in zip(results, trial_summaries(results)):
-        if t.state == "done":
+        if t.state == "done" or r.checkpoint is None:  # without a checkpoint, a resume starts at stage 1 anyway
             continue
-        latest = Path(r.checkpoint.path) if r.checkpoint is not None else None
         copies = checkpoints.copies_folder(own_dir, t.trial)
-        state, _, skipped = checkpoints.inspect(checkpoints.candidates(latest, copies))
+        state, _, skipped = checkpoints.inspect(checkpoints.candidates(Path(r.checkpoint.path), copies))
         why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
         if state is not None:
             print(f"{t.trial}: a resume continues after stage {state['next_stage']}{why}")

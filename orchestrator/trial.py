@@ -51,9 +51,13 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
     config = resolve(trial_config)
     node = ray.get_runtime_context().get_node_id()  # which node ran each stage, for `clorch status` and tests
     copies = checkpoints.copies_folder(trial_config["state_dir"], trial_config["trial_id"])
-    # the newest stage checkpoint that verifies (Ray's, else clorch's copies), else from scratch; one warning
-    folders = checkpoints.candidates(None if checkpoint is None else Path(checkpoint.path), copies)
-    resume_state = checkpoints.newest_valid(folders, f"trial {trial_config['trial_id']}") if folders else None
+    resume_state = None
+    if checkpoint is not None:
+        # The newest stage checkpoint that verifies (Ray's, else clorch's copies), else from scratch; one warning.
+        # Without a checkpoint from Ray the copies stay unused: one written just before a driver died may be of
+        # a stage whose report Tune never recorded, and resuming after it would leave that stage unreported.
+        resume_state = checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), copies),
+                                                f"trial {trial_config['trial_id']}")
     fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
     marker = Path(trial_config["state_dir"]) / "failures" / trial_config["trial_id"]
 
