@@ -29,7 +29,7 @@ class TrackingOptions:
     """The `tracking:` block of an experiment file."""
 
     codebooks: bool = True  # DKVB: keys once, values and key usage (npz + histogram) after every stage
-    log_model: bool = True  # the final learner through mlflow.pytorch.log_model
+    log_model: bool = True  # the final learner as an MLflow logged model (safetensors + JSON, no pickle)
     register_model: str | None = None  # also register the final model under this name
 
 
@@ -201,26 +201,27 @@ class MLflowTracking(tune.Callback):
             self.client.log_artifact(run_id, str(Path(folder) / f"usage_stage_{stage}.png"), "codebooks")
 
     def log_model(self, run_id: str, trial) -> None:
-        """The trial's final learner as an MLflow PyTorch model (registered when tracking.register_model)."""
-        import mlflow
-        import torch
-
+        """The trial's final learner as an MLflow logged model of the run, without pickle: weights in
+        safetensors, config in JSON (orchestrator.models); registered when tracking.register_model is set."""
+        from orchestrator.models import save_model
         from orchestrator.trial import resolve
-        from workloads.runner import rebuild_learner
 
         state = (train_run_state(trial.config["state_dir"], trial.trial_id) if _runs_train_workers(trial)
                  else load_state(trial.checkpoint) if trial.checkpoint is not None else None)
         if state is None:
             return
-        learner = rebuild_learner(resolve(trial.config), state)
-        learner.memory = None  # training data, not model: the checkpoint keeps it for resumes
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            # pickle: the learner's lookup (top-k over codebooks) is not a graph torch.export traces;
-            # explicit requirements: MLflow's inference of them takes seconds per model
-            mlflow.pytorch.log_model(learner, name="model", serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clorch"],
-                                     registered_model_name=self.options.register_model)
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        model = self.client.create_logged_model(experiment_id, name="model", source_run_id=run_id,
+                                                model_type="clorch")
+        with tempfile.TemporaryDirectory() as folder:
+            save_model(Path(folder), resolve(trial.config), state)
+            self.client.log_model_artifacts(model.model_id, folder)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        if self.options.register_model:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.register_model(model.model_uri, self.options.register_model)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run(trial)

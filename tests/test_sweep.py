@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.config import load_experiment
+from orchestrator.models import load_model
 from workloads.runner import run_stream
 
 QUICKSTART = str(Path(__file__).parent.parent / "search_spaces" / "quickstart.yaml")
@@ -61,7 +62,7 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
         models = logged_models(child)
         assert [m.name for m in models] == ["model"]
         assert child.data.metrics["test/average_accuracy"] > 0.75
-    final = mlflow.pytorch.load_model(models[0].model_uri)  # the last trial's learner, as it ended
+    final = load_model(models[0].model_uri)  # the last trial's learner, as it ended, from safetensors + JSON
     assert final.bottleneck.values.abs().sum() > 0 and final.bottleneck.num_keys in (128, 256)
     assert parents[0].data.tags["protocol.selection"] == "validation"
     assert parents[0].data.tags["protocol.selection_metric"] == "val/average_accuracy"
@@ -282,6 +283,8 @@ def test_report_command_prints_the_leaderboard_and_models_are_registered(ray_loc
     assert (tmp_path / "runs" / ".clorch" / "r" / "report" / "leaderboard.csv").exists()
     versions = MlflowClient(uri).search_model_versions("name = 'clorch-digits'")
     assert len(versions) == 2  # one per trial
+    mlflow.set_tracking_uri(uri)
+    assert load_model("models:/clorch-digits/1").bottleneck.num_keys == 32
 
 
 @pytest.mark.slow
@@ -359,7 +362,7 @@ tune:
     assert len(final["learner"]["stage_classes"]) == 5
     mlflow.set_tracking_uri(uri)
     (model,) = logged_models(child)
-    learner = mlflow.pytorch.load_model(model.model_uri)
+    learner = load_model(model.model_uri)
     assert len(learner.task_tokens) == 5 and learner.memory is None  # the model, without its training data
 
 
