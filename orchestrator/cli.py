@@ -149,7 +149,8 @@ def cmd_sweep(args) -> int:
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    results = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking).fit()
+    results = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
+                          local=target.address is None).fit()
     return _print_results(results, options.metric, options.mode)
 
 

@@ -40,7 +40,9 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
+        secure_token_file(local=not target.address)
         if target.address:
+            check_reachable(target.address)
             try:
                 ray.init(address=target.address, log_to_driver=False)
             except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
@@ -56,6 +58,82 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
         if missing:
             raise ConfigError(f"--storage: {target.storage} is not visible from {len(missing)} of the cluster's "
                               f"{len(nodes)} nodes; pass a folder that every node mounts (NFS, a shared disk)")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, within `timeout_s`, an address where nothing accepts a connection: ray.init itself retries a
+    closed port for minutes. "auto" (the cluster a `ray start` left on this machine) is left to Ray."""
+    import socket
+
+    if address == "auto":
+        return
+    host_port = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"--address: {address!r} is not HOST:PORT; accepted: HOST:PORT (e.g. 10.0.0.5:6379), "
+                          "ray://HOST:PORT (Ray Client) or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--address: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+                          "is the cluster up (`ray status` on its head) and the port forwarded?") from None
+
+
+def check_resources(resources: dict, local: bool) -> None:
+    """Refuse a trial that the cluster can never place, before any trial waits for it forever. On a remote
+    cluster an autoscaler may add nodes later, so a shortfall there is a warning."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    cpu_fix = "or --num-cpus N for a bigger local Ray" if local else "or add nodes"
+    if resources["num_workers"] == 0:
+        needs = [("tune.resources.cpus_per_trial", resources["cpus_per_trial"], node_cpus, "CPUs on one node",
+                  f"at most {node_cpus:g} ({cpu_fix})")]
+    else:
+        total_cpus = sum(n.get("CPU", 0) for n in nodes)
+        needs = [("tune.resources.cpus_per_worker", resources["cpus_per_worker"], node_cpus, "CPUs on one node",
+                  f"at most {node_cpus:g} ({cpu_fix})"),
+                 ("tune.resources.num_workers", resources["num_workers"] * resources["cpus_per_worker"], total_cpus,
+                  "CPUs in the cluster (num_workers x cpus_per_worker)",
+                  f"num_workers x cpus_per_worker at most {total_cpus:g} ({cpu_fix})")]
+        if resources["use_gpu"]:
+            needs.append(("tune.resources.use_gpu", resources["num_workers"], total_gpus,
+                          "GPUs in the cluster (one per worker)",
+                          f"use_gpu false or auto, or at most {total_gpus:g} workers"))
+    for key, asked, has, what, accepted in needs:
+        if asked > has:
+            message = f"{key}: a trial needs {asked:g} {what}, and the cluster has {has:g}"
+            if local:
+                raise ConfigError(f"{message}; accepted: {accepted}")
+            log.warning("%s; its trials wait until an autoscaler adds nodes that fit", message)
+
+
+def secure_token_file(local: bool) -> None:
+    """Keep Ray's token authentication on with a private token: Ray writes ~/.ray/auth_token readable by every
+    user of the machine, so clorch creates it 0600 before a local Ray starts and tightens one it finds."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: Ray's token authentication is off, and anyone who reaches its ports "
+                    "can run code as you; unset it to turn authentication back on")
+        return
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return  # the token lives in the environment, no file
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            try:
+                path.chmod(0o600)
+                log.info("Ray's token file %s was readable by others; it is now 0600", path)
+            except OSError as e:
+                log.warning("Ray's token file %s is readable by others and cannot be made private (%s)", path, e)
+    elif local:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))  # what Ray itself would generate, but private
 
 
 def nodes_missing_storage(storage: Path, nodes: list[str]) -> list[str]:

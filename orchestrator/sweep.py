@@ -101,20 +101,22 @@ def param_space(experiment: ExperimentFile, options: TuneOptions, own_dir: Path)
 
 
 def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str,
-                tracking=None):
-    """A Tuner for the experiment (fresh run)."""
+                tracking=None, local: bool = True):
+    """A Tuner for the experiment (fresh run); a trial the cluster cannot place is refused before anything is
+    written (on a remote cluster, `local` False, it is a warning: an autoscaler may add nodes)."""
     from ray import tune
 
-    from orchestrator.cluster import cluster_gpus
+    from orchestrator.cluster import check_resources, cluster_gpus
     from orchestrator.tracking import MLflowTracking
 
-    own_dir = state_dir(storage, name)
-    own_dir.mkdir(parents=True, exist_ok=True)
     gpus = cluster_gpus()
     if options.resources.num_workers is None:  # a GPU needs a Train worker to hold it
         options.resources.num_workers = 1 if gpus or options.resources.use_gpu is True else 0
     if options.resources.use_gpu == "auto":
         options.resources.use_gpu = bool(gpus)
+    check_resources(to_dict(options.resources), local)
+    own_dir = state_dir(storage, name)
+    own_dir.mkdir(parents=True, exist_ok=True)
     (own_dir / SWEEP_FILE).write_text(json.dumps({
         "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
         "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
