@@ -50,14 +50,30 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
                                   "check the address, and on a cluster with token authentication set "
                                   "RAY_AUTH_MODE=token (and its token) in this shell") from None
         else:
-            # address="local": always a new instance, never a cluster some `ray start` left on this machine
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            start_local(num_cpus)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
         missing = nodes_missing_storage(target.storage, nodes)
         if missing:
             raise ConfigError(f"--storage: {target.storage} is not visible from {len(missing)} of the cluster's "
                               f"{len(nodes)} nodes; pass a folder that every node mounts (NFS, a shared disk)")
+
+
+def start_local(num_cpus: int | None = None) -> None:
+    """A new local Ray (never a cluster some `ray start` left on this machine) whose every server listens on
+    127.0.0.1 only.
+
+    Ray has no bind-address option: its servers listen on loopback exactly when the node's address is
+    127.0.0.1, and it takes that address only on a node that may not join a cluster, which Ray decides from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported (ray._private.ray_constants.ENABLE_RAY_CLUSTER).
+    The variable goes to the processes Ray starts, the constant to this one, which imported Ray already.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

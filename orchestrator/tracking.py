@@ -135,6 +135,11 @@ class MLflowTracking(tune.Callback):
 
         run_id = self.child_run(trial)
         stage = int(result["stage"])
+        if result.get("warnings"):  # what the trial warned of since its last report (orchestrator.trial)
+            for line in result["warnings"].splitlines():
+                log.warning("trial %s, stage %d: %s", trial.trial_id, stage + 1, line)
+            _best_effort("the trial's warnings", self.client.log_text, run_id, result["warnings"] + "\n",
+                         f"warnings/stage_{stage}_{int(result.get('timestamp', 0))}.txt")
         runs = self._load_map()
         logged = runs.setdefault("stages_logged", {}).get(trial.trial_id, -1)
         if stage <= logged:  # a stage replayed after a restart was logged the first time it ran

@@ -9,6 +9,7 @@ run is named `train-<trial id>` so that a restored trial finds its own last stag
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -48,34 +49,66 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
     from workloads.distributed import world
     from workloads.runner import run_stream
 
-    config = resolve(trial_config)
-    node = ray.get_runtime_context().get_node_id()  # which node ran each stage, for `clorch status` and tests
-    copies = checkpoints.copies_folder(trial_config["state_dir"], trial_config["trial_id"])
-    resume_state = None
-    if checkpoint is not None:
-        # The newest stage checkpoint that verifies (Ray's, else clorch's copies), else from scratch; one warning.
-        # Without a checkpoint from Ray the copies stay unused: one written just before a driver died may be of
-        # a stage whose report Tune never recorded, and resuming after it would leave that stage unreported.
-        resume_state = checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), copies),
-                                                f"trial {trial_config['trial_id']}")
-    fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
-    marker = Path(trial_config["state_dir"]) / "failures" / trial_config["trial_id"]
+    with TrialWarnings() as warnings:  # from here on, clorch's warnings travel with the next report
+        config = resolve(trial_config)
+        node = ray.get_runtime_context().get_node_id()  # which node ran each stage (`clorch status`, tests)
+        copies = checkpoints.copies_folder(trial_config["state_dir"], trial_config["trial_id"])
+        resume_state = None
+        if checkpoint is not None:
+            # The newest stage checkpoint that verifies (Ray's, else clorch's copies), else from scratch; one
+            # warning. Without a checkpoint from Ray the copies stay unused: one written just before a driver
+            # died may be of a stage whose report Tune never recorded; resuming after it would skip that report.
+            resume_state = checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), copies),
+                                                    f"trial {trial_config['trial_id']}")
+        fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
+        marker = Path(trial_config["state_dir"]) / "failures" / trial_config["trial_id"]
 
-    def on_stage_end(stage: int, m: dict, state: dict) -> None:
-        if world()[0] == 0:  # one writer of the copies, whatever the number of data-parallel workers
-            checkpoints.keep_copy(copies, stage, state)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoints.write(Path(folder), state)
-            report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
-                    **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
-                       for split, scores in state["splits"].items()}},
-                   Checkpoint.from_directory(folder))
-        if fail_at is not None and stage + 1 == fail_at and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            raise RuntimeError(f"planned failure before stage {fail_at} (tune.fail_at_stage, a test option)")
+        def on_stage_end(stage: int, m: dict, state: dict) -> None:
+            if world()[0] == 0:  # one writer of the copies, whatever the number of data-parallel workers
+                checkpoints.keep_copy(copies, stage, state)
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoints.write(Path(folder), state)
+                report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
+                        "warnings": warnings.take(),
+                        **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
+                           for split, scores in state["splits"].items()}},
+                       Checkpoint.from_directory(folder))
+            if fail_at is not None and stage + 1 == fail_at and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                raise RuntimeError(f"planned failure before stage {fail_at} (tune.fail_at_stage, a test option)")
 
-    run_stream(config, resume_state=resume_state, on_stage_end=on_stage_end)
+        run_stream(config, resume_state=resume_state, on_stage_end=on_stage_end)
+
+
+class TrialWarnings(logging.Handler):
+    """Warnings that clorch's code logs in a trial process (a cache rebuilt, a checkpoint skipped), handed to the
+    next stage report: Ray keeps a trial's own log in its worker logs, so the report carries them to the
+    driver, which prints them and logs them to the trial's MLflow run (orchestrator.tracking)."""
+
+    LOGGERS = ("workloads", "orchestrator")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.pending: list[str] = []
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.pending.append(record.getMessage())
+
+    def take(self) -> str:
+        """The warnings since the last call, one a line ('' if none)."""
+        text, self.pending = "\n".join(self.pending), []
+        return text
+
+    def __enter__(self) -> "TrialWarnings":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+        self.close()
 
 
 def train_run_state(state_dir: str, trial_id: str) -> dict | None:

@@ -54,8 +54,10 @@ def ray_local():
     """One local Ray instance (2 CPUs) shared by every test that needs Ray."""
     import ray
 
+    from orchestrator.cluster import start_local
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local(num_cpus=2)  # as `clorch sweep` starts it: listening on 127.0.0.1 only
     yield ray
     ray.shutdown()
 

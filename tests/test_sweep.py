@@ -1,5 +1,6 @@
 """Sweeps on a real local Ray with a real MLflow store: tracking, failure, resume."""
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -389,7 +390,7 @@ VERIFY = TWO_TRIALS.replace("epochs: 20", "epochs: 2").replace("classes_per_stag
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped", "deleted"])
 def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_run(ray_local, tmp_path, damage,
-                                                                                      capsys):
+                                                                                      capsys, caplog):
     from orchestrator import checkpoints
 
     path = tmp_path / "verify.yaml"
@@ -418,10 +419,17 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
         assert "a resume continues after stage 2 (skipped: checkpoint_000002: state.pt does not match" in out
     else:
         assert "cannot be continued, no stage checkpoint verifies" in out and "starts it again from stage 1" in out
-    assert main(["resume", "v", *args]) == 0
+    with caplog.at_level(logging.WARNING, logger="orchestrator"):
+        assert main(["resume", "v", *args]) == 0
     (result,) = (tmp_path / "runs" / "v").glob("*/result.json")
     assert [json.loads(line)["stage"] for line in result.read_text().splitlines()] == expected
     client, _, (child,) = runs_of(uri, "v")
     assert child.info.status == "FINISHED"
+    # the trial's warning, logged in its Ray worker, reaches the user's console and the trial's MLflow run
+    said = "continuing after stage 2" if damage == "flipped" else "starting again from stage 1"
+    (shown,) = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    assert shown.startswith(f"trial {child.data.tags['clorch.trial_id']}, stage ")
+    (logged,) = client.list_artifacts(child.info.run_id, "warnings")
+    assert said in Path(client.download_artifacts(child.info.run_id, logged.path)).read_text()
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
