@@ -120,3 +120,9 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config():
     assert "pip install -e" in setup and "clorch" in setup
     mlflow = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
     assert mlflow and "--host 127.0.0.1" in mlflow[0] and "sqlite:///" in mlflow[0]
+    # token authentication on every node: the token copied there, private, and every `ray start` in token mode
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "chmod 600 ~/.ray/auth_token" in setup and "export RAY_AUTH_MODE=token" in setup
+    starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[k]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
