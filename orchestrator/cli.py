@@ -15,8 +15,16 @@ from workloads.data.sources import DataError
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in clorch's one-line form (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"clorch: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clorch", description="Continual-learning experiments around the "
+    parser = _Parser(prog="clorch", description="Continual-learning experiments around the "
                                      "Discrete Key-Value Bottleneck.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment file's base config once, in this process (no Ray)")
@@ -52,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                         "direction, e.g. min for forgetting)")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the tracking store")
     ui.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="port on 127.0.0.1 (default: 5000)")
     return parser
 
 
@@ -65,6 +73,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}")
+    return int(text)
 
 
 def _fmt(x: float) -> str:
@@ -132,12 +147,13 @@ def _target(args):
 def cmd_sweep(args) -> int:
     from orchestrator.cluster import connect
     from orchestrator.config import load_experiment
-    from orchestrator.sweep import build_tuner, parse_tune
+    from orchestrator.sweep import build_tuner, parse_tune, preflight
     from orchestrator.tracking import parse_tracking
 
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
     options = parse_tune(experiment.tune, experiment)
     tracking = parse_tracking(experiment.tracking)
+    preflight(experiment)  # every trial's data and learner, before Ray starts
     name = args.name or Path(args.file).stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"--name: {name!r} is not a plain name; accepted: letters, digits, '.', '_' and '-', "
@@ -287,11 +303,25 @@ COMMANDS = {"run": cmd_run, "cache": cmd_cache, "sweep": cmd_sweep, "resume": cm
             "report": cmd_report, "ui": cmd_ui}
 
 
+def _log_to_console(quiet: bool) -> None:
+    """Progress (info) to stdout, beside the tables; warnings and errors to stderr, so that a mistake is the one
+    line there. Left alone when the process has configured logging already (a program embedding clorch)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    progress, problems = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems.setLevel(logging.WARNING)
+    for handler in (progress, problems):
+        handler.setFormatter(logging.Formatter("[clorch] %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `clorch` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="[clorch] %(message)s", stream=sys.stderr)
+    _log_to_console(quiet=getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as e:

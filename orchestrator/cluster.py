@@ -39,10 +39,11 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
     """Start or join Ray; a multi-node cluster needs storage that every node sees."""
     import ray
 
+    if target.address:
+        check_reachable(target.address)
     if not ray.is_initialized():
         secure_token_file(local=not target.address)
         if target.address:
-            check_reachable(target.address)
             try:
                 ray.init(address=target.address, log_to_driver=False)
             except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
@@ -73,7 +74,27 @@ def start_local(num_cpus: int | None = None) -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # Token authentication is Ray's default for a local start (RAY_AUTH_MODE unset), announced on every start
+    # with a hint to opt out: clorch keeps it on and keeps the line out of its one-line errors and tables.
+    announcer = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = _DropMessages("Token authentication is enabled for this Ray cluster")
+    announcer.addFilter(quiet)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    finally:
+        announcer.removeFilter(quiet)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 FORMAT = "clorch-model"
 FORMAT_VERSION = 1

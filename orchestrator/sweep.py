@@ -70,6 +70,31 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
     return options
 
 
+def preflight(experiment: ExperimentFile) -> None:
+    """The data and learner of every trial, checked on this machine before Ray starts (workloads.runner.
+    preflight): the base config's, and those of each value of a grid or choice axis (a swept data set, stage
+    split, key-init source or codebook size). Values drawn at random are not enumerated."""
+    from orchestrator.config import with_values
+    from workloads.config import parse_run_config
+    from workloads.runner import preflight as preflight_run
+
+    configs = [experiment.base] + [parse_run_config(with_values(experiment.base_raw, {axis.key: value}))
+                                   for axis in experiment.axes if axis.discrete for value in axis.values]
+    sources: dict[str, object] = {}  # each data set loaded (and checked) once
+    checked: set[str] = set()
+    for config in configs:
+        data_key = json.dumps(to_dict(config.data), sort_keys=True, default=str)
+        what = data_key + json.dumps(to_dict(config.learner), sort_keys=True, default=str)
+        if what not in checked:
+            checked.add(what)
+            sources[data_key] = preflight_run(config, sources.get(data_key))
+
+
+def _uses_cuda(experiment: ExperimentFile) -> bool:
+    return experiment.base.device == "cuda" or any(
+        value == "cuda" for axis in experiment.axes if axis.key == "device" and axis.discrete for value in axis.values)
+
+
 def _always_validated(experiment: ExperimentFile | None) -> bool:
     """Whether every trial of the experiment has a validation set (data.validation > 0, swept or not)."""
     if experiment is None:
@@ -114,6 +139,9 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
         options.resources.num_workers = 1 if gpus or options.resources.use_gpu is True else 0
     if options.resources.use_gpu == "auto":
         options.resources.use_gpu = bool(gpus)
+    if _uses_cuda(experiment) and not options.resources.use_gpu:
+        raise ConfigError("device: cuda, but the sweep's trials get no GPU (the cluster has none, or "
+                          "tune.resources.use_gpu is false); accepted: auto or cpu, or use_gpu on a cluster with GPUs")
     check_resources(to_dict(options.resources), local)
     own_dir = state_dir(storage, name)
     own_dir.mkdir(parents=True, exist_ok=True)

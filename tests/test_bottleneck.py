@@ -6,7 +6,6 @@ import torch
 
 from conftest import DIGITS_DKVB, digits_config
 from workloads.bottleneck import KeyValueBottleneck, learn_keys, random_projection, sparse_sgd_step
-from workloads.config import TrainConfig
 from workloads.learners import LearnerContext, build_learner
 from workloads.config import parse_run_config
 from workloads.runner import run_stream

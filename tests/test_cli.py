@@ -57,44 +57,6 @@ def _experiment(tmp_path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("body, extra, message", [
-    ("base:\n  learner:\n    name: dkvb\n    codebooks: 4\n", [], "learner.codebooks: unknown key"),
-    ("base:\n  train:\n    lr: fast\n", [], "train.lr: got 'fast'; accepted: a number"),
-    ("base: {}\n", ["--set", "train.epochs=many"], "train.epochs: got 'many'; accepted: an integer"),
-    ("base:\n  data:\n    source: npz\n    root: /nonexistent/data.npz\n", [],
-     "data.root: file /nonexistent/data.npz not found"),
-    ("base:\n  learner:\n    name: dkvb\n    num_codebooks: 4096\n    num_keys: 100000000\n", [],
-     "learner.num_codebooks x learner.num_keys: 4096 x 100000000 codebook entries need"),
-    ("bsae: {}\n", [], "unknown top-level key 'bsae'"),
-    ("base: [1, 2\n", [], "not valid YAML at line"),
-    ("base:\n  train: {lr: .nan}\n", [], "train.lr: got nan; accepted: a finite number"),
-    ("base:\n  train: {grad_clip: -1}\n", [], "train.grad_clip: the largest gradient norm must be > 0"),
-    ("base: {}\n", ["--set", "seed=1180591620717411303424"], "seed: must be an integer in [0, 2**63)"),
-    ("base:\n  learner: {name: dkvb, value_dim: 0}\n", [], "learner.value_dim: must be a positive integer"),
-    pytest.param("base:\n  device: cuda\n", [], "device: cuda, but this machine has no CUDA GPU",
-                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
-])
-def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, body, extra, message):
-    assert main(["run", _experiment(tmp_path, body), *extra]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    last = err[-1]
-    assert last.startswith("clorch: error: ") and message in last
-    assert not any("Traceback" in line for line in err)
-
-
-def test_missing_experiment_file(tmp_path, capsys):
-    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
-    assert "nope.yaml: experiment file not found" in capsys.readouterr().err
-
-
-def test_console_script_exit_status_and_stderr(tmp_path):
-    path = _experiment(tmp_path, "base:\n  learner:\n    name: transformer\n")
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", path], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("clorch: error: ")
-    assert "Traceback" not in proc.stderr
-
-
 def test_cache_command_fills_the_caches_a_sweep_needs(tmp_path, capsys):
     path = _experiment(tmp_path, f"""
 base:

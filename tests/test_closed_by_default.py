@@ -8,7 +8,7 @@ import psutil
 
 from orchestrator.cli import main
 from orchestrator.cluster import secure_token_file
-from tests.test_sweep import TWO_TRIALS, sweep_args
+from test_sweep import TWO_TRIALS, sweep_args
 
 
 def listening(processes) -> set[tuple[str, str, int]]:

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from conftest import write_cifar
-from orchestrator.cli import main
 from workloads.config import DataConfig, KeyInitData
 from workloads.data.sources import DataError, load_source
 
@@ -147,20 +146,3 @@ def test_cifar_labels_beyond_the_release_classes_are_refused(tmp_path):
         load_source(DataConfig(source="cifar10", root=str(tmp_path)))
 
 
-CLI_CASES = [case for case in BAD_NPZ if case[0] in ("float label", "NaN in x_test", "label 1e9", "x of one dimension",
-                                                     "a trained class absent from the test set")]
-
-
-@pytest.mark.parametrize("spoil, message", [case[1:] for case in CLI_CASES], ids=[case[0] for case in CLI_CASES])
-def test_clorch_run_on_a_bad_npz_prints_one_line_exits_2_and_writes_nothing(tmp_path, capsys, spoil, message):
-    path = write_npz(tmp_path / "bad.npz", spoil)
-    cache, output = tmp_path / "cache", tmp_path / "result.json"
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(f"base:\n  cache_dir: {cache}\n  data: {{source: npz, root: {path}, classes_per_stage: 2}}\n"
-                          "  learner: {name: linear}\n  train: {epochs: 1}\n")
-    assert main(["run", str(experiment), "--output", str(output)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"clorch: error: data.root: {path}: "), err
-    assert re.search(message, err[0]), err[0]
-    assert not output.exists()
-    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]

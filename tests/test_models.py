@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator.models import DESCRIPTION, WEIGHTS, ModelFormatError, load_model, save_model
-from tests.conftest import DIGITS_DKVB, digits_config
+from conftest import DIGITS_DKVB, digits_config
 from workloads.config import parse_run_config
 from workloads.runner import prepare, rebuild_learner, run_stream
 

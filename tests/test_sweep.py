@@ -107,45 +107,6 @@ def test_a_trial_failing_at_stage_2_resumes_from_stage_2_to_the_uninterrupted_re
         assert matrix["test"] == run_stream(config).test.accuracy_matrix
 
 
-@pytest.mark.parametrize("body, message", [
-    ("sweep:\n  learner.num_keyz: {grid: [1, 2]}\n", "sweep.learner.num_keyz: learner.num_keyz: unknown key"),
-    ("sweep:\n  seed: {grid: []}\n", "sweep.seed: grid needs a non-empty list"),
-    ("sweep:\n  train.lr: {uniform: [1.0, 0.1]}\n", "sweep.train.lr: uniform bounds are inverted"),
-    ("tune:\n  scheduler: hyperband\n", "tune.scheduler: got 'hyperband'; accepted: one of 'fifo', 'asha'"),
-    ("tune:\n  num_samplez: 3\n", "tune.num_samplez: unknown key"),
-    ("tune:\n  resources: {cpus_per_trial: 0}\n", "tune.resources.cpus_per_trial: must be an integer >= 1, got 0"),
-    ("tune:\n  max_concurrent_trials: 0\n", "tune.max_concurrent_trials: must be an integer >= 1, got 0"),
-    ("tune:\n  max_failures: -1\n", "tune.max_failures: must be an integer >= 0, got -1"),
-    ("tune:\n  metric: accuracy\n", "tune.metric: 'accuracy' is not a metric clorch reports"),
-    ("tune:\n  metric: average_accuracy\n", "name the split: val/average_accuracy"),
-])
-def test_bad_sweep_files_fail_before_ray_starts(tmp_path, capsys, body, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text("base: {}\n" + body)
-    uri, args = sweep_args(tmp_path)
-    assert main(["sweep", str(path), *args]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()  # nothing was started or written
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--name", "../x"], "--name: '../x' is not a plain name"),
-    (["--name", "a/b"], "--name: 'a/b' is not a plain name"),
-    (["--storage", "FILE"], "is a file; give a folder"),
-])
-def test_bad_sweep_flags_fail_before_ray_starts_and_write_nothing(tmp_path, capsys, flags, message):
-    path = tmp_path / "ok.yaml"
-    path.write_text("base: {}\n")
-    (tmp_path / "FILE").write_text("not a folder")
-    flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    storage = [] if "--storage" in flags else ["--storage", str(tmp_path / "runs")]
-    assert main(["sweep", str(path), *flags, *storage, "--tracking-uri", uri]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "ok.yaml"]  # no storage, no MLflow store, no x
-
-
 def test_resume_of_an_unknown_sweep_lists_the_known_ones(tmp_path, capsys):
     (tmp_path / "runs" / ".clorch" / "mine").mkdir(parents=True)
     (tmp_path / "runs" / ".clorch" / "mine" / "sweep.json").write_text("{}")

@@ -15,7 +15,6 @@ import warnings
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workloads.progress import ProgressLog

@@ -17,7 +17,7 @@ import torch
 from workloads import metrics
 from workloads.backbones import build_backbone
 from workloads.config import ConfigError, RunConfig, to_dict
-from workloads.data.sources import load_source, source_shape
+from workloads.data.sources import LabelledData, load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.streams import Stream, make_stream, stage_classes, stage_seed
 from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
@@ -158,6 +158,26 @@ def prepare(config: RunConfig) -> PreparedStream:
                          backbone=None if store else backbone, rehearsal=config.rehearsal,
                          input_shape=tuple(x_train.shape[1:]))
     return PreparedStream(stream, ctx, tuple(shape))
+
+
+def preflight(config: RunConfig, data: LabelledData | None = None) -> LabelledData:
+    """What a run would refuse in its data and learner, found without encoding or training anything: the
+    source's arrays (sources.check_labelled: labels, shapes, finite inputs, classes), the stages cut from it,
+    a DKVB's own key-init source, and the learner's options against the number of classes (a codebook too big
+    for memory). A sweep runs this on its driver, so a mistake is one line there, not an error per trial.
+    `data`: the source, when the caller loaded and checked it already. Returns the source."""
+    from workloads.config import KeyInitData
+
+    data = data or load_source(config.data)
+    present = set(torch.unique(torch.cat([data.y_train, data.y_test])).tolist())
+    d = config.data
+    stage_classes(data.num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present, d.class_order,
+                  config.seed)
+    key_source = getattr(config.learner, "key_init_data", None)
+    if isinstance(key_source, KeyInitData):
+        load_source(key_source)
+    LEARNERS[config.learner.name].check(config.learner, data.num_classes)
+    return data
 
 
 def rebuild_learner(config: RunConfig, state: dict) -> Learner:

@@ -41,11 +41,17 @@ class Learner(nn.Module):
 
     def __init__(self, options, ctx: LearnerContext):
         super().__init__()
+        self.check(options, ctx.num_classes)
         self.options, self.ctx = options, ctx
         self.optimizer: torch.optim.Optimizer | None = None
         r = ctx.rehearsal
         # the runner fills it and mixes it into batches (workloads.rehearsal); learners may read it
         self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes) if r.memory_size else None
+
+    @classmethod
+    def check(cls, options, num_classes: int) -> None:
+        """Refuse options that cannot work on a data set of `num_classes` classes, before anything is built
+        (a sweep calls this on its driver, before Ray starts). Options alone were checked when parsed."""
 
     @property
     def setup_data(self) -> str:

@@ -69,13 +69,13 @@ class DKVB(Learner):
 
     Options = DKVBOptions
 
-    def __init__(self, options: DKVBOptions, ctx):
-        super().__init__(options, ctx)
+    @classmethod
+    def check(cls, options: DKVBOptions, num_classes: int) -> None:
         o = options
-        value_dim = o.value_dim or ctx.num_classes
-        if o.decoder == "vote" and value_dim != ctx.num_classes:
+        value_dim = o.value_dim or num_classes
+        if o.decoder == "vote" and value_dim != num_classes:
             raise ConfigError(f"learner.value_dim: the vote decoder reads values as class logits, so value_dim "
-                              f"must equal the number of classes ({ctx.num_classes}) or be null; got {o.value_dim}")
+                              f"must equal the number of classes ({num_classes}) or be null; got {o.value_dim}")
         need = bottleneck_bytes(o.num_codebooks, o.num_keys, o.key_dim, value_dim)
         available = psutil.virtual_memory().available
         if need > 0.8 * available:
@@ -83,6 +83,11 @@ class DKVB(Learner):
                 f"learner.num_codebooks x learner.num_keys: {o.num_codebooks} x {o.num_keys} codebook entries need "
                 f"{need / 2**30:.1f} GiB for keys and values; {available / 2**30:.1f} GiB is available; "
                 "lower num_codebooks, num_keys or key_dim")
+
+    def __init__(self, options: DKVBOptions, ctx):
+        super().__init__(options, ctx)
+        o = options
+        value_dim = o.value_dim or ctx.num_classes
         self.bottleneck = KeyValueBottleneck(ctx.input_dim, o.num_codebooks, o.num_keys, o.key_dim, value_dim,
                                              o.topk, o.projection, o.projection_density, seed=ctx.seed)
         self.bottleneck.mask_unused = o.mask_unused
