@@ -145,7 +145,7 @@ def _target(args):
 
 
 def cmd_sweep(args) -> int:
-    from orchestrator.cluster import connect
+    from orchestrator.cluster import check_tracking, connect
     from orchestrator.config import load_experiment
     from orchestrator.sweep import build_tuner, parse_tune, preflight
     from orchestrator.tracking import parse_tracking
@@ -162,6 +162,7 @@ def cmd_sweep(args) -> int:
     if (target.storage / name).exists():
         raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "
                           f"`clorch resume {name}` continues it, or pick another --name")
+    check_tracking(target.tracking_uri)
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
@@ -171,11 +172,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from orchestrator.cluster import connect
+    from orchestrator.cluster import check_tracking, connect
     from orchestrator.sweep import check_sweep, restore_tuner, sweep_info
 
     target = _target(args)
     check_sweep(args.name, target.storage)  # a wrong name fails before Ray starts
+    check_tracking(target.tracking_uri)
     print(f"resuming {args.name}: storage {target.storage / args.name}")
     connect(target, args.num_cpus)
     tune_options = sweep_info(target.storage, args.name)["tune"]

@@ -117,6 +117,36 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           "is the cluster up (`ray status` on its head) and the port forwarded?") from None
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking(uri: str) -> None:
+    """Refuse a tracking URI that cannot work, before Ray starts: an unknown scheme, a SQLite file in a folder
+    that does not exist, an HTTP server that does not answer within 5 s (MLflow's client would retry it for
+    minutes). Database servers are left to MLflow."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise ConfigError(f"--tracking-uri: unknown scheme {scheme!r} in {uri}; accepted: "
+                          f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local folder")
+    if scheme in ("sqlite", "file", ""):
+        path = Path(uri.removeprefix("sqlite:///") if scheme == "sqlite" else urlparse(uri).path).expanduser()
+        if not path.parent.is_dir():
+            raise ConfigError(f"--tracking-uri: folder {path.parent} does not exist; accepted: a store in an "
+                              "existing folder (e.g. sqlite:///mlflow.db here) or an MLflow server's http:// URI")
+    elif scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"--tracking-uri: no MLflow server answers at {uri} ({reason}); start it "
+                              "(`mlflow server --host 127.0.0.1`, see docs/cluster.md) or use sqlite:///mlflow.db") \
+                from None
+
+
 def check_resources(resources: dict, local: bool) -> None:
     """Refuse a trial that the cluster can never place, before any trial waits for it forever. On a remote
     cluster an autoscaler may add nodes later, so a shortfall there is a warning."""

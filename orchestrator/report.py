@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orchestrator import leaderboard as lb
 from orchestrator.leaderboard import TrialSummary
-from orchestrator.sweep import check_sweep, live_trial_summaries, state_dir
+from orchestrator.sweep import check_sweep, live_trial_summaries, read_analysis, state_dir
 from workloads.config import ConfigError
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
@@ -22,9 +22,7 @@ TRIALS_FILE = "trials.csv"  # every trial
 
 def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]]:
     """The sweep's trials and its swept keys (in the experiment file's order)."""
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(check_sweep(name, Path(storage))))
+    analysis = read_analysis(check_sweep(name, Path(storage)))
     keys: list[str] = []
     frames = analysis.trial_dataframes
     trials = live_trial_summaries(analysis.trials)

@@ -6,6 +6,7 @@ syncer overwrites them: the sweep's description (`sweep.json`), the MLflow run m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -197,7 +198,12 @@ def check_sweep(name: str, storage: Path) -> Path:
 
 def sweep_info(storage: Path, name: str) -> dict:
     """What `clorch sweep` recorded: the experiment file, base config, tune options, axes, tracking URI."""
-    return json.loads((state_dir(storage, name) / SWEEP_FILE).read_text())
+    path = state_dir(storage, name) / SWEEP_FILE
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{name}: {path} cannot be read ({e}); it records how the sweep was started, and a resume "
+                          "needs it: restore it from a backup, or run the sweep again under another --name") from None
 
 
 def restore_tuner(name: str, storage: Path):
@@ -207,16 +213,39 @@ def restore_tuner(name: str, storage: Path):
     experiment_dir = check_sweep(name, storage)
     _stand_in_for_lost_checkpoints(experiment_dir)
     trainable = _trainable(sweep_info(storage, name)["tune"]["resources"])
-    return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+    with _readable_tune_state(experiment_dir):
+        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+
+
+def read_analysis(experiment_dir: Path):
+    """Tune's ExperimentAnalysis of a sweep folder (its trials, their results), or one ConfigError if Tune's
+    state there cannot be read."""
+    from ray.tune import ExperimentAnalysis
+
+    with _readable_tune_state(experiment_dir):
+        return ExperimentAnalysis(str(experiment_dir))
+
+
+@contextlib.contextmanager
+def _readable_tune_state(experiment_dir: Path):
+    """Tune's own files (tuner.pkl, experiment_state-*.json) truncated or altered: one line that says what
+    survives, instead of Tune's traceback. Nothing is changed on disk."""
+    import pickle
+
+    try:
+        yield
+    except (pickle.UnpicklingError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{experiment_dir.name}: Tune's state in {experiment_dir} cannot be read "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); nothing "
+                          "was changed: each trial's results stay in its folder (result.json) and in MLflow. "
+                          "Run the sweep again under another --name") from None
 
 
 def _stand_in_for_lost_checkpoints(experiment_dir: Path) -> None:
     """Tune refuses to restore a trial whose last checkpoint folder is gone. An empty folder stands in for it:
     the trial then finds no state there and continues from clorch's own verified copies, or from scratch
     (orchestrator.checkpoints), and says which."""
-    from ray.tune import ExperimentAnalysis
-
-    for trial in ExperimentAnalysis(str(experiment_dir)).trials:
+    for trial in read_analysis(experiment_dir).trials:
         if trial.checkpoint is not None and not Path(trial.checkpoint.path).exists():
             log.warning("trial %s: its last checkpoint %s is gone; it continues from the newest verified copy",
                         trial.trial_id, trial.checkpoint.path)

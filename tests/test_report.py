@@ -91,6 +91,32 @@ def test_report_orders_by_any_metric_in_its_own_direction_and_names_unknown_ones
         write_report("other", storage)
 
 
+@pytest.mark.parametrize("damaged", ["tuner.pkl", "experiment_state", "sweep.json"])
+def test_unreadable_sweep_state_is_one_line_and_left_as_it_was(finished_sweep, tmp_path, capsys, damaged):
+    """Tune's own state (or clorch's record of the sweep) truncated: status, report and resume each say so in one
+    line with exit status 2, and change nothing on disk."""
+    import shutil
+
+    from orchestrator.cli import main
+
+    name, storage = finished_sweep
+    copy = tmp_path / "runs"
+    shutil.copytree(storage, copy)
+    path = {"tuner.pkl": copy / name / "tuner.pkl", "sweep.json": copy / ".clorch" / name / "sweep.json",
+            "experiment_state": next((copy / name).glob("experiment_state-*.json"))}[damaged]
+    path.write_bytes(path.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    commands = [["status", name], ["resume", name, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]]
+    if damaged != "tuner.pkl":  # the report reads the trials' results, not the pickled Tuner
+        commands.append(["report", name])
+    for command in commands:
+        assert main([*command, "--storage", str(copy)]) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"clorch: error: {name}: ") and "cannot be read" in err[0], err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_cluster_yaml_is_a_valid_ray_launcher_config():
     import jsonschema
     import ray
