@@ -24,7 +24,8 @@ class CheckpointInvalid(Exception):
     """A stage checkpoint that must not be used; the message says why."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -36,7 +37,7 @@ def write(folder: Path, state: dict) -> None:
     """The run state and the sha256 of its file, side by side in `folder`."""
     path = Path(folder) / STATE_FILE
     torch.save(state, path)
-    (Path(folder) / DIGEST_FILE).write_text(_sha256(path) + "\n")
+    (Path(folder) / DIGEST_FILE).write_text(file_sha256(path) + "\n")
 
 
 def read(folder: Path) -> dict:
@@ -47,7 +48,7 @@ def read(folder: Path) -> dict:
         raise CheckpointInvalid(f"{folder.name}: {STATE_FILE} is missing")
     if not digest.is_file():
         raise CheckpointInvalid(f"{folder.name}: {DIGEST_FILE} is missing, so {STATE_FILE} cannot be verified")
-    if _sha256(path) != digest.read_text().strip():
+    if file_sha256(path) != digest.read_text().strip():
         raise CheckpointInvalid(f"{folder.name}: {STATE_FILE} does not match its digest (altered or truncated)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

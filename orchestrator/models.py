@@ -12,9 +12,10 @@ never run code. The learner's rehearsal memory (training data) and optimiser sta
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from orchestrator.checkpoints import file_sha256
 
 FORMAT = "clorch-model"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ def save_model(folder: Path, config, state: dict) -> Path:
     extra = {k: v for k, v in learner_state.items() if k not in ("model", "optimizer", "memory")}
     description = {"format": FORMAT, "version": FORMAT_VERSION, "config": to_dict(config),
                    "learner_shape": state["learner_shape"], "learner_state": extra,
-                   "sha256": _sha256(folder / WEIGHTS)}
+                   "sha256": file_sha256(folder / WEIGHTS)}
     try:
         text = json.dumps(description, indent=1)
     except TypeError as e:
@@ -78,7 +79,7 @@ def load_model(where: str | Path):
     if description.get("format") != FORMAT or description.get("version") != FORMAT_VERSION:
         raise ModelFormatError(f"{where}: format {description.get('format')!r} version "
                                f"{description.get('version')!r}; this clorch reads {FORMAT} version {FORMAT_VERSION}")
-    if _sha256(folder / WEIGHTS) != description["sha256"]:
+    if file_sha256(folder / WEIGHTS) != description["sha256"]:
         raise ModelFormatError(f"{where}: {WEIGHTS} does not match the sha256 in {DESCRIPTION}: the weights "
                                "were changed or truncated")
     try:
@@ -90,12 +91,4 @@ def load_model(where: str | Path):
     learner = rebuild_learner(parse_run_config(description["config"]), state)
     learner.memory = None  # the model, without its training data
     return learner.eval()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
