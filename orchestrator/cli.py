@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clorch", description="Continual-learning experiments around the "
-                                     "Discrete Key-Value Bottleneck.")
+                     "Discrete Key-Value Bottleneck.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment file's base config once, in this process (no Ray)")
     run.add_argument("file", help="experiment YAML file (its base: block is run)")
@@ -153,7 +153,6 @@ def cmd_sweep(args) -> int:
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
     options = parse_tune(experiment.tune, experiment)
     tracking = parse_tracking(experiment.tracking)
-    preflight(experiment)  # every trial's data and learner, before Ray starts
     name = args.name or Path(args.file).stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"--name: {name!r} is not a plain name; accepted: letters, digits, '.', '_' and '-', "
@@ -163,6 +162,7 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "
                           f"`clorch resume {name}` continues it, or pick another --name")
     check_tracking(target.tracking_uri)
+    preflight(experiment)  # every trial's data and learner (this reads the data sets), before Ray starts
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)

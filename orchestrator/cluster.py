@@ -140,6 +140,8 @@ def check_tracking(uri: str) -> None:
     elif scheme in ("http", "https"):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # a server answered (one behind authentication may refuse even /health)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ConfigError(f"--tracking-uri: no MLflow server answers at {uri} ({reason}); start it "
@@ -155,7 +157,7 @@ def check_resources(resources: dict, local: bool) -> None:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     node_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
-    cpu_fix = "or --num-cpus N for a bigger local Ray" if local else "or add nodes"
+    cpu_fix = "or --num-cpus N for a bigger local Ray"  # `accepted` is said on a local Ray only
     if resources["num_workers"] == 0:
         needs = [("tune.resources.cpus_per_trial", resources["cpus_per_trial"], node_cpus, "CPUs on one node",
                   f"at most {node_cpus:g} ({cpu_fix})")]
