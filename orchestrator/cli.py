@@ -172,17 +172,26 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from orchestrator.cluster import check_tracking, connect
-    from orchestrator.sweep import check_sweep, restore_tuner, sweep_info
+    import os
 
-    target = _target(args)
-    check_sweep(args.name, target.storage)  # a wrong name fails before Ray starts
+    from orchestrator.cluster import check_tracking, connect, resolve_target
+    from orchestrator.sweep import check_sweep, record_tracking_uri, restore_tuner, state_dir, sweep_info
+    from orchestrator.tracking import check_store
+
+    storage = _target(args).storage
+    check_sweep(args.name, storage)  # a wrong name fails before Ray starts
+    info = sweep_info(storage, args.name)
+    # the store the sweep was started with, unless told otherwise (a sweep that moved with a copy of its store)
+    target = resolve_target(args.address, args.storage,
+                            args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"])
     check_tracking(target.tracking_uri)
-    print(f"resuming {args.name}: storage {target.storage / args.name}")
+    check_store(target.tracking_uri, state_dir(storage, args.name), args.name)
+    print(f"resuming {args.name}: storage {target.storage / args.name}, mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    tune_options = sweep_info(target.storage, args.name)["tune"]
-    return _print_results(restore_tuner(args.name, target.storage).fit(), tune_options["metric"],
-                          tune_options["mode"])
+    tuner = restore_tuner(args.name, target.storage, target.tracking_uri)
+    record_tracking_uri(target.storage, args.name, target.tracking_uri)
+    tune_options = info["tune"]
+    return _print_results(tuner.fit(), tune_options["metric"], tune_options["mode"])
 
 
 def cmd_status(args) -> int:

@@ -114,12 +114,12 @@ def state_dir(storage: Path, name: str) -> Path:
     return storage / ".clorch" / name
 
 
-def param_space(experiment: ExperimentFile, options: TuneOptions, own_dir: Path) -> dict:
-    """What each trial receives: the base config, the sweep axes as Tune search spaces, and run settings."""
+def param_space(experiment: ExperimentFile, options: TuneOptions) -> dict:
+    """What each trial receives: the base config, the sweep axes as Tune search spaces, and run settings (no
+    paths: a trial's config is frozen into Tune's state, and a sweep's storage may move)."""
     return {
         "base": experiment.base_raw,
         "sweep": {axis.key: axis.to_tune() for axis in experiment.axes},
-        "state_dir": str(own_dir),
         "fail_at_stage": options.fail_at_stage,
         "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu,
                       "cpus_per_worker": options.resources.cpus_per_worker},
@@ -149,8 +149,8 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     (own_dir / SWEEP_FILE).write_text(json.dumps({
         "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
         "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
-    space = param_space(experiment, options, own_dir)
-    trainable = _trainable(to_dict(options.resources))
+    space = param_space(experiment, options)
+    trainable = _trainable(to_dict(options.resources), own_dir)
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
@@ -206,13 +206,30 @@ def sweep_info(storage: Path, name: str) -> dict:
                           "needs it: restore it from a backup, or run the sweep again under another --name") from None
 
 
-def restore_tuner(name: str, storage: Path):
-    """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint."""
+def record_tracking_uri(storage: Path, name: str, tracking_uri: str) -> None:
+    """Remember the store a resumed sweep logs to now (the next resume, status and report default to it)."""
+    info = sweep_info(storage, name)
+    if info.get("tracking_uri") != tracking_uri:
+        path = state_dir(storage, name) / SWEEP_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**info, "tracking_uri": tracking_uri}, indent=1))
+        tmp.replace(path)
+
+
+def restore_tuner(name: str, storage: Path, tracking_uri: str | None = None):
+    """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint. Its
+    trials and its MLflow tracking are bound to the sweep's folder as it is now under `storage`, and to
+    `tracking_uri` (default: the store the sweep was started with), wherever the sweep was before."""
     from ray import tune
 
+    from orchestrator.tracking import MLflowTracking
+
     experiment_dir = check_sweep(name, storage)
+    own_dir = state_dir(storage, name)
+    info = sweep_info(storage, name)
+    MLflowTracking.bind(name, tracking_uri or info["tracking_uri"], str(own_dir))
     _stand_in_for_lost_checkpoints(experiment_dir)
-    trainable = _trainable(sweep_info(storage, name)["tune"]["resources"])
+    trainable = _trainable(info["tune"]["resources"], own_dir)
     with _readable_tune_state(experiment_dir):
         return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
 
@@ -252,14 +269,15 @@ def _stand_in_for_lost_checkpoints(experiment_dir: Path) -> None:
             Path(trial.checkpoint.path).mkdir(parents=True)
 
 
-def _trainable(resources: dict):
-    """run_trial with what its driver reserves: the trial's CPUs, or a token when Train workers do the work."""
+def _trainable(resources: dict, own_dir: Path):
+    """run_trial bound to the sweep's folder as it is now, with what its driver reserves: the trial's CPUs, or a
+    token when Train workers do the work."""
     from ray import tune
 
     from orchestrator.trial import run_trial
 
-    return tune.with_resources(run_trial, {"cpu": resources["cpus_per_trial"]} if resources["num_workers"] == 0
-                               else DRIVER_ONLY)
+    return tune.with_resources(tune.with_parameters(run_trial, state_dir=str(own_dir)),
+                               {"cpu": resources["cpus_per_trial"]} if resources["num_workers"] == 0 else DRIVER_ONLY)
 
 
 def trial_summaries(results) -> list:

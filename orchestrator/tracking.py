@@ -16,7 +16,7 @@ from pathlib import Path
 from ray import tune
 
 from orchestrator.trial import train_run_state
-from workloads.config import flatten, to_dict
+from workloads.config import ConfigError, flatten, to_dict
 from workloads.metrics import DIRECTIONS, SPLITS, split_of
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,62 @@ def load_state(checkpoint) -> dict | None:
     return checkpoints.newest_valid([Path(checkpoint.path)], "tracking")
 
 
+def check_store(tracking_uri: str, state_dir: Path, name: str) -> None:
+    """Before a resume: the store at `tracking_uri` must hold the sweep's parent run (from the run map in
+    `state_dir`), or the resume would open a second parent and duplicate child runs elsewhere."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    path = Path(state_dir) / RUN_MAP
+    parent = json.loads(path.read_text()).get("parent") if path.exists() else None
+    if parent is None:
+        return  # nothing logged yet: the resume opens the parent run
+    database = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+    try:  # a SQLite file that is not there holds nothing (and opening it would create it)
+        run = MlflowClient(tracking_uri).get_run(parent) if database is None or database.exists() else None
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        raise ConfigError(f"--tracking-uri: {tracking_uri} holds no parent run {parent} of sweep {name}"
+                          f"{' (it was deleted)' if run is not None else ''}; accepted: the store the sweep logged "
+                          "to (a copy of it, if it moved with the storage)")
+
+
 class MLflowTracking(tune.Callback):
-    """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow."""
+    """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow.
+
+    Tune pickles its callbacks into the sweep's state and unpickles them on a restore. Where this one logs
+    (the tracking URI, clorch's folder of the sweep) is left out of that state: `bind` sets it in the driver
+    from the command line and the folder as they are now, before the Tuner is built or restored, so that a sweep
+    whose storage moved logs to the store it is told and writes beside itself, never to where it was.
+    """
+
+    _bound: dict[str, tuple[str, str]] = {}  # sweep name -> (tracking URI, state folder), in this driver
+
+    @classmethod
+    def bind(cls, experiment: str, tracking_uri: str, state_dir: str) -> None:
+        cls._bound[experiment] = (tracking_uri, state_dir)
 
     def __init__(self, tracking_uri: str, experiment: str, state_dir: str, options: TrackingOptions | None = None,
                  metric: str = "val/average_accuracy", mode: str = "max"):
+        self.bind(experiment, tracking_uri, state_dir)
         self.tracking_uri, self.experiment, self.state_dir = tracking_uri, experiment, state_dir
         self.options = options or TrackingOptions()
         self.metric, self.mode = metric, mode  # the sweep's selection metric
         self._client = None
         self._attached: set[str] = set()  # child runs this driver already checked (or created)
+
+    def __getstate__(self):  # no paths, no client (not picklable), no per-driver memory
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("tracking_uri", "state_dir", "_client", "_attached")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.experiment not in self._bound:
+            raise RuntimeError(f"sweep {self.experiment}: its MLflow tracking was restored before "
+                               "MLflowTracking.bind said where to log")
+        self.tracking_uri, self.state_dir = self._bound[self.experiment]
+        self._client, self._attached = None, set()
 
     # --- state that survives a driver restart: the map file, re-read on every access ---
     @property
@@ -78,9 +124,6 @@ class MLflowTracking(tune.Callback):
 
             self._client = MlflowClient(self.tracking_uri)
         return self._client
-
-    def __getstate__(self):  # Tune pickles callbacks with the experiment state; the client is not picklable
-        return {**self.__dict__, "_client": None, "_attached": set()}
 
     def parent_run(self) -> str:
         """The sweep's parent run id, created on first use."""
@@ -125,7 +168,9 @@ class MLflowTracking(tune.Callback):
     # --- Tune hooks ---
     def setup(self, **info) -> None:
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        self.parent_run()
+        parent = self.parent_run()
+        if self.client.get_run(parent).info.status != "RUNNING":  # a resumed sweep runs again
+            self.client.update_run(parent, status="RUNNING")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.child_run(trial)
@@ -158,7 +203,7 @@ class MLflowTracking(tune.Callback):
         runs["stages_logged"][trial.trial_id] = stage
         self._save_map(runs)
         if _runs_train_workers(trial) and self.options.codebooks:  # no Tune checkpoint: read the Train run's
-            state = train_run_state(trial.config["state_dir"], trial.trial_id)
+            state = train_run_state(self.state_dir, trial.trial_id)
             if state is not None and state["next_stage"] == stage + 1:
                 self._log_codebooks(trial, stage, state)
 
@@ -211,7 +256,7 @@ class MLflowTracking(tune.Callback):
         from orchestrator.models import save_model
         from orchestrator.trial import resolve
 
-        state = (train_run_state(trial.config["state_dir"], trial.trial_id) if _runs_train_workers(trial)
+        state = (train_run_state(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
                  else load_state(trial.checkpoint) if trial.checkpoint is not None else None)
         if state is None:
             return
@@ -239,8 +284,11 @@ class MLflowTracking(tune.Callback):
     def on_experiment_end(self, trials, **info) -> None:
         parent = self.parent_run()
         _best_effort("the sweep's leaderboard", self.log_leaderboard, parent, trials)
-        failed = any(t.status == "ERROR" for t in trials)
-        self.client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        # FINISHED only when every trial is: a trial that errored fails the sweep, one left unfinished (an
+        # interrupt, a stop) leaves it KILLED until `clorch resume` runs it again
+        status = ("FAILED" if any(t.status == "ERROR" for t in trials) else
+                  "FINISHED" if all(t.status == "TERMINATED" for t in trials) else "KILLED")
+        self.client.set_terminated(parent, status)
 
     def log_leaderboard(self, run_id: str, trials) -> None:
         """On the parent run: configurations ranked on the selection metric, seeds aggregated (`leaderboard.json`,

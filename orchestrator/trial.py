@@ -118,11 +118,14 @@ def train_run_state(state_dir: str, trial_id: str) -> dict | None:
     return checkpoints.newest_valid(checkpoints.candidates(None, folder), f"trial {trial_id}")
 
 
-def run_trial(trial_config: dict) -> None:
-    """The Tune trainable: a driver function for one trial."""
+def run_trial(trial_config: dict, state_dir: str | None = None) -> None:
+    """The Tune trainable: a driver function for one trial. `state_dir`, clorch's folder of the sweep, is bound
+    when the Tuner is built or restored (orchestrator.sweep._trainable), never frozen into the trial's config,
+    so that a sweep whose storage moved writes to where it is now."""
     from ray import tune
 
-    trial_config = {**trial_config, "trial_id": tune.get_context().get_trial_id()}
+    trial_config = {**trial_config, "trial_id": tune.get_context().get_trial_id(),
+                    "state_dir": state_dir or trial_config["state_dir"]}  # older sweeps kept it in the config
     workers = trial_config["resources"]["num_workers"]
     if workers == 0:
         run_workload(trial_config, tune.get_checkpoint(), lambda m, c: tune.report(m, checkpoint=c))

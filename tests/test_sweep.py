@@ -394,3 +394,41 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
     assert said in Path(client.download_artifacts(child.info.run_id, logged.path)).read_text()
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
+
+
+@pytest.mark.slow
+def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_is_given(ray_local, tmp_path, capsys):
+    """`clorch resume NAME --storage NEW --tracking-uri NEW_STORE` after copying both: the same parent and child
+    runs continue in the new store, each stage logged once, and nothing is written where the sweep was."""
+    import shutil
+
+    path = tmp_path / "moved.yaml"
+    path.write_text(VERIFY)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    old_uri, new_uri = f"sqlite:///{old / 'mlflow.db'}", f"sqlite:///{new / 'mlflow.db'}"
+    assert main(["sweep", str(path), "--name", "m", "--storage", str(old / "runs"), "--tracking-uri", old_uri]) == 1
+    _, (parent,), (child,) = runs_of(old_uri, "m")
+    assert parent.info.status == "FAILED" and child.info.status == "FAILED"
+    shutil.copytree(old / "runs", new / "runs")
+    shutil.copy(old / "mlflow.db", new / "mlflow.db")
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+
+    capsys.readouterr()
+    assert main(["resume", "m", "--storage", str(tmp_path / "nowhere" / "runs"), "--tracking-uri", new_uri]) == 2
+    assert main(["resume", "m", "--storage", str(new / "runs"), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'empty.db'}"]) == 2  # a store without the sweep's runs
+    err = capsys.readouterr().err
+    assert "holds no parent run" in err and not (tmp_path / "empty.db").exists()
+    assert main(["resume", "m", "--storage", str(new / "runs"), "--tracking-uri", new_uri]) == 0
+
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # the old place untouched
+    client, parents, children = runs_of(new_uri, "m")
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"
+    assert [c.info.run_id for c in children] == [child.info.run_id] and children[0].info.status == "FINISHED"
+    for split in ("val", "test"):
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, f"{split}/accuracy_on_seen_classes")]
+        assert sorted(steps) == [0, 1, 2, 3, 4]  # stages 1-3 from before the move, 4-5 after it, each once
+    matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
+    assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
