@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -146,9 +147,11 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     check_resources(to_dict(options.resources), local)
     own_dir = state_dir(storage, name)
     own_dir.mkdir(parents=True, exist_ok=True)
+    sweep_id = uuid.uuid4().hex  # names the sweep's MLflow runs (tag clorch.sweep_id) wherever it moves
     (own_dir / SWEEP_FILE).write_text(json.dumps({
         "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
-        "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri}, indent=1))
+        "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri,
+        "id": sweep_id}, indent=1))
     space = param_space(experiment, options)
     trainable = _trainable(to_dict(options.resources), own_dir)
     return tune.Tuner(
@@ -163,7 +166,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                   # (clorch keeps its own verified copies too: orchestrator.checkpoints)
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[MLflowTracking(tracking_uri, name, str(own_dir), tracking,
-                                                            options.metric, options.mode)]))
+                                                            options.metric, options.mode, sweep_id)]))
 
 
 def _scheduler(options: TuneOptions):

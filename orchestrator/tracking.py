@@ -84,9 +84,10 @@ class MLflowTracking(tune.Callback):
         cls._bound[experiment] = (tracking_uri, state_dir)
 
     def __init__(self, tracking_uri: str, experiment: str, state_dir: str, options: TrackingOptions | None = None,
-                 metric: str = "val/average_accuracy", mode: str = "max"):
+                 metric: str = "val/average_accuracy", mode: str = "max", sweep_id: str | None = None):
         self.bind(experiment, tracking_uri, state_dir)
         self.tracking_uri, self.experiment, self.state_dir = tracking_uri, experiment, state_dir
+        self.sweep_id = sweep_id  # tag clorch.sweep_id of every run of this sweep (None: a sweep from before it)
         self.options = options or TrackingOptions()
         self.metric, self.mode = metric, mode  # the sweep's selection metric
         self._client = None
@@ -125,44 +126,66 @@ class MLflowTracking(tune.Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
+    def _tagged_run(self, experiment_id: str, **tags: str) -> str | None:
+        """The run of this sweep with these tags, if MLflow has one: how a run created by a driver that died
+        before recording it in the map is found again instead of duplicated."""
+        if self.sweep_id is None:
+            return None
+        conditions = [f"tags.`clorch.sweep_id` = '{self.sweep_id}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        found = self.client.search_runs([experiment_id], " and ".join(conditions), max_results=1,
+                                        order_by=["attributes.start_time ASC"])
+        return found[0].info.run_id if found else None
+
     def parent_run(self) -> str:
-        """The sweep's parent run id, created on first use."""
+        """The sweep's parent run id: the map's, else the one MLflow holds with this sweep's tags, else new."""
         runs = self._load_map()
         if runs["parent"] is None:
             exp = self.client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
             from orchestrator.leaderboard import selection_note
 
-            tags = {"clorch.sweep": self.experiment, "protocol.selection_metric": self.metric,
-                    "protocol.selection": {"val": "validation", "test": "test (asked for by name)"}[
-                        split_of(self.metric)], "protocol.selection_note": selection_note(self.metric)}
-            runs["parent"] = self.client.create_run(exp_id, run_name=self.experiment, tags=tags).info.run_id
+            runs["parent"] = self._tagged_run(exp_id, **{"clorch.role": "sweep"})
+            if runs["parent"] is None:
+                tags = {"clorch.sweep": self.experiment, "clorch.role": "sweep",
+                        "protocol.selection_metric": self.metric,
+                        "protocol.selection": {"val": "validation", "test": "test (asked for by name)"}[
+                            split_of(self.metric)], "protocol.selection_note": selection_note(self.metric),
+                        **({"clorch.sweep_id": self.sweep_id} if self.sweep_id else {})}
+                runs["parent"] = self.client.create_run(exp_id, run_name=self.experiment, tags=tags).info.run_id
             self._save_map(runs)
         return runs["parent"]
 
     def child_run(self, trial) -> str:
-        """The trial's child run: the one in the map, else a new one nested under the parent."""
+        """The trial's child run: the map's, else the one MLflow holds with this trial's tags, else a new one
+        nested under the parent. Each child run carries the sweep's name and id, the trial id and its parent."""
         runs = self._load_map()
         run_id = runs["trials"].get(trial.trial_id)
-        if run_id is not None:
-            if run_id not in self._attached:  # re-attached after a restart: the run may be FAILED
-                if self.client.get_run(run_id).info.status != "RUNNING":
-                    self.client.update_run(run_id, status="RUNNING")
+        if run_id is None:
+            parent = self.parent_run()
+            exp_id = self.client.get_run(parent).info.experiment_id
+            run_id = self._tagged_run(exp_id, **{"clorch.trial_id": trial.trial_id, "mlflow.parentRunId": parent})
+            if run_id is None:
+                run_id = self._create_child(exp_id, parent, trial)
                 self._attached.add(run_id)
-            return run_id
-        parent = self.parent_run()
-        exp_id = self.client.get_run(parent).info.experiment_id
-        run = self.client.create_run(exp_id, run_name=f"trial-{trial.trial_id}",
-                                     tags={"mlflow.parentRunId": parent, "clorch.trial_id": trial.trial_id})
-        from orchestrator.trial import resolve
+            runs = self._load_map()
+            runs["trials"][trial.trial_id] = run_id
+            self._save_map(runs)
+        if run_id not in self._attached:  # re-attached after a restart: the run may be FAILED
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            self._attached.add(run_id)
+        return run_id
+
+    def _create_child(self, experiment_id: str, parent: str, trial) -> str:
         from mlflow.entities import Param
 
+        from orchestrator.trial import resolve
+
+        tags = {"mlflow.parentRunId": parent, "clorch.sweep": self.experiment, "clorch.trial_id": trial.trial_id,
+                **({"clorch.sweep_id": self.sweep_id} if self.sweep_id else {})}
+        run = self.client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags)
         params = flatten(to_dict(resolve(trial.config)))
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        runs = self._load_map()
-        runs["trials"][trial.trial_id] = run.info.run_id
-        self._save_map(runs)
-        self._attached.add(run.info.run_id)
         return run.info.run_id
 
     # --- Tune hooks ---

@@ -413,11 +413,14 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
     assert parent.info.status == "FAILED" and child.info.status == "FAILED"
     shutil.copytree(old / "runs", new / "runs")
     shutil.copy(old / "mlflow.db", new / "mlflow.db")
+    # and the trial-to-run map lost (as when a driver dies between creating a run and recording it): the
+    # runs are found again by their tags (clorch.sweep_id, clorch.trial_id, mlflow.parentRunId)
+    (new / "runs" / ".clorch" / "m" / "mlflow_runs.json").write_text('{"parent": null, "trials": {}}')
     before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
 
     capsys.readouterr()
     assert main(["resume", "m", "--storage", str(tmp_path / "nowhere" / "runs"), "--tracking-uri", new_uri]) == 2
-    assert main(["resume", "m", "--storage", str(new / "runs"), "--tracking-uri",
+    assert main(["resume", "m", "--storage", str(old / "runs"), "--tracking-uri",
                  f"sqlite:///{tmp_path / 'empty.db'}"]) == 2  # a store without the sweep's runs
     err = capsys.readouterr().err
     assert "holds no parent run" in err and not (tmp_path / "empty.db").exists()
