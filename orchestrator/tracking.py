@@ -40,11 +40,11 @@ def parse_tracking(raw: dict) -> TrackingOptions:
     return from_dict(TrackingOptions, raw or {}, "tracking")
 
 
-def load_state(checkpoint) -> dict | None:
-    """The run state of a trial's newest stage checkpoint that verifies (None if none does)."""
+def load_state(folder: str) -> dict | None:
+    """The run state in a trial's stage checkpoint folder, if it verifies (None if not)."""
     from orchestrator import checkpoints
 
-    return checkpoints.newest_valid([Path(checkpoint.path)], "tracking")
+    return checkpoints.newest_valid([Path(folder)], "tracking")
 
 
 def check_store(tracking_uri: str, state_dir: Path, name: str) -> None:
@@ -95,7 +95,7 @@ class MLflowTracking(tune.Callback):
 
     def __getstate__(self):  # no paths, no client (not picklable), no per-driver memory
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("tracking_uri", "state_dir", "_client", "_attached")}
+                if k not in ("tracking_uri", "state_dir", "_client", "_attached", "_outage", "_delay", "_retry_at")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -121,8 +121,16 @@ class MLflowTracking(tune.Callback):
     @property
     def client(self):
         if self._client is None:
+            import os
+
             from mlflow.tracking import MlflowClient
 
+            # MLflow's client retries an unreachable server for minutes by default, holding up Tune's event loop
+            # all the while; clorch keeps what fails in its outbox instead, so a few seconds of retries will do
+            for variable, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                                    ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                                    ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+                os.environ.setdefault(variable, value)
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
@@ -188,30 +196,118 @@ class MLflowTracking(tune.Callback):
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 
-    # --- Tune hooks ---
+    # --- Tune hooks: each becomes one event, written to MLflow now or, while the store fails, queued ---------
     def setup(self, **info) -> None:
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        parent = self.parent_run()
-        if self.client.get_run(parent).info.status != "RUNNING":  # a resumed sweep runs again
-            self.client.update_run(parent, status="RUNNING")
+        self._send({"kind": "resume"}, force=True)  # a resume also replays what an outage left queued
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.child_run(trial)
+        self._send({"kind": "start", **_trial_record(trial)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        stage = int(result["stage"])
+        for line in (result.get("warnings") or "").splitlines():  # the trial's warnings (orchestrator.trial)
+            log.warning("trial %s, stage %d: %s", trial.trial_id, stage + 1, line)
+        self._send({"kind": "result", **_trial_record(trial), "result": _plain(result)})
+        if _runs_train_workers(trial) and self.options.codebooks:  # no Tune checkpoint: read the Train run's
+            state = train_run_state(self.state_dir, trial.trial_id)
+            if state is not None and state["next_stage"] == stage + 1:
+                self._log_codebooks(trial, stage, state)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._send({"kind": "complete", **_trial_record(trial)})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._send({"kind": "error", **_trial_record(trial), "error_file": getattr(trial, "error_file", None)})
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._send({"kind": "end", "trials": [_trial_record(t) for t in trials]}, force=True)
+        left = self._outbox()
+        if left:
+            log.warning("MLflow at %s is still unreachable: %d write(s) wait in %s; `clorch resume %s` writes "
+                        "them once it answers", self.tracking_uri, len(left), self._outbox_path, self.experiment)
+
+    # --- the outbox: what could not be written, in order, replayed exactly once ------------------------------
+    @property
+    def _outbox_path(self) -> Path:
+        return Path(self.state_dir) / OUTBOX
+
+    def _outbox(self) -> list[dict]:
+        path = self._outbox_path
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+    def _keep(self, events: list[dict]) -> None:
+        if not events:
+            self._outbox_path.unlink(missing_ok=True)
+            return
+        tmp = self._outbox_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in events))
+        tmp.replace(self._outbox_path)
+
+    def _send(self, event: dict, force: bool = False) -> None:
+        """Write `event` to MLflow after whatever waits in the outbox; on any failure of the store keep both
+        there, say so once per outage, and try again after a back-off (5 s doubling to 60 s), at the sweep's
+        end (`force`) or on `clorch resume`. A tracking outage never stops the sweep."""
+        waiting = self._outbox()
+        if waiting and not force and time.monotonic() < getattr(self, "_retry_at", 0.0):
+            self._keep(waiting + [event])
+            return
+        queue = waiting + [event]
+        try:
+            while queue:
+                self._apply(queue[0])
+                queue.pop(0)
+        except Exception as e:  # noqa: BLE001 (an unreachable server, a locked database, a 5xx...)
+            self._keep(queue)
+            delay = min(2 * getattr(self, "_delay", 2.5), 60.0)
+            self._delay, self._retry_at = delay, time.monotonic() + delay
+            if not getattr(self, "_outage", False):
+                log.warning("MLflow at %s failed (%s: %s); %d write(s) wait in %s and are retried",
+                            self.tracking_uri, type(e).__name__, _first_line(e), len(queue), self._outbox_path)
+            self._outage = True
+            return
+        self._keep([])
+        if getattr(self, "_outage", False):
+            log.warning("MLflow at %s answers again; every queued write is in", self.tracking_uri)
+        self._outage, self._delay = False, 2.5
+
+    def _apply(self, event: dict) -> None:
+        """One event, written to MLflow; safe to repeat (a replay after a partial write logs nothing twice)."""
+        kind = event["kind"]
+        if kind == "resume":
+            parent = self.parent_run()
+            if self.client.get_run(parent).info.status != "RUNNING":  # a resumed sweep runs again
+                self.client.update_run(parent, status="RUNNING")
+            return
+        if kind == "end":
+            self._end([_TrialView(**t) for t in event["trials"]])
+            return
+        trial = _TrialView(**{k: event[k] for k in _TrialView.__dataclass_fields__})
+        if kind == "start":
+            self.child_run(trial)
+        elif kind == "result":
+            self._log_stage(trial, event["result"])
+        elif kind == "complete":
+            self._complete(trial)
+        elif kind == "error":
+            run_id = self.child_run(trial)
+            if event.get("error_file") and Path(event["error_file"]).exists():
+                self.client.log_artifact(run_id, event["error_file"])
+            self.client.set_terminated(run_id, "FAILED")
+            self._attached.discard(run_id)  # a retry (max_failures) or a resume marks it RUNNING again
+
+    def _log_stage(self, trial, result: dict) -> None:
         from mlflow.entities import Metric
 
         run_id = self.child_run(trial)
         stage = int(result["stage"])
-        if result.get("warnings"):  # what the trial warned of since its last report (orchestrator.trial)
-            for line in result["warnings"].splitlines():
-                log.warning("trial %s, stage %d: %s", trial.trial_id, stage + 1, line)
-            _best_effort("the trial's warnings", self.client.log_text, run_id, result["warnings"] + "\n",
-                         f"warnings/stage_{stage}_{int(result.get('timestamp', 0))}.txt")
         runs = self._load_map()
         logged = runs.setdefault("stages_logged", {}).get(trial.trial_id, -1)
         if stage <= logged:  # a stage replayed after a restart was logged the first time it ran
             return
+        if result.get("warnings"):
+            _best_effort("the trial's warnings", self.client.log_text, run_id, result["warnings"] + "\n",
+                         f"warnings/stage_{stage}_{int(result.get('timestamp', 0))}.txt")
         stamp = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(k, float(v), stamp, stage) for k, v in result.items()
                    if _is_stage_metric(k, v)]
@@ -223,32 +319,33 @@ class MLflowTracking(tune.Callback):
             tags = [RunTag("protocol.future_inputs", str(bool(result.get("protocol.future_inputs"))).lower()),
                     RunTag("protocol.validation", f"{validation:g}" if validation else "none")]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        runs["stages_logged"][trial.trial_id] = stage
+        runs = self._load_map()
+        runs.setdefault("stages_logged", {})[trial.trial_id] = stage
         self._save_map(runs)
-        if _runs_train_workers(trial) and self.options.codebooks:  # no Tune checkpoint: read the Train run's
-            state = train_run_state(self.state_dir, trial.trial_id)
-            if state is not None and state["next_stage"] == stage + 1:
-                self._log_codebooks(trial, stage, state)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        state = load_state(checkpoint) if self.options.codebooks else None
+        state = load_state(checkpoint.path) if self.options.codebooks else None
         if state is not None:
             self._log_codebooks(trial, int((trial.last_result or {}).get("stage", 0)), state)
 
     def _log_codebooks(self, trial, stage: int, state: dict) -> None:
         model = state["learner"]["model"]
-        if "bottleneck.values" in model:
-            _best_effort("codebooks", self.log_codebooks, self.child_run(trial), stage, model)
+        if "bottleneck.values" in model and not getattr(self, "_outage", False):  # artifacts: not queued
+            _best_effort("codebooks", lambda: self.log_codebooks(self.child_run(trial), stage, model))
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def _complete(self, trial) -> None:
         run_id = self.child_run(trial)
         result = trial.last_result or {}
         matrices = {split: json.loads(result[f"{split}/accuracy_matrix"]) for split in SPLITS
                     if f"{split}/accuracy_matrix" in result}
         if matrices:
             self.log_matrices(run_id, matrices)
-        if self.options.log_model:
+        runs = self._load_map()
+        if self.options.log_model and trial.trial_id not in runs.get("models_logged", []):
             _best_effort("the final model", self.log_model, run_id, trial)
+            runs = self._load_map()
+            runs.setdefault("models_logged", []).append(trial.trial_id)  # once, even if a replay follows
+            self._save_map(runs)
         self.client.set_terminated(run_id, "FINISHED")
 
     def log_codebooks(self, run_id: str, stage: int, model: dict) -> None:
@@ -280,7 +377,7 @@ class MLflowTracking(tune.Callback):
         from orchestrator.trial import resolve
 
         state = (train_run_state(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
-                 else load_state(trial.checkpoint) if trial.checkpoint is not None else None)
+                 else load_state(trial.checkpoint) if trial.checkpoint is not None else None)  # a path
         if state is None:
             return
         experiment_id = self.client.get_run(run_id).info.experiment_id
@@ -296,15 +393,7 @@ class MLflowTracking(tune.Callback):
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.register_model(model.model_uri, self.options.register_model)
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self.child_run(trial)
-        error_file = getattr(trial, "error_file", None)
-        if error_file and Path(error_file).exists():
-            self.client.log_artifact(run_id, error_file)
-        self.client.set_terminated(run_id, "FAILED")
-        self._attached.discard(run_id)  # a retry (max_failures) or a resume marks it RUNNING again
-
-    def on_experiment_end(self, trials, **info) -> None:
+    def _end(self, trials) -> None:
         parent = self.parent_run()
         _best_effort("the sweep's leaderboard", self.log_leaderboard, parent, trials)
         # FINISHED only when every trial is: a trial that errored fails the sweep, one left unfinished (an
@@ -394,3 +483,32 @@ def _is_stage_metric(key: str, value) -> bool:
         base = key.partition("/")[2]
         return base in DIRECTIONS or base.startswith("accuracy_stage_")
     return key in RUN_METRICS
+
+
+OUTBOX = "mlflow_outbox.jsonl"  # MLflow writes that failed, in order, beside the run map
+
+
+@dataclass
+class _TrialView:
+    """What the tracking needs of a Tune trial, as plain data: it goes into the outbox and comes back."""
+
+    trial_id: str
+    config: dict
+    status: str
+    last_result: dict
+    checkpoint: str | None  # the folder of its last Tune checkpoint
+
+
+def _trial_record(trial) -> dict:
+    return {"trial_id": trial.trial_id, "config": trial.config, "status": trial.status,
+            "last_result": _plain(trial.last_result or {}),
+            "checkpoint": trial.checkpoint.path if trial.checkpoint is not None else None}
+
+
+def _plain(result: dict) -> dict:
+    """A Tune result's numbers and strings (what tracking reads), JSON-safe."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]

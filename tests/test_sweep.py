@@ -435,3 +435,77 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
         assert sorted(steps) == [0, 1, 2, 3, 4]  # stages 1-3 from before the move, 4-5 after it, each once
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
+
+
+def _mlflow_server(port: int, folder: Path):
+    """`mlflow server` on 127.0.0.1:port over a SQLite file in `folder`, up and answering."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                               "--default-artifact-root", str(folder / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            assert time.time() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+
+
+def _stop(server) -> None:
+    import os
+    import signal
+
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as a crash would
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog):
+    import threading
+    import time
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(port, tmp_path)
+    path = tmp_path / "outage.yaml"
+    # six trials one after another: the server is back while trials still report
+    path.write_text(TWO_TRIALS.replace("classes_per_stage: 5", "classes_per_stage: 2")
+                    .replace("[0, 1]", "[0, 1, 2, 3, 4, 5]") + "tune:\n  max_concurrent_trials: 1\n")
+    args = ["--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
+    codes = []
+    sweep = threading.Thread(target=lambda: codes.append(main(["sweep", str(path), "--name", "o", *args])))
+
+    def stages_reported() -> int:
+        return sum(len(f.read_text().splitlines()) for f in (tmp_path / "runs" / "o").glob("*/result.json"))
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="orchestrator"):
+            sweep.start()
+            while stages_reported() < 1:
+                time.sleep(0.1)
+            _stop(server)  # down after the first stage...
+            while stages_reported() < 4 and sweep.is_alive():
+                time.sleep(0.1)
+            server = _mlflow_server(port, tmp_path)  # ...and back a few stages later
+            sweep.join(timeout=300)
+        assert codes == [0]
+        said = [r.getMessage() for r in caplog.records]
+        assert any("failed" in m and "wait in" in m for m in said)  # the outage was met, and queued...
+        assert any("answers again; every queued write is in" in m for m in said)  # ...and written mid-sweep
+        client, parents, children = runs_of(uri, "o")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 6
+        for child in children:
+            assert child.info.status == "FINISHED"
+            for split in ("val", "test"):
+                history = client.get_metric_history(child.info.run_id, f"{split}/accuracy_on_seen_classes")
+                assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # every stage, each once
+        assert not (tmp_path / "runs" / ".clorch" / "o" / "mlflow_outbox.jsonl").exists()
+    finally:
+        _stop(server)
