@@ -92,13 +92,15 @@ def test_report_orders_by_any_metric_in_its_own_direction_and_names_unknown_ones
 
 
 @pytest.mark.parametrize("damaged", ["tuner.pkl", "experiment_state", "sweep.json"])
-def test_unreadable_sweep_state_is_one_line_and_left_as_it_was(finished_sweep, tmp_path, capsys, damaged):
+def test_unreadable_sweep_state_is_one_line_and_left_as_it_was(finished_sweep, tmp_path, capsys, damaged,
+                                                                monkeypatch):
     """Tune's own state (or clorch's record of the sweep) truncated: status, report and resume each say so in one
     line with exit status 2, and change nothing on disk."""
     import shutil
 
     from orchestrator.cli import main
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # resume: the store the sweep was started with
     name, storage = finished_sweep
     copy = tmp_path / "runs"
     shutil.copytree(storage, copy)
