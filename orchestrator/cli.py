@@ -147,7 +147,7 @@ def _target(args):
 def cmd_sweep(args) -> int:
     from orchestrator.cluster import check_tracking, connect
     from orchestrator.config import load_experiment
-    from orchestrator.sweep import build_tuner, parse_tune, preflight
+    from orchestrator.sweep import build_tuner, hold_driver_lock, parse_tune, preflight
     from orchestrator.tracking import parse_tracking
 
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
@@ -166,8 +166,10 @@ def cmd_sweep(args) -> int:
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    results = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
-                          local=target.address is None).fit()
+    tuner = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
+                        local=target.address is None)
+    hold_driver_lock(target.storage, name)
+    results = tuner.fit()
     return _print_results(results, options.metric, options.mode)
 
 
@@ -175,11 +177,13 @@ def cmd_resume(args) -> int:
     import os
 
     from orchestrator.cluster import check_tracking, connect, resolve_target
-    from orchestrator.sweep import check_sweep, record_tracking_uri, restore_tuner, state_dir, sweep_info
+    from orchestrator.sweep import (check_sweep, hold_driver_lock, record_tracking_uri, restore_tuner, state_dir,
+                                    sweep_info)
     from orchestrator.tracking import check_store
 
     storage = _target(args).storage
     check_sweep(args.name, storage)  # a wrong name fails before Ray starts
+    hold_driver_lock(storage, args.name)  # and so does a second driver
     info = sweep_info(storage, args.name)
     # the store the sweep was started with, unless told otherwise (a sweep that moved with a copy of its store)
     target = resolve_target(args.address, args.storage,

@@ -209,6 +209,37 @@ def sweep_info(storage: Path, name: str) -> dict:
                           "needs it: restore it from a backup, or run the sweep again under another --name") from None
 
 
+_DRIVER_LOCKS: dict[str, object] = {}  # the lock files this process holds, open for its lifetime
+DRIVER_LOCK = "driver.lock"
+
+
+def hold_driver_lock(storage: Path, name: str) -> None:
+    """Make this process the one driver of sweep `name` (an exclusive lock on a file in its state folder, held
+    until the process ends), or refuse: two drivers would both run every trial and log everything twice."""
+    import fcntl
+    import os
+    import socket
+
+    own_dir = state_dir(storage, name)
+    if str(own_dir) in _DRIVER_LOCKS:
+        return  # this process is the driver already (a sweep, then its resume, in one program)
+    own_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(own_dir / DRIVER_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{name}: another clorch driver ({holder}) is running this sweep; wait for it to end or "
+                          "stop it, then `clorch resume` it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _DRIVER_LOCKS[str(own_dir)] = handle
+
+
 def record_tracking_uri(storage: Path, name: str, tracking_uri: str) -> None:
     """Remember the store a resumed sweep logs to now (the next resume, status and report default to it)."""
     info = sweep_info(storage, name)

@@ -301,13 +301,13 @@ class MLflowTracking(tune.Callback):
 
         run_id = self.child_run(trial)
         stage = int(result["stage"])
+        if result.get("warnings"):  # new even when the stage is a replay (a checkpoint that did not verify)
+            _best_effort("the trial's warnings", self.client.log_text, run_id, result["warnings"] + "\n",
+                         f"warnings/stage_{stage}_{int(result.get('timestamp', 0))}.txt")
         runs = self._load_map()
         logged = runs.setdefault("stages_logged", {}).get(trial.trial_id, -1)
         if stage <= logged:  # a stage replayed after a restart was logged the first time it ran
             return
-        if result.get("warnings"):
-            _best_effort("the trial's warnings", self.client.log_text, run_id, result["warnings"] + "\n",
-                         f"warnings/stage_{stage}_{int(result.get('timestamp', 0))}.txt")
         stamp = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(k, float(v), stamp, stage) for k, v in result.items()
                    if _is_stage_metric(k, v)]

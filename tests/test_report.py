@@ -107,7 +107,10 @@ def test_unreadable_sweep_state_is_one_line_and_left_as_it_was(finished_sweep, t
     path = {"tuner.pkl": copy / name / "tuner.pkl", "sweep.json": copy / ".clorch" / name / "sweep.json",
             "experiment_state": next((copy / name).glob("experiment_state-*.json"))}[damaged]
     path.write_bytes(path.read_bytes()[:100])
-    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    def files():  # the sweep's state; driver.lock, which a resume takes before it reads that state, holds none
+        return {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "driver.lock"}
+
+    before = files()
     capsys.readouterr()
     commands = [["status", name], ["resume", name]]
     if damaged != "tuner.pkl":  # the report reads the trials' results, not the pickled Tuner
@@ -116,7 +119,33 @@ def test_unreadable_sweep_state_is_one_line_and_left_as_it_was(finished_sweep, t
         assert main([*command, "--storage", str(copy)]) == 2, command
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"clorch: error: {name}: ") and "cannot be read" in err[0], err
-    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    assert files() == before
+
+
+def test_a_second_driver_on_a_sweep_is_refused(finished_sweep, tmp_path, capsys):
+    """`clorch resume` while another process drives the sweep: one line naming that driver, nothing started."""
+    import shutil
+    import subprocess
+    import sys
+
+    name, storage = finished_sweep
+    copy = tmp_path / "runs"
+    shutil.copytree(storage, copy)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from orchestrator.sweep import hold_driver_lock; "
+                               f"hold_driver_lock(Path({str(copy)!r}), {name!r}); print('held', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from orchestrator.cli import main
+
+        capsys.readouterr()
+        assert main(["resume", name, "--storage", str(copy)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"another clorch driver (pid {holder.pid} on " in err[0], err
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_cluster_yaml_is_a_valid_ray_launcher_config():
