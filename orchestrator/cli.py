@@ -147,7 +147,7 @@ def _target(args):
 def cmd_sweep(args) -> int:
     from orchestrator.cluster import check_tracking, connect
     from orchestrator.config import load_experiment
-    from orchestrator.sweep import build_tuner, hold_driver_lock, parse_tune, preflight
+    from orchestrator.sweep import build_tuner, check_scheduler, hold_driver_lock, parse_tune, preflight
     from orchestrator.tracking import parse_tracking
 
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
@@ -162,12 +162,13 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "
                           f"`clorch resume {name}` continues it, or pick another --name")
     check_tracking(target.tracking_uri)
-    preflight(experiment)  # every trial's data and learner (this reads the data sets), before Ray starts
+    stage_counts = preflight(experiment)  # every trial's data and learner (reads the data sets), before Ray
+    num_stages = check_scheduler(options, stage_counts)
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
     tuner = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
-                        local=target.address is None)
+                        local=target.address is None, num_stages=num_stages)
     hold_driver_lock(target.storage, name)
     results = tuner.fit()
     return _print_results(results, options.metric, options.mode)

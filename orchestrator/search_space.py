@@ -33,13 +33,13 @@ class Axis:
     def discrete(self) -> bool:
         return self.kind in ("grid", "choice")
 
-    def to_tune(self):
-        """The Ray Tune search-space object for this axis."""
+    def to_tune(self, sampled: bool = False):
+        """The Ray Tune search-space object for this axis (`sampled`: a grid axis drawn like a choice)."""
         from ray import tune
 
-        if self.kind == "grid":
+        if self.kind == "grid" and not sampled:
             return tune.grid_search(list(self.values))
-        if self.kind == "choice":
+        if self.kind in ("grid", "choice"):
             return tune.choice(list(self.values))
         return getattr(tune, self.kind)(*self.values)
 

@@ -64,6 +64,11 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
             raise ConfigError(f"tune.{key}: must be an integer >= {low}, got {value}")
     if options.resources.cpus_per_worker <= 0:
         raise ConfigError(f"tune.resources.cpus_per_worker: must be > 0, got {options.resources.cpus_per_worker}")
+    grids = [a.key for a in (experiment.axes if experiment else []) if a.kind == "grid"]
+    if options.search == "optuna" and grids:
+        raise ConfigError(f"tune.search: optuna samples every axis and cannot cross the grid axis sweep.{grids[0]}; "
+                          "accepted: choice axes (choice: [...]) with optuna, or search: grid (grid axes crossed, "
+                          "the others sampled num_samples times per grid point)")
     if options.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -72,10 +77,11 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
     return options
 
 
-def preflight(experiment: ExperimentFile) -> None:
+def preflight(experiment: ExperimentFile) -> set[int]:
     """The data and learner of every trial, checked on this machine before Ray starts (workloads.runner.
     preflight): the base config's, and those of each value of a grid or choice axis (a swept data set, stage
-    split, key-init source or codebook size). Values drawn at random are not enumerated."""
+    split, key-init source or codebook size). Values drawn at random are not enumerated. Returns the numbers of
+    stages the trials' streams have."""
     from orchestrator.config import with_values
     from workloads.config import parse_run_config
     from workloads.runner import preflight as preflight_run
@@ -84,12 +90,15 @@ def preflight(experiment: ExperimentFile) -> None:
                                    for axis in experiment.axes if axis.discrete for value in axis.values]
     sources: dict[str, object] = {}  # each data set loaded (and checked) once
     checked: set[str] = set()
+    stage_counts: set[int] = set()
     for config in configs:
         data_key = json.dumps(to_dict(config.data), sort_keys=True, default=str)
         what = data_key + json.dumps(to_dict(config.learner), sort_keys=True, default=str)
         if what not in checked:
             checked.add(what)
-            sources[data_key] = preflight_run(config, sources.get(data_key))
+            sources[data_key], num_stages = preflight_run(config, sources.get(data_key))
+            stage_counts.add(num_stages)
+    return stage_counts
 
 
 def _uses_cuda(experiment: ExperimentFile) -> bool:
@@ -120,7 +129,8 @@ def param_space(experiment: ExperimentFile, options: TuneOptions) -> dict:
     paths: a trial's config is frozen into Tune's state, and a sweep's storage may move)."""
     return {
         "base": experiment.base_raw,
-        "sweep": {axis.key: axis.to_tune() for axis in experiment.axes},
+        # search: random draws every axis, grid axes as choices; grid crosses grid axes and samples the rest
+        "sweep": {axis.key: axis.to_tune(sampled=options.search == "random") for axis in experiment.axes},
         "fail_at_stage": options.fail_at_stage,
         "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu,
                       "cpus_per_worker": options.resources.cpus_per_worker},
@@ -128,7 +138,7 @@ def param_space(experiment: ExperimentFile, options: TuneOptions) -> dict:
 
 
 def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str,
-                tracking=None, local: bool = True):
+                tracking=None, local: bool = True, num_stages: int | None = None):
     """A Tuner for the experiment (fresh run); a trial the cluster cannot place is refused before anything is
     written (on a remote cluster, `local` False, it is a warning: an autoscaler may add nodes)."""
     from ray import tune
@@ -157,7 +167,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
-                                    scheduler=_scheduler(options), search_alg=_search(options),
+                                    scheduler=_scheduler(options, num_stages), search_alg=_search(options),
                                     max_concurrent_trials=options.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
@@ -169,11 +179,24 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                                             options.metric, options.mode, sweep_id)]))
 
 
-def _scheduler(options: TuneOptions):
+def check_scheduler(options: TuneOptions, stage_counts: set[int]) -> int | None:
+    """ASHA compares trials stage by stage, up to the last stage: every trial must have the same number of
+    stages. Returns that number (ASHA's max_t) for asha, None otherwise."""
+    if options.scheduler != "asha":
+        return None
+    if len(stage_counts) != 1:
+        raise ConfigError(f"tune.scheduler: asha compares trials stage by stage, but the swept values give streams of "
+                          f"{' and '.join(map(str, sorted(stage_counts)))} stages; accepted: fifo, or sweep axes "
+                          "that keep the number of stages")
+    return next(iter(stage_counts))
+
+
+def _scheduler(options: TuneOptions, num_stages: int | None = None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if options.scheduler == "asha":
-        return ASHAScheduler(time_attr="stage", grace_period=1, reduction_factor=2)
+    if options.scheduler == "asha":  # `stage` counts from 0: the last stage reports num_stages - 1
+        return ASHAScheduler(time_attr="stage", grace_period=1, reduction_factor=2,
+                             max_t=max(num_stages - 1, 1) if num_stages else 100)
     return FIFOScheduler()
 
 

@@ -61,3 +61,24 @@ def test_a_swept_learner_block_shows_as_one_readable_cell():
 
     assert short_value({"name": "mlp", "hidden": 128}) == "mlp(hidden=128)"
     assert short_value({"name": "linear"}) == "linear()" and short_value(0.3) == 0.3
+
+
+def test_random_search_draws_grid_axes_and_grid_search_crosses_them(tmp_path):
+    """With `search: grid` Tune crosses grid axes and samples the rest per grid point; with `search: random`
+    every point is drawn, grid axes as choices, num_samples points in all."""
+    from ray.tune.search.sample import Categorical
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator.sweep import param_space, parse_tune
+
+    path = tmp_path / "s.yaml"
+    path.write_text("base: {learner: {name: dkvb}}\nsweep:\n  learner.num_keys: {grid: [16, 32, 64]}\n"
+                    "  train.lr: {loguniform: [0.01, 1.0]}\n")
+    experiment = load_experiment(path)
+    grid = param_space(experiment, parse_tune({"num_samples": 2}, experiment))["sweep"]
+    assert grid["learner.num_keys"] == {"grid_search": [16, 32, 64]}
+    assert sorted(v["sweep"]["learner.num_keys"] for _ in range(2) for _, v in generate_variants({"sweep": grid})) \
+        == [16, 16, 32, 32, 64, 64]  # every grid point, each with its own draws of the rest
+    drawn = param_space(experiment, parse_tune({"search": "random", "num_samples": 2}, experiment))["sweep"]
+    assert isinstance(drawn["learner.num_keys"], Categorical) and drawn["learner.num_keys"].categories == [16, 32, 64]
+    assert len(list(generate_variants({"sweep": drawn}))) == 1  # one point per sample: nothing crossed

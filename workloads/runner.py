@@ -160,24 +160,25 @@ def prepare(config: RunConfig) -> PreparedStream:
     return PreparedStream(stream, ctx, tuple(shape))
 
 
-def preflight(config: RunConfig, data: LabelledData | None = None) -> LabelledData:
+def preflight(config: RunConfig, data: LabelledData | None = None) -> tuple[LabelledData, int]:
     """What a run would refuse in its data and learner, found without encoding or training anything: the
     source's arrays (sources.check_labelled: labels, shapes, finite inputs, classes), the stages cut from it,
     a DKVB's own key-init source, and the learner's options against the number of classes (a codebook too big
     for memory). A sweep runs this on its driver, so a mistake is one line there, not an error per trial.
-    `data`: the source, when the caller loaded and checked it already. Returns the source."""
+    `data`: the source, when the caller loaded and checked it already. Returns the source and the number of
+    stages of the run's stream."""
     from workloads.config import KeyInitData
 
     data = data or load_source(config.data)
     present = set(torch.unique(torch.cat([data.y_train, data.y_test])).tolist())
     d = config.data
-    stage_classes(data.num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present, d.class_order,
-                  config.seed)
+    stages = stage_classes(data.num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present,
+                           d.class_order, config.seed)
     key_source = getattr(config.learner, "key_init_data", None)
     if isinstance(key_source, KeyInitData):
         load_source(key_source)
     LEARNERS[config.learner.name].check(config.learner, data.num_classes)
-    return data
+    return data, len(stages)
 
 
 def rebuild_learner(config: RunConfig, state: dict) -> Learner:
