@@ -148,7 +148,7 @@ def cmd_sweep(args) -> int:
     from orchestrator.cluster import check_tracking, connect
     from orchestrator.config import load_experiment
     from orchestrator.sweep import build_tuner, check_scheduler, hold_driver_lock, parse_tune, preflight
-    from orchestrator.tracking import parse_tracking
+    from orchestrator.tracking import check_experiment_name, parse_tracking
 
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
     options = parse_tune(experiment.tune, experiment)
@@ -162,6 +162,7 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "
                           f"`clorch resume {name}` continues it, or pick another --name")
     check_tracking(target.tracking_uri)
+    check_experiment_name(target.tracking_uri, name)
     stage_counts = preflight(experiment)  # every trial's data and learner (reads the data sets), before Ray
     num_stages = check_scheduler(options, stage_counts)
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "

@@ -47,6 +47,22 @@ def load_state(folder: str) -> dict | None:
     return checkpoints.newest_valid([Path(folder)], "tracking")
 
 
+def check_experiment_name(tracking_uri: str, name: str) -> None:
+    """Before a new sweep: MLflow keeps a deleted experiment (and its name) until `mlflow gc`, and no run can be
+    created in it; refuse the name with the ways out. A SQLite file that is not there yet holds no experiment."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        i = experiment.experiment_id
+        raise ConfigError(f"--name: {tracking_uri} holds a deleted MLflow experiment named {name} (id {i}), which MLflow "
+                          f"keeps until it is collected; accepted: another --name, or first restore it "
+                          f"(MLFLOW_TRACKING_URI={tracking_uri} mlflow experiments restore --experiment-id {i}) or "
+                          f"remove it for good (mlflow gc --backend-store-uri {tracking_uri} --experiment-ids {i})")
+
+
 def check_store(tracking_uri: str, state_dir: Path, name: str) -> None:
     """Before a resume: the store at `tracking_uri` must hold the sweep's parent run (from the run map in
     `state_dir`), or the resume would open a second parent and duplicate child runs elsewhere."""

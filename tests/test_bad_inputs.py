@@ -80,6 +80,16 @@ def image_folder(classes: dict[str, int]) -> Callable[[Path], None]:
     return write
 
 
+def deleted_experiment(name: str) -> Callable[[Path], None]:
+    """A SQLite MLflow store holding experiment `name`, deleted (MLflow keeps it, soft-deleted)."""
+    def write(path: Path) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{path}")
+        client.delete_experiment(client.create_experiment(name))
+    return write
+
+
 NPZ_RUN = "  data: {source: npz, root: {d}/bad.npz, classes_per_stage: 2}\n  learner: {name: linear}\n" \
           "  train: {epochs: 1}\n"
 SWEEP = "sweep:\n  seed: {grid: [0, 1]}\n"
@@ -307,6 +317,9 @@ CASES = [
          ("--tracking-uri: folder", "no does not exist", "accepted: a store in an existing folder"), exp()),
     Case("--tracking-uri unknown scheme", ["sweep", "{d}/exp.yaml", "--tracking-uri", "ftp://host/x"],
          ("--tracking-uri: unknown scheme 'ftp'", "accepted: sqlite://"), exp()),
+    Case("--name of a deleted MLflow experiment", ["sweep", "{d}/exp.yaml", "--name", "gone"],
+         ("--name: sqlite:///", "holds a deleted MLflow experiment named gone", "accepted: another --name",
+          "mlflow experiments restore --experiment-id"), {**exp(), "mlflow.db": deleted_experiment("gone")}),
     Case("--output in a missing folder", ["run", "{d}/exp.yaml", "--output", "{d}/no/such/out.json"],
          ("--output: folder", "does not exist"), exp()),
     Case("resume unknown sweep", ["resume", "nope"], ("nope: no sweep of that name", "sweeps there: none"), {}),
@@ -339,6 +352,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, monkey
         else:
             content(work / name)
     before = snapshot(work)
+    capsys.readouterr()  # what making the files printed is not the command's
     argv = [a.replace("{d}", str(work)) for a in case.argv]
     try:
         code = main(argv)
