@@ -62,6 +62,9 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
                             ("resources.cpus_per_trial", options.resources.cpus_per_trial, 1)):
         if value is not None and value < low:
             raise ConfigError(f"tune.{key}: must be an integer >= {low}, got {value}")
+    if options.resources.num_workers == 0 and options.resources.use_gpu is True:
+        raise ConfigError("tune.resources.use_gpu: true needs Ray Train workers to hold the GPUs, but num_workers "
+                          "is 0; accepted: num_workers >= 1 (or unset), or use_gpu false or auto")
     if options.resources.cpus_per_worker <= 0:
         raise ConfigError(f"tune.resources.cpus_per_worker: must be > 0, got {options.resources.cpus_per_worker}")
     grids = [a.key for a in (experiment.axes if experiment else []) if a.kind == "grid"]

@@ -8,6 +8,7 @@ run is named `train-<trial id>` so that a restored trial finds its own last stag
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator import checkpoints
+from workloads.config import ConfigError
 
 
 
@@ -44,6 +46,7 @@ def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
 def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], None]) -> None:
     """Run the stream from `checkpoint` (or from the start), calling report(metrics, checkpoint) per stage."""
     import ray
+    import torch
     from ray.tune import Checkpoint
 
     from workloads.distributed import world
@@ -51,6 +54,9 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
 
     with TrialWarnings() as warnings:  # from here on, clorch's warnings travel with the next report
         config = resolve(trial_config)
+        # a GPU only with a reservation: Ray counts what it reserved, never what a trial takes on its own
+        device = trial_device(config.device, ray.get_gpu_ids(), torch.cuda.is_available())
+        config = dataclasses.replace(config, device=device)
         node = ray.get_runtime_context().get_node_id()  # which node ran each stage (`clorch status`, tests)
         copies = checkpoints.copies_folder(trial_config["state_dir"], trial_config["trial_id"])
         resume_state = None
@@ -69,7 +75,7 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
             with tempfile.TemporaryDirectory() as folder:
                 checkpoints.write(Path(folder), state)
                 report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
-                        "warnings": warnings.take(),
+                        "device": device, "warnings": warnings.take(),
                         **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
                            for split, scores in state["splits"].items()}},
                        Checkpoint.from_directory(folder))
@@ -79,6 +85,19 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
                 raise RuntimeError(f"planned failure before stage {fail_at} (tune.fail_at_stage, a test option)")
 
         run_stream(config, resume_state=resume_state, on_stage_end=on_stage_end)
+
+
+def trial_device(configured: str, gpu_ids: list, cuda_available: bool) -> str:
+    """The device a trial runs on: CUDA only when Ray reserved a GPU for it (`gpu_ids`), whatever torch sees on
+    the node, since a trial on an unreserved GPU is one Ray does not count and stacks others onto."""
+    if configured == "cpu" or not gpu_ids:
+        if configured == "cuda":
+            raise ConfigError("device: cuda, but Ray reserved no GPU for this trial; accepted: auto or cpu, or "
+                              "tune.resources.use_gpu: true")
+        return "cpu"
+    if not cuda_available:
+        raise ConfigError(f"Ray reserved GPU(s) {gpu_ids} for this trial, but torch sees no CUDA device here")
+    return "cuda"
 
 
 class TrialWarnings(logging.Handler):

@@ -509,3 +509,21 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
         assert not (tmp_path / "runs" / ".clorch" / "o" / "mlflow_outbox.jsonl").exists()
     finally:
         _stop(server)
+
+
+@pytest.mark.parametrize("configured, gpu_ids, cuda, expected", [
+    ("auto", [], True, "cpu"),  # a GPU on the node, none reserved: the CPU, or Ray would not count the trial
+    ("auto", ["0"], True, "cuda"),
+    ("cpu", ["0"], True, "cpu"),
+    ("auto", [], False, "cpu"),
+    ("cuda", [], True, "device: cuda, but Ray reserved no GPU for this trial"),
+])
+def test_a_trial_uses_cuda_only_with_a_gpu_reservation(configured, gpu_ids, cuda, expected):
+    from orchestrator.trial import trial_device
+    from workloads.config import ConfigError
+
+    if expected.startswith("device:"):
+        with pytest.raises(ConfigError, match=expected):
+            trial_device(configured, gpu_ids, cuda)
+    else:
+        assert trial_device(configured, gpu_ids, cuda) == expected
