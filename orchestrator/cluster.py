@@ -158,9 +158,14 @@ def check_resources(resources: dict, local: bool) -> None:
     node_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     cpu_fix = "or --num-cpus N for a bigger local Ray"  # `accepted` is said on a local Ray only
+    share = resources.get("gpus_per_trial")
     if resources["num_workers"] == 0:
         needs = [("tune.resources.cpus_per_trial", resources["cpus_per_trial"], node_cpus, "CPUs on one node",
                   f"at most {node_cpus:g} ({cpu_fix})")]
+        if share:
+            node_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+            needs.append(("tune.resources.gpus_per_trial", share, node_gpus, "GPUs on one node",
+                          f"at most {node_gpus:g}, or no GPU (use_gpu false)"))
     else:
         total_cpus = sum(n.get("CPU", 0) for n in nodes)
         needs = [("tune.resources.cpus_per_worker", resources["cpus_per_worker"], node_cpus, "CPUs on one node",
@@ -169,9 +174,9 @@ def check_resources(resources: dict, local: bool) -> None:
                   "CPUs in the cluster (num_workers x cpus_per_worker)",
                   f"num_workers x cpus_per_worker at most {total_cpus:g} ({cpu_fix})")]
         if resources["use_gpu"]:
-            needs.append(("tune.resources.use_gpu", resources["num_workers"], total_gpus,
-                          "GPUs in the cluster (one per worker)",
-                          f"use_gpu false or auto, or at most {total_gpus:g} workers"))
+            needs.append(("tune.resources.use_gpu", resources["num_workers"] * (share or 1), total_gpus,
+                          "GPUs in the cluster (gpus_per_trial, else 1, per worker)",
+                          f"use_gpu false or auto, or at most {total_gpus:g} GPUs per trial"))
     for key, asked, has, what, accepted in needs:
         if asked > has:
             message = f"{key}: a trial needs {asked:g} {what}, and the cluster has {has:g}"

@@ -26,10 +26,13 @@ DRIVER_ONLY = {"cpu": 0.01}  # a trial whose work runs in Train workers: its dri
 class Resources:
     """What one trial needs."""
 
-    num_workers: int | None = None  # None: 0 (the trial's own process) without GPUs, else 1 GPU worker
+    num_workers: int | None = None  # None: 0 (the trial's own process) without GPUs or with gpus_per_trial,
+    #                                 else 1 GPU worker
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_trial: int = 1  # num_workers 0: CPUs the trial reserves
     cpus_per_worker: float = 1.0  # num_workers >= 1: CPUs each Ray Train worker reserves
+    gpus_per_trial: float | None = None  # GPUs the trial (num_workers 0) or each Train worker holds; 0.25: four
+    #                                      trials share a GPU. None: 1 per Train worker where use_gpu
 
 
 @dataclass
@@ -62,9 +65,16 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
                             ("resources.cpus_per_trial", options.resources.cpus_per_trial, 1)):
         if value is not None and value < low:
             raise ConfigError(f"tune.{key}: must be an integer >= {low}, got {value}")
-    if options.resources.num_workers == 0 and options.resources.use_gpu is True:
-        raise ConfigError("tune.resources.use_gpu: true needs Ray Train workers to hold the GPUs, but num_workers "
-                          "is 0; accepted: num_workers >= 1 (or unset), or use_gpu false or auto")
+    r = options.resources
+    if r.gpus_per_trial is not None:
+        if not (0 < r.gpus_per_trial <= 1 or float(r.gpus_per_trial).is_integer()):
+            raise ConfigError(f"tune.resources.gpus_per_trial: got {r.gpus_per_trial}; accepted: a fraction in (0, 1] "
+                              "(0.25: four trials per GPU) or a whole number of GPUs")
+        if r.use_gpu is False:
+            raise ConfigError("tune.resources.gpus_per_trial: set, but use_gpu is false; accepted: one of the two")
+    if r.num_workers == 0 and r.use_gpu is True and r.gpus_per_trial is None:
+        raise ConfigError("tune.resources.use_gpu: true with num_workers 0 needs gpus_per_trial (what the trial's "
+                          "own process holds); accepted: gpus_per_trial (e.g. 0.25), or num_workers >= 1")
     if options.resources.cpus_per_worker <= 0:
         raise ConfigError(f"tune.resources.cpus_per_worker: must be > 0, got {options.resources.cpus_per_worker}")
     grids = [a.key for a in (experiment.axes if experiment else []) if a.kind == "grid"]
@@ -136,6 +146,7 @@ def param_space(experiment: ExperimentFile, options: TuneOptions) -> dict:
         "sweep": {axis.key: axis.to_tune(sampled=options.search == "random") for axis in experiment.axes},
         "fail_at_stage": options.fail_at_stage,
         "resources": {"num_workers": options.resources.num_workers, "use_gpu": options.resources.use_gpu,
+                      "gpus_per_trial": options.resources.gpus_per_trial,
                       "cpus_per_worker": options.resources.cpus_per_worker},
     }
 
@@ -150,10 +161,11 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     from orchestrator.tracking import MLflowTracking
 
     gpus = cluster_gpus()
-    if options.resources.num_workers is None:  # a GPU needs a Train worker to hold it
-        options.resources.num_workers = 1 if gpus or options.resources.use_gpu is True else 0
-    if options.resources.use_gpu == "auto":
-        options.resources.use_gpu = bool(gpus)
+    r = options.resources
+    if r.num_workers is None:  # a whole GPU goes to a Train worker; a share is held by the trial itself
+        r.num_workers = 1 if (gpus or r.use_gpu is True) and r.gpus_per_trial is None else 0
+    if r.use_gpu == "auto":
+        r.use_gpu = bool(gpus) or r.gpus_per_trial is not None
     if _uses_cuda(experiment) and not options.resources.use_gpu:
         raise ConfigError("device: cuda, but the sweep's trials get no GPU (the cluster has none, or "
                           "tune.resources.use_gpu is false); accepted: auto or cpu, or use_gpu on a cluster with GPUs")
@@ -336,8 +348,11 @@ def _trainable(resources: dict, own_dir: Path):
 
     from orchestrator.trial import run_trial
 
-    return tune.with_resources(tune.with_parameters(run_trial, state_dir=str(own_dir)),
-                               {"cpu": resources["cpus_per_trial"]} if resources["num_workers"] == 0 else DRIVER_ONLY)
+    if resources["num_workers"] == 0:  # the trial's own process does the work and holds its GPU share
+        holds = {"cpu": resources["cpus_per_trial"], "gpu": resources.get("gpus_per_trial") or 0}
+    else:
+        holds = DRIVER_ONLY
+    return tune.with_resources(tune.with_parameters(run_trial, state_dir=str(own_dir)), holds)
 
 
 def trial_summaries(results) -> list:

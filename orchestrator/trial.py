@@ -19,6 +19,8 @@ from typing import Any, Callable
 from orchestrator import checkpoints
 from workloads.config import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 
 def resolve(trial_config: dict):
@@ -75,7 +77,8 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
             with tempfile.TemporaryDirectory() as folder:
                 checkpoints.write(Path(folder), state)
                 report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
-                        "device": device, "warnings": warnings.take(),
+                        "device": device, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+                        "warnings": warnings.take(),
                         **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
                            for split, scores in state["splits"].items()}},
                        Checkpoint.from_directory(folder))
@@ -95,8 +98,10 @@ def trial_device(configured: str, gpu_ids: list, cuda_available: bool) -> str:
             raise ConfigError("device: cuda, but Ray reserved no GPU for this trial; accepted: auto or cpu, or "
                               "tune.resources.use_gpu: true")
         return "cpu"
-    if not cuda_available:
-        raise ConfigError(f"Ray reserved GPU(s) {gpu_ids} for this trial, but torch sees no CUDA device here")
+    if not cuda_available:  # a node that declares GPUs torch cannot use (a CPU build of torch, a test node)
+        log.warning("Ray reserved GPU(s) %s for this trial, but torch sees no CUDA device here; it runs on the CPU",
+                    ",".join(map(str, gpu_ids)))
+        return "cpu"
     return "cuda"
 
 
@@ -164,8 +169,10 @@ def run_trial(trial_config: dict, state_dir: str | None = None) -> None:
     resources = trial_config["resources"]
     trainer = TorchTrainer(
         per_worker, train_loop_config=trial_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=resources["use_gpu"],
-                                               resources_per_worker={"CPU": resources["cpus_per_worker"]}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=resources["use_gpu"],
+            resources_per_worker={"CPU": resources["cpus_per_worker"],
+                                  **({"GPU": resources["gpus_per_trial"]} if resources.get("gpus_per_trial") else {})}),
         run_config=ray.train.RunConfig(name=f"train-{trial_config['trial_id']}",
                                        storage_path=os.path.join(trial_config["state_dir"], "train"),
                                        # the last stage's checkpoint is all Ray needs (clorch keeps copies)

@@ -517,6 +517,7 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
     ("cpu", ["0"], True, "cpu"),
     ("auto", [], False, "cpu"),
     ("cuda", [], True, "device: cuda, but Ray reserved no GPU for this trial"),
+    ("auto", ["0"], False, "cpu"),  # a node that declares a GPU torch cannot use: a warning, and the CPU
 ])
 def test_a_trial_uses_cuda_only_with_a_gpu_reservation(configured, gpu_ids, cuda, expected):
     from orchestrator.trial import trial_device
@@ -527,3 +528,22 @@ def test_a_trial_uses_cuda_only_with_a_gpu_reservation(configured, gpu_ids, cuda
             trial_device(configured, gpu_ids, cuda)
     else:
         assert trial_device(configured, gpu_ids, cuda) == expected
+
+
+@pytest.mark.slow
+def test_four_quarter_gpu_trials_share_one_declared_gpu_and_ray_counts_them(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "share.yaml"
+    path.write_text(TWO_TRIALS.replace("classes_per_stage: 5", "classes_per_stage: 2").replace("[0, 1]", "[0, 1, 2, 3]")
+                    + "tune:\n  resources: {gpus_per_trial: 0.25}\n")
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "gpu_share_sweep.py"), str(path),
+                           str(tmp_path / "runs"), f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["exit"] == 0, proc.stderr[-3000:]
+    assert report["fewest_gpus"] == 0.0  # all four quarters held at once, as Ray accounts them
+    assert len(report["trials"]) == 4
+    # each held GPU 0 (a quarter of it); torch sees no CUDA on this node, so each ran on the CPU and said why
+    assert all(t == [["0", "cpu"]] for t in report["trials"].values()), report["trials"]
