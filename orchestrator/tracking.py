@@ -57,8 +57,8 @@ def check_experiment_name(tracking_uri: str, name: str) -> None:
     experiment = MlflowClient(tracking_uri).get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         i = experiment.experiment_id
-        raise ConfigError(f"--name: {tracking_uri} holds a deleted MLflow experiment named {name} (id {i}), which MLflow "
-                          f"keeps until it is collected; accepted: another --name, or first restore it "
+        raise ConfigError(f"--name: {tracking_uri} holds a deleted MLflow experiment named {name} (id {i}), which "
+                          f"MLflow keeps until it is collected; accepted: another --name, or first restore it "
                           f"(MLFLOW_TRACKING_URI={tracking_uri} mlflow experiments restore --experiment-id {i}) or "
                           f"remove it for good (mlflow gc --backend-store-uri {tracking_uri} --experiment-ids {i})")
 
