@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        else "sweep name (its folder under --storage)")
         if name == "sweep":
             p.add_argument("--name", help="sweep name (default: the file's base name)")
+            p.add_argument("--dry-run", action="store_true", help="print the trials, what each reserves, how many "
+                           "run at once here and the caches to build, then exit (nothing is written)")
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a base config key (repeatable)")
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -165,6 +167,8 @@ def cmd_sweep(args) -> int:
     check_experiment_name(target.tracking_uri, name)
     stage_counts = preflight(experiment)  # every trial's data and learner (reads the data sets), before Ray
     num_stages = check_scheduler(options, stage_counts)
+    if args.dry_run:
+        return _dry_run(experiment, options, target, args.num_cpus)
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
@@ -173,6 +177,30 @@ def cmd_sweep(args) -> int:
     hold_driver_lock(target.storage, name)
     results = tuner.fit()
     return _print_results(results, options.metric, options.mode)
+
+
+def _dry_run(experiment, options, target, num_cpus: int | None) -> int:
+    """The sweep's plan on this cluster: a local Ray's size from --num-cpus (else this machine), a cluster's
+    from Ray (joining it writes nothing)."""
+    import os
+
+    if target.address:
+        import ray
+
+        from orchestrator.cluster import check_reachable
+
+        check_reachable(target.address)
+        ray.init(address=target.address, log_to_driver=False, logging_level=logging.WARNING)
+        have = ray.cluster_resources()
+        cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    else:
+        import torch
+
+        cpus, gpus = float(num_cpus or os.cpu_count() or 1), float(torch.cuda.device_count())
+    from orchestrator.sweep import plan
+
+    print("\n".join(plan(experiment, options, cpus, gpus)))
+    return 0
 
 
 def cmd_resume(args) -> int:

@@ -151,6 +151,46 @@ def param_space(experiment: ExperimentFile, options: TuneOptions) -> dict:
     }
 
 
+def resolve_resources(options: TuneOptions, gpus: float) -> Resources:
+    """The trial's resources with `auto` and null settled for a cluster of `gpus` GPUs (sets them in place)."""
+    r = options.resources
+    if r.num_workers is None:  # a whole GPU goes to a Train worker; a share is held by the trial itself
+        r.num_workers = 1 if (gpus or r.use_gpu is True) and r.gpus_per_trial is None else 0
+    if r.use_gpu == "auto":
+        r.use_gpu = bool(gpus) or r.gpus_per_trial is not None
+    return r
+
+
+def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: float) -> list[str]:
+    """What `clorch sweep --dry-run` says: trials, what each reserves, how many run at once on a cluster of
+    `cpus` CPUs and `gpus` GPUs, and the caches the sweep reads (`clorch cache FILE` fills them first)."""
+    import math
+
+    grid = math.prod(len(a.values) for a in experiment.axes if a.kind == "grid")
+    trials = options.num_samples * (grid if options.search == "grid" else 1)
+    r = resolve_resources(options, gpus)
+    if r.num_workers == 0:
+        cpu, gpu = float(r.cpus_per_trial), float(r.gpus_per_trial or 0)
+        holds = f"{r.cpus_per_trial} CPU" + (f" and {r.gpus_per_trial:g} GPU" if gpu else "") + " in its own process"
+    else:
+        cpu = r.num_workers * r.cpus_per_worker + DRIVER_ONLY["cpu"]
+        gpu = r.num_workers * (r.gpus_per_trial or 1) if r.use_gpu else 0.0
+        holds = (f"{r.num_workers} Ray Train worker(s) of {r.cpus_per_worker:g} CPU"
+                 + (f" and {r.gpus_per_trial or 1:g} GPU" if r.use_gpu else "") + " each, and a driver")
+    fits = min([math.floor(cpus / cpu + 1e-9)] + ([math.floor(gpus / gpu + 1e-9)] if gpu else []))
+    at_once = min(fits, trials, options.max_concurrent_trials or trials)
+    configs, sampled = experiment.cache_configs()
+    lines = [f"{trials} trial(s) ({options.search} search, num_samples {options.num_samples}), "
+             f"{options.scheduler} scheduler, selected on {options.metric} ({options.mode})",
+             f"each trial reserves {holds}",
+             f"this cluster ({cpus:g} CPU, {gpus:g} GPU) runs {at_once} at a time"
+             + ("" if fits else ": none fits, the sweep would wait forever"),
+             f"{len(configs)} distinct cache configuration(s) (`clorch cache {experiment.path}` fills them first)"]
+    if sampled:
+        lines.append(f"sampled axes that change caches, filled by their trials: {', '.join(sampled)}")
+    return lines
+
+
 def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str,
                 tracking=None, local: bool = True, num_stages: int | None = None):
     """A Tuner for the experiment (fresh run); a trial the cluster cannot place is refused before anything is
@@ -161,11 +201,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     from orchestrator.tracking import MLflowTracking
 
     gpus = cluster_gpus()
-    r = options.resources
-    if r.num_workers is None:  # a whole GPU goes to a Train worker; a share is held by the trial itself
-        r.num_workers = 1 if (gpus or r.use_gpu is True) and r.gpus_per_trial is None else 0
-    if r.use_gpu == "auto":
-        r.use_gpu = bool(gpus) or r.gpus_per_trial is not None
+    resolve_resources(options, gpus)
     if _uses_cuda(experiment) and not options.resources.use_gpu:
         raise ConfigError("device: cuda, but the sweep's trials get no GPU (the cluster has none, or "
                           "tune.resources.use_gpu is false); accepted: auto or cpu, or use_gpu on a cluster with GPUs")

@@ -123,3 +123,16 @@ def test_ui_takes_its_mlflow_server_down_on_sigterm(tmp_path):
     finally:
         if ui.poll() is None:
             ui.kill()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the plan below is a CPU machine's")
+def test_sweep_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where storage and the MLflow store would default
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["sweep", QUICKSTART, "--dry-run", "--num-cpus", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trial(s) (grid search, num_samples 1)" in out  # 2 key counts x 2 seeds
+    assert "each trial reserves 1 CPU in its own process" in out
+    assert "this cluster (3 CPU, 0 GPU) runs 3 at a time" in out
+    assert list(tmp_path.iterdir()) == []
