@@ -161,6 +161,18 @@ def resolve_resources(options: TuneOptions, gpus: float) -> Resources:
     return r
 
 
+def trials_that_fit(r: Resources, cpus: float, gpus: float) -> int:
+    """How many trials with settled resources `r` run at once on `cpus` CPUs and `gpus` GPUs."""
+    import math
+
+    if r.num_workers == 0:
+        cpu, gpu = float(r.cpus_per_trial), float(r.gpus_per_trial or 0)
+    else:
+        cpu = r.num_workers * r.cpus_per_worker + DRIVER_ONLY["cpu"]
+        gpu = r.num_workers * (r.gpus_per_trial or 1) if r.use_gpu else 0.0
+    return min([math.floor(cpus / cpu + 1e-9)] + ([math.floor(gpus / gpu + 1e-9)] if gpu else []))
+
+
 def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: float) -> list[str]:
     """What `clorch sweep --dry-run` says: trials, what each reserves, how many run at once on a cluster of
     `cpus` CPUs and `gpus` GPUs, and the caches the sweep reads (`clorch cache FILE` fills them first)."""
@@ -170,14 +182,12 @@ def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: fl
     trials = options.num_samples * (grid if options.search == "grid" else 1)
     r = resolve_resources(options, gpus)
     if r.num_workers == 0:
-        cpu, gpu = float(r.cpus_per_trial), float(r.gpus_per_trial or 0)
-        holds = f"{r.cpus_per_trial} CPU" + (f" and {r.gpus_per_trial:g} GPU" if gpu else "") + " in its own process"
+        holds = (f"{r.cpus_per_trial} CPU" + (f" and {r.gpus_per_trial:g} GPU" if r.gpus_per_trial else "")
+                 + " in its own process")
     else:
-        cpu = r.num_workers * r.cpus_per_worker + DRIVER_ONLY["cpu"]
-        gpu = r.num_workers * (r.gpus_per_trial or 1) if r.use_gpu else 0.0
         holds = (f"{r.num_workers} Ray Train worker(s) of {r.cpus_per_worker:g} CPU"
                  + (f" and {r.gpus_per_trial or 1:g} GPU" if r.use_gpu else "") + " each, and a driver")
-    fits = min([math.floor(cpus / cpu + 1e-9)] + ([math.floor(gpus / gpu + 1e-9)] if gpu else []))
+    fits = trials_that_fit(r, cpus, gpus)
     at_once = min(fits, trials, options.max_concurrent_trials or trials)
     configs, sampled = experiment.cache_configs()
     lines = [f"{trials} trial(s) ({options.search} search, num_samples {options.num_samples}), "
@@ -206,6 +216,14 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
         raise ConfigError("device: cuda, but the sweep's trials get no GPU (the cluster has none, or "
                           "tune.resources.use_gpu is false); accepted: auto or cpu, or use_gpu on a cluster with GPUs")
     check_resources(to_dict(options.resources), local)
+    if options.max_concurrent_trials is None and local:
+        # no more trials started than run at once: a waiting Train-worker trial still holds a driver process.
+        # (On a remote cluster an autoscaler may grow it, so Tune's own limit stays.)
+        import ray
+
+        have = ray.cluster_resources()
+        options.max_concurrent_trials = max(1, trials_that_fit(options.resources, have.get("CPU", 0.0),
+                                                               have.get("GPU", 0.0)))
     own_dir = state_dir(storage, name)
     own_dir.mkdir(parents=True, exist_ok=True)
     sweep_id = uuid.uuid4().hex  # names the sweep's MLflow runs (tag clorch.sweep_id) wherever it moves
