@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "clorch_runs"  # under the working directory
 DEFAULT_TRACKING = "sqlite:///mlflow.db"
+RAY_JOB_DRIVER = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the environment of a `ray job submit` entrypoint
 
 
 @dataclass
@@ -30,6 +31,15 @@ def resolve_target(address: str | None, storage: str | None, tracking_uri: str |
     if storage_path.exists() and not storage_path.is_dir():
         raise ConfigError(f"--storage: {storage_path} is a file; give a folder (it is created if missing)")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+    if RAY_JOB_DRIVER in os.environ:  # under `ray job submit`: the working directory is the job's own copy
+        if not Path(storage or DEFAULT_STORAGE).expanduser().is_absolute():
+            raise ConfigError(f"--storage: {storage or DEFAULT_STORAGE} is relative, and under `ray job submit` the "
+                              "working directory is Ray's temporary copy of --working-dir, deleted with the job; "
+                              "accepted: an absolute folder every node sees (e.g. --storage /mnt/shared/clorch_runs)")
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            raise ConfigError(f"--tracking-uri: {uri} is relative, and under `ray job submit` it would land in the "
+                              "job's temporary working directory; accepted: the head's MLflow server "
+                              "(--tracking-uri http://127.0.0.1:5000) or an absolute sqlite:////path")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return Target(address, storage_path, uri)

@@ -136,3 +136,17 @@ def test_sweep_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch,
     assert "each trial reserves 1 CPU in its own process" in out
     assert "this cluster (3 CPU, 0 GPU) runs 3 at a time" in out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, says", [
+    ([], "--storage: clorch_runs is relative, and under `ray job submit`"),
+    (["--storage", "/tmp/x"], "--tracking-uri: sqlite:///mlflow.db is relative"),
+])
+def test_relative_defaults_are_refused_under_ray_job_submit(tmp_path, monkeypatch, capsys, flags, says):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job's entrypoint
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["sweep", QUICKSTART, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "accepted: " in err[0]
+    assert list(tmp_path.iterdir()) == []
