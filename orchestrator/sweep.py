@@ -67,7 +67,7 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
             raise ConfigError(f"tune.{key}: must be an integer >= {low}, got {value}")
     r = options.resources
     if r.gpus_per_trial is not None:
-        if not (0 < r.gpus_per_trial <= 1 or float(r.gpus_per_trial).is_integer()):
+        if not (0 < r.gpus_per_trial <= 1 or (r.gpus_per_trial > 1 and float(r.gpus_per_trial).is_integer())):
             raise ConfigError(f"tune.resources.gpus_per_trial: got {r.gpus_per_trial}; accepted: a fraction in (0, 1] "
                               "(0.25: four trials per GPU) or a whole number of GPUs")
         if r.use_gpu is False:
