@@ -175,7 +175,7 @@ def cmd_sweep(args) -> int:
     tuner = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
                         local=target.address is None, num_stages=num_stages)
     hold_driver_lock(target.storage, name)
-    results = tuner.fit()
+    results = _fit(tuner, name, target)
     return _print_results(results, options.metric, options.mode)
 
 
@@ -225,7 +225,29 @@ def cmd_resume(args) -> int:
     tuner = restore_tuner(args.name, target.storage, target.tracking_uri)
     record_tracking_uri(target.storage, args.name, target.tracking_uri)
     tune_options = info["tune"]
-    return _print_results(tuner.fit(), tune_options["metric"], tune_options["mode"])
+    return _print_results(_fit(tuner, args.name, target), tune_options["metric"], tune_options["mode"])
+
+
+def _fit(tuner, name: str, target):
+    """tuner.fit(), with Tune's advice after a Ctrl-C (a Python call to Tuner.restore) replaced by clorch's."""
+    from orchestrator.cluster import DropMessages
+
+    tune_log = logging.getLogger("ray.tune.tune")
+    advice = DropMessages("Experiment has been interrupted")
+    tune_log.addFilter(advice)
+    try:
+        results = tuner.fit()
+    finally:
+        tune_log.removeFilter(advice)
+    if advice.dropped:
+        from orchestrator.sweep import state_dir, trial_summaries
+        from orchestrator.tracking import mark_interrupted
+
+        unfinished = [s.trial for s in trial_summaries(results) if s.state != "done"]
+        mark_interrupted(target.tracking_uri, state_dir(target.storage, name), unfinished)
+        where = f" --storage {target.storage}" + (f" --address {target.address}" if target.address else "")
+        print(f"interrupted: finished stages are kept; continue with `clorch resume {name}{where}`", flush=True)
+    return results
 
 
 def cmd_status(args) -> int:

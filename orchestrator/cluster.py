@@ -87,7 +87,7 @@ def start_local(num_cpus: int | None = None) -> None:
     # Token authentication is Ray's default for a local start (RAY_AUTH_MODE unset), announced on every start
     # with a hint to opt out: clorch keeps it on and keeps the line out of its one-line errors and tables.
     announcer = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    quiet = _DropMessages("Token authentication is enabled for this Ray cluster")
+    quiet = DropMessages("Token authentication is enabled for this Ray cluster")
     announcer.addFilter(quiet)
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
@@ -96,15 +96,17 @@ def start_local(num_cpus: int | None = None) -> None:
         announcer.removeFilter(quiet)
 
 
-class _DropMessages(logging.Filter):
-    """Drops the records whose message starts with `prefix`."""
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with `prefix` (`dropped` counts them)."""
 
     def __init__(self, prefix: str):
         super().__init__()
-        self.prefix = prefix
+        self.prefix, self.dropped = prefix, 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        drop = record.getMessage().startswith(self.prefix)
+        self.dropped += drop
+        return not drop
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -84,6 +84,23 @@ def check_store(tracking_uri: str, state_dir: Path, name: str) -> None:
                           "to (a copy of it, if it moved with the storage)")
 
 
+def mark_interrupted(tracking_uri: str, state_dir: Path, unfinished: list[str]) -> None:
+    """After a Ctrl-C: the sweep's parent run and the child runs of its unfinished trials end KILLED (Tune
+    reports the trials it stopped as terminated, and the parent would read FINISHED). A tracking failure
+    here is a warning: `clorch resume` sets every status again."""
+    from mlflow.tracking import MlflowClient
+
+    path = Path(state_dir) / RUN_MAP
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    targets = [runs.get("parent")] + [runs.get("trials", {}).get(t) for t in unfinished]
+    try:
+        client = MlflowClient(tracking_uri)
+        for run_id in filter(None, targets):
+            client.set_terminated(run_id, "KILLED")
+    except Exception as e:  # noqa: BLE001 (any tracking failure)
+        log.warning("could not mark the interrupted sweep's runs KILLED in MLflow: %s", _first_line(e))
+
+
 class MLflowTracking(tune.Callback):
     """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow.
 

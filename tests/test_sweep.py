@@ -547,3 +547,35 @@ def test_four_quarter_gpu_trials_share_one_declared_gpu_and_ray_counts_them(tmp_
     assert len(report["trials"]) == 4
     # each held GPU 0 (a quarter of it); torch sees no CUDA on this node, so each ran on the CPU and said why
     assert all(t == [["0", "cpu"]] for t in report["trials"].values()), report["trials"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_runs_killed_and_points_at_clorch_resume(ray_local, tmp_path):
+    """SIGINT to a running `clorch sweep`: Tune's advice (a Python call to Tuner.restore) is replaced by the
+    clorch resume command, the parent and unfinished child runs end KILLED, and the resume finishes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "long.yaml"
+    path.write_text(TWO_TRIALS.replace("classes_per_stage: 5", "classes_per_stage: 2")
+                    .replace("epochs: 20", "epochs: 80"))
+    uri, args = sweep_args(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--name", "c", *args,
+                             "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs" / "c").glob("*/result.json")):
+        assert time.time() < deadline and proc.poll() is None, "no stage was reported"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert f"continue with `clorch resume c --storage {tmp_path / 'runs'}`" in out, out[-2000:] + err[-2000:]
+    assert "Tuner.restore" not in out + err
+    _, (parent,), children = runs_of(uri, "c")
+    assert parent.info.status == "KILLED" and {c.info.status for c in children} >= {"KILLED"}
+    assert main(["resume", "c", *args]) == 0
+    _, (parent,), children = runs_of(uri, "c")
+    assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED", "FINISHED"]
