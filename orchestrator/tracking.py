@@ -12,10 +12,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ray import tune
 
-from orchestrator.trial import train_run_state
+from orchestrator.trial import resolve as resolve_config
+from orchestrator.trial import train_run_folder
 from workloads.config import ConfigError, flatten, to_dict
 from workloads.metrics import DIRECTIONS, SPLITS, split_of
 
@@ -28,16 +30,28 @@ RUN_MAP = "mlflow_runs.json"
 class TrackingOptions:
     """The `tracking:` block of an experiment file."""
 
-    codebooks: bool = True  # DKVB: keys once, values and key usage (npz + histogram) after every stage
+    codebooks: bool | int = True  # DKVB: keys once, values and key usage (npz + histogram) after every stage
+    #                               (true), after every N-th stage and the last (N), or never (false)
+    codebook_precision: Literal["float16", "float32"] = "float16"  # of the keys and values in those files
     log_model: bool = True  # the final learner as an MLflow logged model (safetensors + JSON, no pickle)
     register_model: str | None = None  # also register the final model under this name
+
+    def codebooks_after(self, stage: int, num_stages: int | None) -> bool:
+        """Whether the codebooks are logged after `stage` (from 0) of a stream of `num_stages`."""
+        every = int(self.codebooks)  # true: 1, false: 0
+        last = num_stages is not None and stage == num_stages - 1
+        return every > 0 and ((stage + 1) % every == 0 or last)
 
 
 def parse_tracking(raw: dict) -> TrackingOptions:
     """Validate the `tracking:` block; errors name `tracking.<key>` and what is accepted."""
     from workloads.config import from_dict
 
-    return from_dict(TrackingOptions, raw or {}, "tracking")
+    options = from_dict(TrackingOptions, raw or {}, "tracking")
+    if not isinstance(options.codebooks, bool) and options.codebooks < 1:
+        raise ConfigError(f"tracking.codebooks: got {options.codebooks}; accepted: true (after every stage), "
+                          "false (never) or N >= 1 (after every N-th stage and the last)")
+    return options
 
 
 def load_state(folder: str) -> dict | None:
@@ -128,7 +142,8 @@ class MLflowTracking(tune.Callback):
 
     def __getstate__(self):  # no paths, no client (not picklable), no per-driver memory
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("tracking_uri", "state_dir", "_client", "_attached", "_outage", "_delay", "_retry_at")}
+                if k not in ("tracking_uri", "state_dir", "_client", "_attached", "_outage", "_delay", "_retry_at",
+                             "_uploader")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -137,6 +152,18 @@ class MLflowTracking(tune.Callback):
                                "MLflowTracking.bind said where to log")
         self.tracking_uri, self.state_dir = self._bound[self.experiment]
         self._client, self._attached = None, set()
+
+    @property
+    def uploads(self):
+        """The sweep's artifact writer (orchestrator.uploads), started with the first upload."""
+        if getattr(self, "_uploader", None) is None:
+            from mlflow.tracking import MlflowClient
+
+            from orchestrator.uploads import SPOOL, Uploader
+
+            _ = self.client  # sets MLflow's retry limits for the writer's client too
+            self._uploader = Uploader(lambda: MlflowClient(self.tracking_uri), Path(self.state_dir) / SPOOL)
+        return self._uploader
 
     # --- state that survives a driver restart: the map file, re-read on every access ---
     @property
@@ -232,6 +259,7 @@ class MLflowTracking(tune.Callback):
     # --- Tune hooks: each becomes one event, written to MLflow now or, while the store fails, queued ---------
     def setup(self, **info) -> None:
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        self.uploads.clear_spool()  # what a driver that died left queued; its models are checked at the end
         self._send({"kind": "resume"}, force=True)  # a resume also replays what an outage left queued
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -242,10 +270,10 @@ class MLflowTracking(tune.Callback):
         for line in (result.get("warnings") or "").splitlines():  # the trial's warnings (orchestrator.trial)
             log.warning("trial %s, stage %d: %s", trial.trial_id, stage + 1, line)
         self._send({"kind": "result", **_trial_record(trial), "result": _plain(result)})
-        if _runs_train_workers(trial) and self.options.codebooks:  # no Tune checkpoint: read the Train run's
-            state = train_run_state(self.state_dir, trial.trial_id)
-            if state is not None and state["next_stage"] == stage + 1:
-                self._log_codebooks(trial, stage, state)
+        if _runs_train_workers(trial) and self.options.codebooks_after(stage, result.get("num_stages")):
+            folder = train_run_folder(self.state_dir, trial.trial_id)  # no Tune checkpoint: the Train run's
+            if folder is not None:
+                self._log_codebooks(trial, stage, result.get("num_stages"), folder)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._send({"kind": "complete", **_trial_record(trial)})
@@ -254,7 +282,9 @@ class MLflowTracking(tune.Callback):
         self._send({"kind": "error", **_trial_record(trial), "error_file": getattr(trial, "error_file", None)})
 
     def on_experiment_end(self, trials, **info) -> None:
+        self.uploads.drain()  # every queued artifact first: the end checks which final models are missing
         self._send({"kind": "end", "trials": [_trial_record(t) for t in trials]}, force=True)
+        self.uploads.close()
         left = self._outbox()
         if left:
             log.warning("MLflow at %s is still unreachable: %d write(s) wait in %s; `clorch resume %s` writes "
@@ -357,42 +387,83 @@ class MLflowTracking(tune.Callback):
         self._save_map(runs)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        state = load_state(checkpoint.path) if self.options.codebooks else None
-        if state is not None:
-            self._log_codebooks(trial, int((trial.last_result or {}).get("stage", 0)), state)
+        last = trial.last_result or {}
+        stage = int(last.get("stage", 0))
+        if self.options.codebooks_after(stage, last.get("num_stages")):
+            self._log_codebooks(trial, stage, last.get("num_stages"), Path(checkpoint.path))
 
-    def _log_codebooks(self, trial, stage: int, state: dict) -> None:
-        model = state["learner"]["model"]
-        if "bottleneck.values" in model and not getattr(self, "_outage", False):  # artifacts: not queued
-            _best_effort("codebooks", lambda: self.log_codebooks(self.child_run(trial), stage, model))
+    def _log_codebooks(self, trial, stage: int, num_stages: int | None, checkpoint: Path) -> None:
+        """Queue the codebooks of the stage checkpoint in `checkpoint` (dropped, with a warning, when the store
+        is down or the queue is full: codebooks are for inspection, the model and metrics are what count)."""
+        if getattr(self, "_outage", False):
+            return
+        try:
+            run_id = self.child_run(trial)
+        except Exception as e:  # noqa: BLE001 (the store failed: the outbox has the stage's metrics)
+            log.warning("could not log codebooks to MLflow: %s", _first_line(e))
+            return
+        spool = self.uploads.spool(checkpoint)
+        if spool is None:
+            return
+        first = stage == min(int(self.options.codebooks), num_stages or stage + 1) - 1  # keys: logged once
+        from orchestrator.uploads import Upload
+
+        def upload(client) -> None:
+            state = load_state(str(spool))
+            # a Train run's newest checkpoint may still be the previous stage's: only this stage's is logged
+            if state is not None and state["next_stage"] == stage + 1 and "bottleneck.values" in state["learner"][
+                    "model"]:
+                self.log_codebooks(run_id, stage, state["learner"]["model"], client, with_keys=first)
+
+        self.uploads.submit(Upload(f"the codebooks of trial {trial.trial_id} after stage {stage + 1}", upload, spool),
+                            may_drop=True)
 
     def _complete(self, trial) -> None:
+        from orchestrator.uploads import Upload
+
         run_id = self.child_run(trial)
         result = trial.last_result or {}
         matrices = {split: json.loads(result[f"{split}/accuracy_matrix"]) for split in SPLITS
                     if f"{split}/accuracy_matrix" in result}
         if matrices:
-            self.log_matrices(run_id, matrices)
-        runs = self._load_map()
-        if self.options.log_model and trial.trial_id not in runs.get("models_logged", []):
-            _best_effort("the final model", self.log_model, run_id, trial)
-            runs = self._load_map()
-            runs.setdefault("models_logged", []).append(trial.trial_id)  # once, even if a replay follows
-            self._save_map(runs)
+            self.uploads.submit(Upload(f"the accuracy matrices of trial {trial.trial_id}",
+                                       lambda client: self.log_matrices(run_id, matrices, client)), may_drop=False)
+        if self.options.log_model:
+            self._queue_model(trial, run_id)
         self.client.set_terminated(run_id, "FINISHED")
 
-    def log_codebooks(self, run_id: str, stage: int, model: dict) -> None:
-        """DKVB after a stage: values and key usage (npz) and a key-usage histogram; keys after the first stage."""
+    def _queue_model(self, trial, run_id: str) -> None:
+        """Queue the trial's final model for its run, from its last checkpoint (a Train run's for trials on
+        Train workers); the upload logs it only if the run has no finished model yet (exactly once)."""
+        from orchestrator.uploads import Upload
+
+        folder = (train_run_folder(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
+                  else Path(trial.checkpoint) if trial.checkpoint is not None else None)
+        spool = self.uploads.spool(folder) if folder is not None else None
+        if spool is None:
+            log.warning("trial %s: no checkpoint to log its final model from", trial.trial_id)
+            return
+        config = resolve_config(trial.config)
+        self.uploads.submit(Upload(f"the final model of trial {trial.trial_id}",
+                                   lambda client: self.log_model(run_id, config, spool, client), spool),
+                            may_drop=False)
+
+    def log_codebooks(self, run_id: str, stage: int, model: dict, client=None, with_keys: bool | None = None) -> None:
+        """DKVB after a stage: values and key usage (npz) and a key-usage histogram; the keys (frozen) with the
+        first stage logged. Keys and values in `tracking.codebook_precision`."""
         import numpy as np
 
+        client = client or self.client
+        dtype = np.float16 if getattr(self.options, "codebook_precision", "float16") == "float16" else np.float32
         usage = model["bottleneck.usage"].numpy()
         with tempfile.TemporaryDirectory() as folder:
-            if stage == 0:
-                np.save(Path(folder) / "keys.npy", model["bottleneck.keys"].numpy())
-                self.client.log_artifact(run_id, str(Path(folder) / "keys.npy"), "codebooks")
+            if with_keys if with_keys is not None else stage == 0:
+                np.save(Path(folder) / "keys.npy", model["bottleneck.keys"].numpy().astype(dtype))
+                client.log_artifact(run_id, str(Path(folder) / "keys.npy"), "codebooks")
             path = Path(folder) / f"stage_{stage}.npz"
-            np.savez_compressed(path, values=model["bottleneck.values"].numpy(), usage=usage)
-            self.client.log_artifact(run_id, str(path), "codebooks")
+            np.savez_compressed(path, values=model["bottleneck.values"].numpy().astype(dtype),
+                                usage=usage.astype(np.uint32) if usage.max(initial=0) < 2**32 else usage)
+            client.log_artifact(run_id, str(path), "codebooks")
             fig = _figure()
             ax = fig.subplots()
             used = usage[usage > 0]
@@ -401,25 +472,31 @@ class MLflowTracking(tune.Callback):
             ax.set_ylabel("keys")
             ax.set_title(f"after stage {stage}: {used.size} of {usage.size} keys used")
             fig.savefig(Path(folder) / f"usage_stage_{stage}.png", dpi=90, bbox_inches="tight")
-            self.client.log_artifact(run_id, str(Path(folder) / f"usage_stage_{stage}.png"), "codebooks")
+            client.log_artifact(run_id, str(Path(folder) / f"usage_stage_{stage}.png"), "codebooks")
 
-    def log_model(self, run_id: str, trial) -> None:
-        """The trial's final learner as an MLflow logged model of the run, without pickle: weights in
-        safetensors, config in JSON (orchestrator.models); registered when tracking.register_model is set."""
+    def log_model(self, run_id: str, config, checkpoint: Path, client=None) -> None:
+        """The learner in the stage checkpoint folder `checkpoint` as the run's MLflow logged model, without
+        pickle: weights in safetensors, config in JSON (orchestrator.models); registered when
+        tracking.register_model is set. Nothing is logged when the run has a finished model already, and one
+        that an earlier driver left unfinished is marked FAILED."""
         from orchestrator.models import save_model
-        from orchestrator.trial import resolve
 
-        state = (train_run_state(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
-                 else load_state(trial.checkpoint) if trial.checkpoint is not None else None)  # a path
-        if state is None:
+        client = client or self.client
+        experiment_id = client.get_run(run_id).info.experiment_id
+        existing = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        if any(str(m.status).endswith("READY") for m in existing):
             return
-        experiment_id = self.client.get_run(run_id).info.experiment_id
-        model = self.client.create_logged_model(experiment_id, name="model", source_run_id=run_id,
-                                                model_type="clorch")
+        state = load_state(str(checkpoint))
+        if state is None:
+            log.warning("run %s: the checkpoint for its final model does not verify; no model logged", run_id)
+            return
+        for stale in existing:  # an upload cut short (a driver killed mid-way)
+            client.finalize_logged_model(stale.model_id, "FAILED")
+        model = client.create_logged_model(experiment_id, name="model", source_run_id=run_id, model_type="clorch")
         with tempfile.TemporaryDirectory() as folder:
-            save_model(Path(folder), resolve(trial.config), state)
-            self.client.log_model_artifacts(model.model_id, folder)
-        self.client.finalize_logged_model(model.model_id, "READY")
+            save_model(Path(folder), config, state)
+            client.log_model_artifacts(model.model_id, folder)
+        client.finalize_logged_model(model.model_id, "READY")
         if self.options.register_model:
             import mlflow
 
@@ -428,6 +505,12 @@ class MLflowTracking(tune.Callback):
 
     def _end(self, trials) -> None:
         parent = self.parent_run()
+        if self.options.log_model:  # a model whose upload failed, or that a killed driver left queued
+            runs = self._load_map()["trials"]
+            for trial in trials:
+                if trial.status == "TERMINATED" and trial.trial_id in runs:
+                    self._queue_model(trial, runs[trial.trial_id])
+            self.uploads.drain()
         _best_effort("the sweep's leaderboard", self.log_leaderboard, parent, trials)
         # FINISHED only when every trial is: a trial that errored fails the sweep, one left unfinished (an
         # interrupt, a stop) leaves it KILLED until `clorch resume` runs it again
@@ -466,10 +549,11 @@ class MLflowTracking(tune.Callback):
         self.client.set_tag(run_id, "best.config", ", ".join(f"{k}={best.params.get(k)}" for k in keys) or "base")
         self.client.set_tag(run_id, "best.trials", " ".join(t.trial for t in best.trials))
 
-    def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]]) -> None:
+    def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]], client=None) -> None:
         """The accuracy matrix of each split as JSON (`accuracy_matrix.json`: {split: R}) and as a heatmap
         PNG per split (`accuracy_matrix_<split>.png`)."""
-        self.client.log_dict(run_id, matrices, "accuracy_matrix.json")
+        client = client or self.client
+        client.log_dict(run_id, matrices, "accuracy_matrix.json")
         for split, matrix in matrices.items():
             fig = _figure(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
             ax = fig.subplots()
@@ -481,7 +565,7 @@ class MLflowTracking(tune.Callback):
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / f"accuracy_matrix_{split}.png"
                 fig.savefig(path, dpi=100, bbox_inches="tight")
-                self.client.log_artifact(run_id, str(path))
+                client.log_artifact(run_id, str(path))
 
 
 def _runs_train_workers(trial) -> bool:

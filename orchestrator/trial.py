@@ -135,11 +135,11 @@ class TrialWarnings(logging.Handler):
         self.close()
 
 
-def train_run_state(state_dir: str, trial_id: str) -> dict | None:
-    """The state in the newest stage checkpoint of a trial's Train run (trials with num_workers >= 1 keep
-    their checkpoints there, not with Tune); None before the first."""
-    folder = Path(state_dir) / "train" / f"train-{trial_id}"
-    return checkpoints.newest_valid(checkpoints.candidates(None, folder), f"trial {trial_id}")
+def train_run_folder(state_dir: str, trial_id: str) -> Path | None:
+    """The newest stage checkpoint folder of a trial's Train run (trials with num_workers >= 1 keep their
+    checkpoints there, not with Tune), unverified (its reader verifies it); None before the first."""
+    found = checkpoints.candidates(None, Path(state_dir) / "train" / f"train-{trial_id}")
+    return found[0] if found else None
 
 
 def run_trial(trial_config: dict, state_dir: str | None = None) -> None:
