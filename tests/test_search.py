@@ -2,10 +2,17 @@
 metrics with its Pareto set, on a real local Ray and a real MLflow store."""
 from __future__ import annotations
 
+import logging
 import math
 
+import pytest
+
 from orchestrator import leaderboard as lb
+from orchestrator.cli import main
+from orchestrator.config import load_experiment
 from orchestrator.leaderboard import TrialSummary
+from orchestrator.sweep import parse_tune, plan
+from test_sweep import runs_of, sweep_args
 
 ACC, FORGET = "val/average_accuracy", "val/forgetting"
 
@@ -33,3 +40,97 @@ def test_the_pareto_set_keeps_configurations_no_other_matches_or_beats_everywher
     # one metric: no Pareto set at all; both maximised: the highest accuracy with the most forgetting wins too
     assert all(g.pareto is None for g in lb.rank(trials, ACC, "max")[0])
     assert [g.params["config"] for g in lb.pareto_set(groups, [ACC, FORGET], ["max", "max"])] == ["a", "e"]
+
+
+def test_the_optuna_block_takes_names_or_mappings_and_seeds_the_sampler_from_the_base_seed(tmp_path):
+    from ray import tune
+
+    from orchestrator.sweep import _search
+
+    path = tmp_path / "e.yaml"
+    path.write_text("base: {seed: 11}\nsweep:\n  train.lr: {loguniform: [0.001, 1.0]}\n")
+    experiment = load_experiment(path)
+    options = parse_tune({"search": "optuna", "num_samples": 4,
+                          "optuna": {"sampler": {"name": "tpe", "n_startup_trials": 2}, "pruner": "median"}},
+                         experiment)
+    assert options.optuna.seed == 11 and options.optuna.sampler == {"name": "tpe", "n_startup_trials": 2}
+    assert options.optuna.pruner == {"name": "median"}
+    assert plan(experiment, options, 2, 0)[0] == ("4 trial(s) (optuna search: tpe sampler, seed 11, num_samples 4), "
+                                                  "fifo scheduler, median pruner, selected on val/average_accuracy "
+                                                  "(max)")
+    assert parse_tune({"optuna": {"pruner": "none"}}).optuna.pruner is None
+
+    def draws(optuna_block: dict) -> list[float]:
+        searcher = _search(parse_tune({"search": "optuna", "optuna": optuna_block}, experiment))
+        searcher.set_search_properties(ACC, "max", {"sweep": {"train.lr": tune.loguniform(0.001, 1.0)}})
+        return [searcher.suggest(str(i))["sweep"]["train.lr"] for i in range(3)]
+
+    # the same file draws the same trials: the default seed is the base config's, not the clock's
+    assert draws({}) == draws({"seed": 11}) != draws({"seed": 12})
+    assert draws({"sampler": "random"}) == draws({"sampler": "random"})
+
+
+PRUNED = """
+base:
+  data: {source: digits, classes_per_stage: 2}
+  learner: {name: linear}
+  train: {epochs: 2, batch_size: 32}
+sweep:
+  train.lr: {choice: [0.3, 0.00001]}
+tune:
+  search: optuna
+  num_samples: 5
+  optuna:
+    sampler: tpe
+    seed: 2
+    pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 1}
+"""
+
+
+@pytest.mark.slow
+def test_a_median_pruner_stops_a_hopeless_trial_after_a_stage_and_the_best_one_finishes(ray_local, tmp_path,
+                                                                                         capsys, caplog):
+    """lr 1e-5 barely moves a linear probe: the median pruner stops it once two trials have finished, from the
+    second stage on (n_warmup_steps 1); the lr 0.3 trials all run their five stages."""
+    from orchestrator.pruning import StageAwareOptunaSearch, StagePruner
+    from orchestrator.sweep import read_analysis
+
+    path = tmp_path / "pruned.yaml"
+    path.write_text(PRUNED)
+    uri, args = sweep_args(tmp_path)
+    with caplog.at_level(logging.INFO, logger="orchestrator.pruning"):
+        assert main(["sweep", str(path), "--name", "p", *args]) == 0
+    out = capsys.readouterr().out
+    trials_table = out[out.index("#  trial"):out.index("configurations,")]
+    rows = [line.split() for line in trials_table.strip().splitlines()[1:]]
+    state = {r[1]: (r[2], r[3], float(r[6])) for r in rows}  # trial -> (state, stages, lr)
+    # tpe with seed 2 draws lr 0.3, 0.3, 0.3, 1e-5, 0.3: the 1e-5 trial starts once two trials have finished
+    assert sorted(lr for _, _, lr in state.values()) == [1e-5, 0.3, 0.3, 0.3, 0.3]
+    stopped = [t for t, (s, _, _) in state.items() if s == "STOPPED"]
+    assert len(stopped) == 1 and state[stopped[0]][1:] == ("2/5", 1e-5)
+    assert all(s == "DONE" and stages == "5/5" for s, stages, lr in state.values() if lr == 0.3)
+    assert rows[0][0] == "1" and float(rows[0][6]) == 0.3  # the best trial finished
+    (said,) = [r.getMessage() for r in caplog.records if "pruned after" in r.getMessage()]
+    assert said.startswith(f"trial {stopped[0]} pruned after stage 2 of 5: val/average_accuracy 0.0")
+
+    # MLflow: the stopped trial's run has its two stages, and the sweep ends FINISHED (nothing left to run)
+    client, (parent,), children = runs_of(uri, "p")
+    assert parent.info.status == "FINISHED" and len(children) == 5
+    (run,) = [c for c in children if c.data.tags["clorch.trial_id"] == stopped[0]]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, ACC)) == [0, 1]
+
+    # a restored sweep's pruner starts from the trials' result logs: finished trials complete, the stopped one
+    # pruned with the stages it reported
+    pruner = StagePruner({"name": "median"}, ACC, "max")
+    for trial in read_analysis(tmp_path / "runs" / "p").trials:
+        pruner.on_trial_add(None, trial)
+    told = {t.state.name: [] for t in pruner.study.trials}
+    for t in pruner.study.trials:
+        told[t.state.name].append(sorted(t.intermediate_values))
+    assert told == {"COMPLETE": [[0, 1, 2, 3, 4]] * 4, "PRUNED": [[0, 1]]}
+
+    # and Optuna's sampler learnt the stopped trial as pruned, not as complete with its stage-2 accuracy (which
+    # covers 4 classes, where a finished trial's covers 10)
+    searcher = StageAwareOptunaSearch()
+    searcher.restore(str(next((tmp_path / "runs" / "p").glob("searcher-state-*.pkl"))))
+    assert sorted(t.state.name for t in searcher._ot_study.trials) == ["COMPLETE"] * 4 + ["PRUNED"]
