@@ -40,8 +40,9 @@ class Resources:
 class TuneOptions:
     """The `tune:` block of an experiment file."""
 
-    metric: str = "val/average_accuracy"  # selection on test data only when a test/ metric is named here
-    mode: Literal["max", "min"] | None = None  # None: the metric's own direction
+    metric: str | list[str] = "val/average_accuracy"  # selection on test data only when a test/ metric is named
+    #                                                   here; several metrics: a Pareto selection
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] | None = None  # None: each metric's own direction
     num_samples: int = 1  # repeats of the grid (grid search) or samples drawn (random, optuna)
     scheduler: Literal["fifo", "asha"] = "fifo"
     search: Literal["grid", "random", "optuna"] = "grid"
@@ -55,11 +56,10 @@ class TuneOptions:
 def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptions:
     """Validate the `tune:` block (against the experiment's validation setting and seed when given); errors
     name `tune.<key>` and what is accepted."""
-    from orchestrator.leaderboard import check_metric
     from orchestrator.optuna_options import parse_optuna
 
     options = from_dict(TuneOptions, raw or {}, "tune")
-    options.mode = options.mode or check_metric(options.metric, _always_validated(experiment))
+    metrics = _parse_selection(options, experiment)
     if options.resources.num_workers is not None and options.resources.num_workers < 0:
         raise ConfigError(f"tune.resources.num_workers: must be >= 0, got {options.resources.num_workers}")
     for key, value, low in (("num_samples", options.num_samples, 1),
@@ -90,9 +90,37 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
             import optuna  # noqa: F401
         except ImportError:
             raise ConfigError(f"tune.search: optuna needs the optuna package ({INSTALL})") from None
-    options.optuna = parse_optuna(options.optuna, options.search, [options.metric], options.scheduler,
+    options.optuna = parse_optuna(options.optuna, options.search, metrics, options.scheduler,
                                   experiment.base.seed if experiment else 0)
     return options
+
+
+def _parse_selection(options: TuneOptions, experiment: ExperimentFile | None) -> list[str]:
+    """Settle tune.metric (one metric, or several for a Pareto selection) and tune.mode (one per metric, by
+    default each metric's own direction); returns the metrics."""
+    from orchestrator.leaderboard import check_metric, selection_metrics
+
+    metrics = selection_metrics(options.metric)
+    if not metrics:
+        raise ConfigError("tune.metric: got an empty list; accepted: a metric, or a list of metrics (a Pareto "
+                          "selection)")
+    repeated = [m for i, m in enumerate(metrics) if m in metrics[:i]]
+    if repeated:
+        raise ConfigError(f"tune.metric: {repeated[0]} is named twice; accepted: each metric once")
+    directions = [check_metric(m, _always_validated(experiment)) for m in metrics]
+    modes = [options.mode] if isinstance(options.mode, str) else options.mode
+    if modes is not None and len(modes) != len(metrics):
+        raise ConfigError(f"tune.mode: {len(modes)} mode(s) for {len(metrics)} metric(s) in tune.metric; accepted: "
+                          "one mode (max or min) per metric, in order, or null (each metric's own direction)")
+    modes = modes or directions
+    if len(metrics) == 1:
+        options.metric, options.mode = metrics[0], modes[0]
+        return metrics
+    options.metric, options.mode = metrics, modes
+    if options.scheduler == "asha":
+        raise ConfigError(f"tune.scheduler: asha stops trials on one metric, but tune.metric names {len(metrics)} "
+                          f"({', '.join(metrics)}); accepted: fifo with several metrics, or one metric")
+    return metrics
 
 
 def preflight(experiment: ExperimentFile) -> set[int]:
@@ -183,6 +211,8 @@ def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: fl
     `cpus` CPUs and `gpus` GPUs, and the caches the sweep reads (`clorch cache FILE` fills them first)."""
     import math
 
+    from orchestrator.leaderboard import with_directions
+
     grid = math.prod(len(a.values) for a in experiment.axes if a.kind == "grid")
     trials = options.num_samples * (grid if options.search == "grid" else 1)
     r = resolve_resources(options, gpus)
@@ -198,8 +228,10 @@ def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: fl
     o = options.optuna
     search = options.search + (f" search: {o.sampler['name']} sampler, seed {o.seed}" if o.sampler else " search")
     pruner = f", {o.pruner['name']} pruner" if o.pruner else ""
+    chosen = ("the Pareto set of " if isinstance(options.metric, list) else "") + \
+        with_directions(options.metric, options.mode)
     lines = [f"{trials} trial(s) ({search}, num_samples {options.num_samples}), "
-             f"{options.scheduler} scheduler{pruner}, selected on {options.metric} ({options.mode})",
+             f"{options.scheduler} scheduler{pruner}, selected on {chosen}",
              f"each trial reserves {holds}",
              f"this cluster ({cpus:g} CPU, {gpus:g} GPU) runs {at_once} at a time"
              + ("" if fits else ": none fits, the sweep would wait forever"),
@@ -243,7 +275,9 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     trainable = _trainable(to_dict(options.resources), own_dir)
     return tune.Tuner(
         trainable, param_space=space,
-        tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
+        # TuneConfig takes one metric: the first (Tune's "best trial"); the search holds the whole list
+        tune_config=tune.TuneConfig(metric=_first(options.metric), mode=_first(options.mode),
+                                    num_samples=options.num_samples,
                                     scheduler=_scheduler(options, num_stages), search_alg=_search(options),
                                     max_concurrent_trials=options.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
@@ -277,7 +311,7 @@ def _scheduler(options: TuneOptions, num_stages: int | None = None):
     if options.scheduler == "asha":  # `stage` counts from 0: the last stage reports num_stages - 1
         return ASHAScheduler(time_attr="stage", grace_period=1, reduction_factor=2,
                              max_t=max(num_stages - 1, 1) if num_stages else 100)
-    if options.optuna.pruner is not None:
+    if options.optuna.pruner is not None:  # one metric (parse_tune refuses a pruner with several)
         from orchestrator.pruning import StagePruner
 
         return StagePruner(options.optuna.pruner, options.metric, options.mode)
@@ -285,8 +319,8 @@ def _scheduler(options: TuneOptions, num_stages: int | None = None):
 
 
 def _search(options: TuneOptions):
-    """Optuna's search with the configured sampler; None for grid and random: Tune's basic variant generator
-    (grid axes crossed, the others sampled)."""
+    """Optuna's search (one metric, or a multi-objective study over several) with the configured sampler; None
+    for grid and random: Tune's basic variant generator (grid axes crossed, the others sampled)."""
     if options.search != "optuna":
         return None
     from orchestrator.optuna_options import make_sampler
@@ -294,6 +328,10 @@ def _search(options: TuneOptions):
 
     return StageAwareOptunaSearch(metric=options.metric, mode=options.mode,
                                   sampler=make_sampler(options.optuna.sampler, options.optuna.seed))
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
 
 
 def check_sweep(name: str, storage: Path) -> Path:

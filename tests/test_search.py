@@ -2,11 +2,15 @@
 metrics with its Pareto set, on a real local Ray and a real MLflow store."""
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
+from conftest import markdown_tables
 from orchestrator import leaderboard as lb
 from orchestrator.cli import main
 from orchestrator.config import load_experiment
@@ -40,6 +44,20 @@ def test_the_pareto_set_keeps_configurations_no_other_matches_or_beats_everywher
     # one metric: no Pareto set at all; both maximised: the highest accuracy with the most forgetting wins too
     assert all(g.pareto is None for g in lb.rank(trials, ACC, "max")[0])
     assert [g.params["config"] for g in lb.pareto_set(groups, [ACC, FORGET], ["max", "max"])] == ["a", "e"]
+
+
+def test_several_metrics_take_each_its_own_direction_and_the_notes_say_what_selected(tmp_path):
+    options = parse_tune({"metric": [ACC, "test/forgetting"]})
+    assert options.metric == [ACC, "test/forgetting"] and options.mode == ["max", "min"]
+    assert parse_tune({"metric": [ACC, FORGET], "mode": ["max", "max"]}).mode == ["max", "max"]
+    assert parse_tune({"metric": [FORGET]}).metric == FORGET  # a list of one is one metric
+    assert lb.selection_note([ACC, FORGET]).startswith(
+        "selected on validation data (val/average_accuracy, val/forgetting: the Pareto set, ordered by "
+        "val/average_accuracy)")
+    assert lb.selection_note([ACC, "test/forgetting"]).startswith("selected on TEST data")
+    assert lb.selection_tags([ACC, "test/forgetting"])["protocol.selection"] == \
+        "validation and test (test asked for by name)"
+    assert lb.score_metrics([ACC, FORGET]) == [ACC, "test/average_accuracy", FORGET, "test/forgetting"]
 
 
 def test_the_optuna_block_takes_names_or_mappings_and_seeds_the_sampler_from_the_base_seed(tmp_path):
@@ -134,3 +152,79 @@ def test_a_median_pruner_stops_a_hopeless_trial_after_a_stage_and_the_best_one_f
     searcher = StageAwareOptunaSearch()
     searcher.restore(str(next((tmp_path / "runs" / "p").glob("searcher-state-*.pkl"))))
     assert sorted(t.state.name for t in searcher._ot_study.trials) == ["COMPLETE"] * 4 + ["PRUNED"]
+
+
+PARETO = """
+base:
+  data: {source: digits, classes_per_stage: 2}
+  learner: {name: linear}
+  train: {epochs: 2, batch_size: 32}
+sweep:
+  train.lr: {choice: [0.3, 0.03, 0.00001]}
+tune:
+  search: optuna
+  metric: [val/average_accuracy, val/forgetting]
+  num_samples: 4
+  optuna: {sampler: nsga2, seed: 1}
+"""
+
+
+def _config_table(out: str) -> tuple[list[str], list[list[str]]]:
+    """The configurations table of `clorch sweep` / `status` output: header and rows of cells."""
+    lines = out[out.index("configurations, mean"):].splitlines()[1:]
+    header = lines[0].split()
+    rows = []
+    for line in lines[1:]:
+        if not line[:1].isdigit():
+            break
+        rows.append([c for c in line.replace(" ± ", "±").split()])
+    return header, rows
+
+
+@pytest.mark.slow
+def test_two_metrics_select_a_pareto_set_in_the_table_the_report_and_on_the_parent_run(ray_local, tmp_path,
+                                                                                        capsys):
+    """A linear probe trades accuracy for forgetting with its learning rate: lr 0.03 beats 0.3 on both (more
+    accuracy, less forgetting), and 1e-5 forgets nothing. NSGA-II (seed 1) draws lr 0.03, 0.3, 1e-5, 1e-5."""
+    path = tmp_path / "pareto.yaml"
+    path.write_text(PARETO)
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "two", *args]) == 0
+    out = capsys.readouterr().out
+    assert "the Pareto set, ordered by val/average_accuracy" in out
+    header, rows = _config_table(out)
+    assert header[-1] == "pareto" and FORGET in header
+    marked = {float(r[header.index("train.lr")]): r[-1] == "yes" for r in rows}
+    assert marked == {0.03: True, 0.3: False, 1e-5: True}
+    assert [r[header.index("n")] for r in rows if float(r[header.index("train.lr")]) == 1e-5] == ["2"]
+    means = {float(r[header.index("train.lr")]): (float(r[header.index(ACC)].split("±")[0]),
+                                                 float(r[header.index(FORGET)].split("±")[0])) for r in rows}
+    for lr, on in marked.items():  # the marks follow the definition, on the printed means
+        beaten = any(a >= means[lr][0] and f <= means[lr][1] and (a, f) != means[lr] for a, f in means.values())
+        assert on is not beaten, (lr, means)
+    assert "Pareto set over val/average_accuracy (max), val/forgetting (min): configuration(s) #" in out
+
+    assert main(["status", "two", *args]) == 0  # the same table, from the sweep's saved state
+    assert _config_table(capsys.readouterr().out) == (header, rows)
+
+    assert main(["report", "two", "--storage", str(tmp_path / "runs")]) == 0
+    markdown = capsys.readouterr().out
+    (head, configs), (fhead, front), _ = markdown_tables(markdown)
+    assert "by the Pareto set of val/average_accuracy (max), val/forgetting (min)" in markdown
+    assert sorted(float(r[fhead.index("train.lr")]) for r in front) == [1e-5, 0.03]
+    assert [r[head.index("pareto")] for r in configs].count("yes") == 2
+    with open(tmp_path / "runs" / ".clorch" / "two" / "report" / "leaderboard.csv") as f:
+        assert sorted((float(r["train.lr"]), r["pareto"]) for r in csv.DictReader(f)) == \
+            [(1e-5, "True"), (0.03, "True"), (0.3, "False")]
+
+    client, (parent,), children = runs_of(uri, "two")
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["protocol.selection_metric"] == "val/average_accuracy, val/forgetting"
+    assert tags["protocol.selection"] == "validation"
+    assert tags["pareto.metrics"] == "val/average_accuracy (max), val/forgetting (min)"
+    assert sorted(tags["pareto.configs"].split("; ")) == ["train.lr=0.03", "train.lr=1e-05"]
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto.json")).read_text())
+    lrs = [row[table["columns"].index("train.lr")] for row in table["data"]]
+    assert sorted(map(float, lrs)) == [1e-5, 0.03]
+    assert parent.data.metrics["best/val/forgetting_mean"] == pytest.approx(means[0.03][1], abs=1e-4)
