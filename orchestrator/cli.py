@@ -243,7 +243,7 @@ def _fit(tuner, name: str, target):
         from orchestrator.sweep import state_dir, trial_summaries
         from orchestrator.tracking import mark_interrupted
 
-        unfinished = [s.trial for s in trial_summaries(results) if s.state != "done"]
+        unfinished = [s.trial for s in trial_summaries(results) if s.state not in ("done", "stopped")]  # stopped: pruned, finished
         mark_interrupted(target.tracking_uri, state_dir(target.storage, name), unfinished)
         where = f" --storage {target.storage}" + (f" --address {target.address}" if target.address else "")
         print(f"interrupted: finished stages are kept; continue with `clorch resume {name}{where}`", flush=True)
@@ -280,9 +280,10 @@ def _print_resume_points(results, own_dir: Path) -> None:
                   "from stage 1")
 
 
-def _print_results(results, metric: str, mode: str, status_only: bool = False) -> int:
+def _print_results(results, metric: str | list[str], mode: str | list[str], status_only: bool = False) -> int:
     """Every trial (finished ones ranked first, the others unranked below), then the configurations with
-    seeds aggregated; exit status 1 when a sweep (not a status query) left errors."""
+    seeds aggregated (with several selection metrics, those on the Pareto set marked and listed); exit status
+    1 when a sweep (not a status query) left errors."""
     from orchestrator import leaderboard as lb
     from orchestrator.sweep import trial_summaries
 
@@ -300,16 +301,30 @@ def _print_results(results, metric: str, mode: str, status_only: bool = False) -
     if groups:
         print(f"\nconfigurations, mean ± std over seeds; {lb.selection_note(metric)}")
         config_keys = [k for k in keys if k not in lb.SEED_KEYS]
+        several = isinstance(metric, list)
         table = [[str(r["rank"]), str(r["n"]), *(lb.mean_std(r[f"{m} mean"], r[f"{m} std"]) for m in scores),
-                  *(str(r[k]) for k in config_keys), "yes" if r["future_inputs"] else ""]
+                  *(str(r[k]) for k in config_keys), "yes" if r["future_inputs"] else "",
+                  *(["yes" if r["pareto"] else ""] if several else [])]
                  for r in lb.group_rows(groups, metric, config_keys)]
-        print(lb.text_table(["#", "n", *scores, *config_keys, "future_inputs"], table))
+        print(lb.text_table(["#", "n", *scores, *config_keys, "future_inputs", *(["pareto"] if several else [])],
+                            table))
+        if several:
+            print(_pareto_line(groups, metric, mode))
     if unranked:
         print(f"{len(unranked)} unfinished trial(s) are not ranked (their metrics cover fewer stages)")
     errored = sum(t.state == "error" for t in trials)
     if errored and not status_only:
         print(f"{errored} trial(s) errored: `clorch resume NAME` continues them from their last stage")
     return 1 if errored and not status_only else 0
+
+
+def _pareto_line(groups, metric: list[str], mode: list[str]) -> str:
+    """Which configurations (by their # in the table) are on the Pareto set, and over which metrics."""
+    from orchestrator import leaderboard as lb
+
+    on = [f"#{i}" for i, g in enumerate(groups, 1) if g.pareto]
+    return (f"Pareto set over {lb.with_directions(metric, mode)}: configuration(s) {', '.join(on) or 'none'}, "
+            f"{len(on)} of {len(groups)} (no other is at least as good on every metric and better on one)")
 
 
 def _cell(value) -> str:

@@ -10,6 +10,8 @@ configurations are ranked, and what the selection metric says about the protocol
   is the mean over its finished trials, with the sample standard deviation (n - 1 in the denominator; "-"
   for n = 1).
 - Selection is on a validation metric unless a test metric was asked for by name; outputs then say so.
+- Several selection metrics (`tune.metric: [a, b]`) select a Pareto set (`pareto_set`) instead of one best
+  configuration; the tables are ordered by the first metric, which also names the `best` one.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class Group:
 
     params: dict
     trials: list[TrialSummary]
+    pareto: bool | None = None  # on the Pareto set of several selection metrics; None with one metric
 
     @property
     def n(self) -> int:
@@ -66,6 +69,24 @@ class Group:
     @property
     def future_inputs(self) -> bool:
         return any(t.future_inputs for t in self.trials)
+
+
+def selection_metrics(metric: str | list[str]) -> list[str]:
+    """The selection metrics as a list: `tune.metric` names one, or several for a Pareto selection."""
+    return [metric] if isinstance(metric, str) else list(metric)
+
+
+def selection_modes(metric: str | list[str], mode: str | list[str] | None) -> list[str]:
+    """One mode per selection metric: the given ones, else each metric's own direction."""
+    metrics = selection_metrics(metric)
+    if mode is None:
+        return [direction(m) or "max" for m in metrics]
+    return [mode] * len(metrics) if isinstance(mode, str) else list(mode)
+
+
+def with_directions(metric: str | list[str], mode: str | list[str] | None) -> str:
+    """'val/average_accuracy (max), val/forgetting (min)': the selection metrics, each with its direction."""
+    return ", ".join(f"{m} ({d})" for m, d in zip(selection_metrics(metric), selection_modes(metric, mode)))
 
 
 def check_metric(metric: str, has_validation: bool = True) -> str:
@@ -84,16 +105,37 @@ def check_metric(metric: str, has_validation: bool = True) -> str:
     return direction(metric)
 
 
-def selection_note(metric: str) -> str:
-    """One line on what the ranking was selected on, for every output."""
-    if split_of(metric) == "test":
-        return (f"selected on TEST data ({metric}, asked for by name): a model chosen on test scores "
+def selection_note(metric: str | list[str]) -> str:
+    """One line on what the ranking was selected on (one metric, or the Pareto set of several), for every
+    output."""
+    metrics = selection_metrics(metric)
+    named = ", ".join(metrics)
+    if len(metrics) > 1:
+        named += f": the Pareto set, ordered by {metrics[0]}"
+    on_test = [m for m in metrics if split_of(m) == "test"]
+    if on_test:
+        asked = "" if len(on_test) == len(metrics) else f"; {', '.join(on_test)} on test"
+        return (f"selected on TEST data ({named}{asked}, asked for by name): a model chosen on test scores "
                 "overstates them; report validation-selected results in a paper")
-    return f"selected on validation data ({metric}); test scores are reported, never used to choose"
+    return f"selected on validation data ({named}); test scores are reported, never used to choose"
 
 
-def rank(trials: list[TrialSummary], metric: str, mode: str) -> tuple[list[Group], list[TrialSummary]]:
-    """Configurations of finished trials, best mean first; and the trials that are not ranked (unfinished)."""
+def selection_tags(metric: str | list[str]) -> dict[str, str]:
+    """The protocol tags of a sweep's parent run: its selection metric(s), on which split, and the note."""
+    metrics = selection_metrics(metric)
+    splits = {split_of(m) for m in metrics}
+    selection = ("validation" if splits == {"val"} else "test (asked for by name)" if splits == {"test"}
+                 else "validation and test (test asked for by name)")
+    return {"protocol.selection_metric": ", ".join(metrics), "protocol.selection": selection,
+            "protocol.selection_note": selection_note(metric)}
+
+
+def rank(trials: list[TrialSummary], metric: str | list[str],
+         mode: str | list[str] | None) -> tuple[list[Group], list[TrialSummary]]:
+    """Configurations of finished trials, best mean of the (first) metric first, each marked on or off the
+    Pareto set when there are several metrics; and the trials that are not ranked (unfinished)."""
+    metrics, modes = selection_metrics(metric), selection_modes(metric, mode)
+    metric, mode = metrics[0], modes[0]
     groups: dict[str, Group] = {}
     for t in trials:
         if t.state != "done":
@@ -108,11 +150,37 @@ def rank(trials: list[TrialSummary], metric: str, mode: str) -> tuple[list[Group
         return (math.isnan(mean), 0.0 if math.isnan(mean) else sign * mean)
 
     ranked = sorted(groups.values(), key=order)
+    if len(metrics) > 1:
+        front = pareto_set(ranked, metrics, modes)
+        for g in ranked:
+            g.pareto = any(g is f for f in front)
     return ranked, [t for t in trials if t.state != "done"]
 
 
-def ranked_trials(trials: list[TrialSummary], metric: str, mode: str) -> list[TrialSummary]:
-    """Finished trials best first by their own metric, then the others (unranked) in their given order."""
+def pareto_set(groups: list[Group], metrics: list[str], modes: list[str]) -> list[Group]:
+    """The configurations on the Pareto set of `metrics`, in their given order.
+
+    A configuration is on the Pareto set when no other configuration is at least as good on every metric and
+    strictly better on one, each metric compared by its mean over seeds in its own direction (`modes`).
+    Configurations with equal means on every metric do not dominate each other: ties are all on the set. A
+    configuration without a mean on some metric (nan) is neither on the set nor dominates another.
+    """
+    signs = [1.0 if m == "max" else -1.0 for m in modes]
+    points = [[s * g.stats(m)[0] for m, s in zip(metrics, signs)] for g in groups]  # larger is better
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    comparable = [i for i, p in enumerate(points) if not any(math.isnan(v) for v in p)]
+    return [groups[i] for i in comparable
+            if not any(dominates(points[j], points[i]) for j in comparable if j != i)]
+
+
+def ranked_trials(trials: list[TrialSummary], metric: str | list[str],
+                  mode: str | list[str] | None) -> list[TrialSummary]:
+    """Finished trials best first by their own (first) metric, then the others (unranked) in their given
+    order."""
+    metric, mode = selection_metrics(metric)[0], selection_modes(metric, mode)[0]
     sign = -1 if mode == "max" else 1
     done = [t for t in trials if t.state == "done"]
     done.sort(key=lambda t: (not _finite(t.metrics.get(metric)),
@@ -120,14 +188,18 @@ def ranked_trials(trials: list[TrialSummary], metric: str, mode: str) -> list[Tr
     return done + [t for t in trials if t.state != "done"]
 
 
-def score_metrics(metric: str) -> list[str]:
-    """The columns a leaderboard shows for a selection metric: that metric on validation and on test."""
-    base = metric.partition("/")[2]
-    return [f"{split}/{base}" for split in SPLITS]
+def score_metrics(metric: str | list[str]) -> list[str]:
+    """The columns a leaderboard shows for its selection metric(s): each on validation and on test."""
+    columns: list[str] = []
+    for m in selection_metrics(metric):
+        base = m.partition("/")[2]
+        columns += [c for c in (f"{split}/{base}" for split in SPLITS) if c not in columns]
+    return columns
 
 
-def group_rows(groups: list[Group], metric: str, keys: list[str]) -> list[dict[str, Any]]:
-    """Plain rows (rank, n, mean and std per score metric, swept values, future inputs) for tables and CSV."""
+def group_rows(groups: list[Group], metric: str | list[str], keys: list[str]) -> list[dict[str, Any]]:
+    """Plain rows (rank, n, mean and std per score metric, swept values, future inputs, and with several
+    metrics whether it is on the Pareto set) for tables and CSV."""
     rows = []
     for i, g in enumerate(groups, 1):
         row: dict[str, Any] = {"rank": i, "n": g.n}
@@ -135,6 +207,8 @@ def group_rows(groups: list[Group], metric: str, keys: list[str]) -> list[dict[s
             row[f"{m} mean"], row[f"{m} std"] = g.stats(m)
         row.update({k: g.params.get(k) for k in keys if k not in SEED_KEYS})
         row["future_inputs"] = g.future_inputs
+        if g.pareto is not None:
+            row["pareto"] = g.pareto
         row["trials"] = " ".join(t.trial for t in g.trials)
         rows.append(row)
     return rows

@@ -38,18 +38,25 @@ def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]
     return trials, keys
 
 
-def write_report(name: str, storage: Path, out_dir: Path | None = None, metric: str = lb.DEFAULT_METRIC,
-                 mode: str | None = None) -> str:
+def write_report(name: str, storage: Path, out_dir: Path | None = None,
+                 metric: str | list[str] = lb.DEFAULT_METRIC, mode: str | list[str] | None = None) -> str:
     """`clorch report NAME` calls this: a markdown leaderboard of configurations (seeds aggregated) and of
-    trials; CSVs and plots to out_dir. `mode` defaults to the metric's own direction."""
-    if mode not in ("max", "min", None):
+    trials, with the Pareto set when `metric` lists several; CSVs and plots to out_dir. `mode` defaults to each
+    metric's own direction."""
+    metrics = lb.selection_metrics(metric)
+    several = len(metrics) > 1
+    if several and isinstance(mode, str):
+        raise ConfigError(f"--mode: the sweep selects on {len(metrics)} metrics ({', '.join(metrics)}), each in its "
+                          "own direction; accepted: --metric with --mode, or no --mode")
+    if any(m not in ("max", "min") for m in ([] if mode is None else lb.selection_modes(metric, mode))):
         raise ConfigError(f"--mode: max or min, got {mode!r}")
     trials, keys = load_trials(name, storage)
     reported = [t for t in trials if t.metrics]
-    if reported and not any(metric in t.metrics for t in reported):
-        known = sorted({k for t in reported for k in t.metrics if lb.direction(k)})
-        raise ConfigError(f"--metric: no trial of {name} reports {metric!r}; reported: {', '.join(known)}")
-    mode = mode or lb.direction(metric) or "max"
+    for m in metrics:
+        if reported and not any(m in t.metrics for t in reported):
+            known = sorted({k for t in reported for k in t.metrics if lb.direction(k)})
+            raise ConfigError(f"--metric: no trial of {name} reports {m!r}; reported: {', '.join(known)}")
+    mode = lb.selection_modes(metric, mode) if several else mode or lb.direction(metric) or "max"
     groups, unranked = lb.rank(trials, metric, mode)
     trials = lb.ranked_trials(trials, metric, mode)
     out_dir = Path(out_dir) if out_dir is not None else state_dir(Path(storage), name) / "report"
@@ -60,7 +67,8 @@ def write_report(name: str, storage: Path, out_dir: Path | None = None, metric: 
 
     with open(out_dir / CSV_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["rank", "n", *(f"{m} {s}" for m in scores for s in ("mean", "std")),
-                                               *config_keys, "future_inputs", "trials"])
+                                               *config_keys, "future_inputs", "trials",
+                                               *(["pareto"] if several else [])])
         writer.writeheader()
         writer.writerows(rows)
     columns = [*scores, *(f"test/{m}" for m in SUMMARY_METRICS if f"test/{m}" not in scores)]
@@ -74,20 +82,31 @@ def write_report(name: str, storage: Path, out_dir: Path | None = None, metric: 
                              *(t.metrics.get(c, "") for c in columns), *(t.params.get(k, "") for k in keys),
                              t.future_inputs, plot.name if plot else ""])
 
-    lines = [f"## Sweep `{name}`: {len(groups)} configuration(s) of {len(trials)} trial(s) by {metric} ({mode})",
-             "", lb.selection_note(metric) + ".", ""]
+    by = lb.with_directions(metric, mode)
+    lines = [f"## Sweep `{name}`: {len(groups)} configuration(s) of {len(trials)} trial(s) by "
+             f"{'the Pareto set of ' if several else ''}{by}", "", lb.selection_note(metric) + ".", ""]
     if any(t.metrics.get("protocol.validation") == 0 for t in reported):
         lines += ["Some trials ran with data.validation: 0: they have no validation set, only test scores.", ""]
     if any(t.future_inputs for t in trials):
         lines += ["**Future inputs**: trials marked `yes` learned from every stage's unlabelled inputs before "
                   "stage 1 (learner.key_init_data: stream); their scores are transductive.", ""]
     head = ["#", "n", *scores, *config_keys, "future_inputs"]
-    lines += ["Configurations (finished trials only; mean ± std over seeds, std with n - 1):", "",
-              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+
+    def config_line(r: dict, pareto: bool) -> str:
         cells = [str(r["rank"]), str(r["n"]), *(lb.mean_std(r[f"{m} mean"], r[f"{m} std"]) for m in scores),
-                 *(_cell(r.get(k)) for k in config_keys), "yes" if r["future_inputs"] else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
+                 *(_cell(r.get(k)) for k in config_keys), "yes" if r["future_inputs"] else "no",
+                 *(["yes" if r["pareto"] else "no"] if pareto else [])]
+        return "| " + " | ".join(cells) + " |"
+
+    config_columns = head + (["pareto"] if several else [])
+    lines += ["Configurations (finished trials only; mean ± std over seeds, std with n - 1):", "",
+              "| " + " | ".join(config_columns) + " |", "|" + "---|" * len(config_columns),
+              *(config_line(r, several) for r in rows)]
+    if several:
+        front = [r for r in rows if r["pareto"]]
+        lines += ["", f"Pareto set over {by}: {len(front)} of {len(rows)} configuration(s), each one that no other "
+                  "configuration matches or beats on every metric while beating it on one (means over seeds):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *(config_line(r, False) for r in front)]
     head = ["#", "trial", "state", "stages", *columns, *keys, "future_inputs"]
     lines += ["", "Trials:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, t in enumerate(trials, 1):

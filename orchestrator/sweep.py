@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from orchestrator.config import ExperimentFile
+from orchestrator.optuna_options import INSTALL, OptunaOptions
 from workloads.config import ConfigError, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ class Resources:
 class TuneOptions:
     """The `tune:` block of an experiment file."""
 
-    metric: str = "val/average_accuracy"  # selection on test data only when a test/ metric is named here
-    mode: Literal["max", "min"] | None = None  # None: the metric's own direction
+    metric: str | list[str] = "val/average_accuracy"  # selection on test data only when a test/ metric is named
+    #                                                   here; several metrics: a Pareto selection
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] | None = None  # None: each metric's own direction
     num_samples: int = 1  # repeats of the grid (grid search) or samples drawn (random, optuna)
     scheduler: Literal["fifo", "asha"] = "fifo"
     search: Literal["grid", "random", "optuna"] = "grid"
@@ -48,15 +50,16 @@ class TuneOptions:
     max_failures: int = 0  # automatic retries of a failing trial (from its last stage checkpoint)
     fail_at_stage: int | None = None  # test-only: each trial raises once, before this stage, on its first attempt
     resources: Resources = field(default_factory=Resources)
+    optuna: OptunaOptions = field(default_factory=OptunaOptions)  # sampler (search: optuna), seed and pruner
 
 
 def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptions:
-    """Validate the `tune:` block (against the experiment's validation setting when given); errors name
-    `tune.<key>` and what is accepted."""
-    from orchestrator.leaderboard import check_metric
+    """Validate the `tune:` block (against the experiment's validation setting and seed when given); errors
+    name `tune.<key>` and what is accepted."""
+    from orchestrator.optuna_options import parse_optuna
 
     options = from_dict(TuneOptions, raw or {}, "tune")
-    options.mode = options.mode or check_metric(options.metric, _always_validated(experiment))
+    metrics = _parse_selection(options, experiment)
     if options.resources.num_workers is not None and options.resources.num_workers < 0:
         raise ConfigError(f"tune.resources.num_workers: must be >= 0, got {options.resources.num_workers}")
     for key, value, low in (("num_samples", options.num_samples, 1),
@@ -86,8 +89,38 @@ def parse_tune(raw: dict, experiment: ExperimentFile | None = None) -> TuneOptio
         try:
             import optuna  # noqa: F401
         except ImportError:
-            raise ConfigError("tune.search: optuna needs the optuna package (pip install optuna)") from None
+            raise ConfigError(f"tune.search: optuna needs the optuna package ({INSTALL})") from None
+    options.optuna = parse_optuna(options.optuna, options.search, metrics, options.scheduler,
+                                  experiment.base.seed if experiment else 0)
     return options
+
+
+def _parse_selection(options: TuneOptions, experiment: ExperimentFile | None) -> list[str]:
+    """Settle tune.metric (one metric, or several for a Pareto selection) and tune.mode (one per metric, by
+    default each metric's own direction); returns the metrics."""
+    from orchestrator.leaderboard import check_metric, selection_metrics
+
+    metrics = selection_metrics(options.metric)
+    if not metrics:
+        raise ConfigError("tune.metric: got an empty list; accepted: a metric, or a list of metrics (a Pareto "
+                          "selection)")
+    repeated = [m for i, m in enumerate(metrics) if m in metrics[:i]]
+    if repeated:
+        raise ConfigError(f"tune.metric: {repeated[0]} is named twice; accepted: each metric once")
+    directions = [check_metric(m, _always_validated(experiment)) for m in metrics]
+    modes = [options.mode] if isinstance(options.mode, str) else options.mode
+    if modes is not None and len(modes) != len(metrics):
+        raise ConfigError(f"tune.mode: {len(modes)} mode(s) for {len(metrics)} metric(s) in tune.metric; accepted: "
+                          "one mode (max or min) per metric, in order, or null (each metric's own direction)")
+    modes = modes or directions
+    if len(metrics) == 1:
+        options.metric, options.mode = metrics[0], modes[0]
+        return metrics
+    options.metric, options.mode = metrics, modes
+    if options.scheduler == "asha":
+        raise ConfigError(f"tune.scheduler: asha stops trials on one metric, but tune.metric names {len(metrics)} "
+                          f"({', '.join(metrics)}); accepted: fifo with several metrics, or one metric")
+    return metrics
 
 
 def preflight(experiment: ExperimentFile) -> set[int]:
@@ -178,6 +211,8 @@ def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: fl
     `cpus` CPUs and `gpus` GPUs, and the caches the sweep reads (`clorch cache FILE` fills them first)."""
     import math
 
+    from orchestrator.leaderboard import with_directions
+
     grid = math.prod(len(a.values) for a in experiment.axes if a.kind == "grid")
     trials = options.num_samples * (grid if options.search == "grid" else 1)
     r = resolve_resources(options, gpus)
@@ -190,8 +225,13 @@ def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: fl
     fits = trials_that_fit(r, cpus, gpus)
     at_once = min(fits, trials, options.max_concurrent_trials or trials)
     configs, sampled = experiment.cache_configs()
-    lines = [f"{trials} trial(s) ({options.search} search, num_samples {options.num_samples}), "
-             f"{options.scheduler} scheduler, selected on {options.metric} ({options.mode})",
+    o = options.optuna
+    search = options.search + (f" search: {o.sampler['name']} sampler, seed {o.seed}" if o.sampler else " search")
+    pruner = f", {o.pruner['name']} pruner" if o.pruner else ""
+    chosen = ("the Pareto set of " if isinstance(options.metric, list) else "") + \
+        with_directions(options.metric, options.mode)
+    lines = [f"{trials} trial(s) ({search}, num_samples {options.num_samples}), "
+             f"{options.scheduler} scheduler{pruner}, selected on {chosen}",
              f"each trial reserves {holds}",
              f"this cluster ({cpus:g} CPU, {gpus:g} GPU) runs {at_once} at a time"
              + ("" if fits else ": none fits, the sweep would wait forever"),
@@ -235,7 +275,9 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     trainable = _trainable(to_dict(options.resources), own_dir)
     return tune.Tuner(
         trainable, param_space=space,
-        tune_config=tune.TuneConfig(metric=options.metric, mode=options.mode, num_samples=options.num_samples,
+        # TuneConfig takes one metric: the first (Tune's "best trial"); the search holds the whole list
+        tune_config=tune.TuneConfig(metric=_first(options.metric), mode=_first(options.mode),
+                                    num_samples=options.num_samples,
                                     scheduler=_scheduler(options, num_stages), search_alg=_search(options),
                                     max_concurrent_trials=options.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
@@ -249,14 +291,17 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
 
 
 def check_scheduler(options: TuneOptions, stage_counts: set[int]) -> int | None:
-    """ASHA compares trials stage by stage, up to the last stage: every trial must have the same number of
-    stages. Returns that number (ASHA's max_t) for asha, None otherwise."""
-    if options.scheduler != "asha":
+    """ASHA and a pruner compare trials stage by stage, up to the last stage: every trial must have the same
+    number of stages. Returns that number (ASHA's max_t) for asha or a pruner, None otherwise."""
+    pruner = options.optuna.pruner
+    if options.scheduler != "asha" and pruner is None:
         return None
+    key, what, instead = (("tune.scheduler", "asha", "fifo") if options.scheduler == "asha" else
+                          ("tune.optuna.pruner", f"the {pruner['name']} pruner", "pruner none"))
     if len(stage_counts) != 1:
-        raise ConfigError(f"tune.scheduler: asha compares trials stage by stage, but the swept values give streams of "
-                          f"{' and '.join(map(str, sorted(stage_counts)))} stages; accepted: fifo, or sweep axes "
-                          "that keep the number of stages")
+        raise ConfigError(f"{key}: {what} compares trials stage by stage, but the swept values give streams of "
+                          f"{' and '.join(map(str, sorted(stage_counts)))} stages; accepted: {instead}, or sweep "
+                          "axes that keep the number of stages")
     return next(iter(stage_counts))
 
 
@@ -266,15 +311,27 @@ def _scheduler(options: TuneOptions, num_stages: int | None = None):
     if options.scheduler == "asha":  # `stage` counts from 0: the last stage reports num_stages - 1
         return ASHAScheduler(time_attr="stage", grace_period=1, reduction_factor=2,
                              max_t=max(num_stages - 1, 1) if num_stages else 100)
+    if options.optuna.pruner is not None:  # one metric (parse_tune refuses a pruner with several)
+        from orchestrator.pruning import StagePruner
+
+        return StagePruner(options.optuna.pruner, options.metric, options.mode)
     return FIFOScheduler()
 
 
 def _search(options: TuneOptions):
-    if options.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+    """Optuna's search (one metric, or a multi-objective study over several) with the configured sampler; None
+    for grid and random: Tune's basic variant generator (grid axes crossed, the others sampled)."""
+    if options.search != "optuna":
+        return None
+    from orchestrator.optuna_options import make_sampler
+    from orchestrator.pruning import StageAwareOptunaSearch
 
-        return OptunaSearch()
-    return None  # grid and random: Tune's basic variant generator (grid axes crossed, the others sampled)
+    return StageAwareOptunaSearch(metric=options.metric, mode=options.mode,
+                                  sampler=make_sampler(options.optuna.sampler, options.optuna.seed))
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
 
 
 def check_sweep(name: str, storage: Path) -> Path:
@@ -423,12 +480,14 @@ def live_trial_summaries(trials) -> list:
 
 
 def _summary(trial_id: str, state: str | None, last: dict, config: dict | None, unfinished: str = "incomplete"):
-    """A TrialSummary; `state` None means: done if every stage reported, else `unfinished`."""
+    """A TrialSummary; `state` None means: done if every stage reported, `stopped` if a scheduler (ASHA, a
+    pruner) ended it before its last stage, else `unfinished`."""
     from orchestrator.leaderboard import TrialSummary
 
     total = last.get("num_stages")
     stages = int(last["stage"]) + 1 if last.get("stage") is not None else 0
-    state = state or ("done" if total and stages == total else unfinished)
+    # Tune marks the last result of a trial its scheduler stopped `done`; one stopped by Ctrl-C is not
+    state = state or ("done" if total and stages == total else "stopped" if last.get("done") else unfinished)
     return TrialSummary(trial_id, state, stages, total,
                         {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                         {k: short_value(v) for k, v in ((config or {}).get("sweep") or {}).items()})

@@ -210,14 +210,11 @@ class MLflowTracking(tune.Callback):
         if runs["parent"] is None:
             exp = self.client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-            from orchestrator.leaderboard import selection_note
+            from orchestrator.leaderboard import selection_tags
 
             runs["parent"] = self._tagged_run(exp_id, **{"clorch.role": "sweep"})
             if runs["parent"] is None:
-                tags = {"clorch.sweep": self.experiment, "clorch.role": "sweep",
-                        "protocol.selection_metric": self.metric,
-                        "protocol.selection": {"val": "validation", "test": "test (asked for by name)"}[
-                            split_of(self.metric)], "protocol.selection_note": selection_note(self.metric),
+                tags = {"clorch.sweep": self.experiment, "clorch.role": "sweep", **selection_tags(self.metric),
                         **({"clorch.sweep_id": self.sweep_id} if self.sweep_id else {})}
                 runs["parent"] = self.client.create_run(exp_id, run_name=self.experiment, tags=tags).info.run_id
             self._save_map(runs)
@@ -520,7 +517,8 @@ class MLflowTracking(tune.Callback):
 
     def log_leaderboard(self, run_id: str, trials) -> None:
         """On the parent run: configurations ranked on the selection metric, seeds aggregated (`leaderboard.json`,
-        an MLflow table), the best configuration's means and stds as metrics, and the protocol as tags."""
+        an MLflow table), the best configuration's means and stds as metrics, and the protocol as tags; with
+        several selection metrics also the Pareto set (`pareto.json`, tags `pareto.metrics`, `pareto.configs`)."""
         from mlflow.entities import Metric
 
         from orchestrator import leaderboard as lb
@@ -538,6 +536,8 @@ class MLflowTracking(tune.Callback):
 
         table = pd.DataFrame([{k: (str(v) if k in keys else v) for k, v in r.items()} for r in rows])
         self.client.log_table(run_id, table, "leaderboard.json")
+        if "pareto" in table:
+            self._log_pareto(run_id, table[table["pareto"]].drop(columns="pareto"), keys)
         best = groups[0]
         metrics = {"best/n": float(best.n)}
         for m in lb.score_metrics(self.metric):
@@ -548,6 +548,16 @@ class MLflowTracking(tune.Callback):
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v])
         self.client.set_tag(run_id, "best.config", ", ".join(f"{k}={best.params.get(k)}" for k in keys) or "base")
         self.client.set_tag(run_id, "best.trials", " ".join(t.trial for t in best.trials))
+
+    def _log_pareto(self, run_id: str, table, keys: list[str]) -> None:
+        """The Pareto set of a sweep with several selection metrics: its configurations' rows (`pareto.json`),
+        the metrics and directions it is over and its configurations (tags)."""
+        from orchestrator import leaderboard as lb
+
+        self.client.log_table(run_id, table, "pareto.json")
+        configs = "; ".join(", ".join(f"{k}={row[k]}" for k in keys) or "base" for _, row in table.iterrows())
+        self.client.set_tag(run_id, "pareto.metrics", lb.with_directions(self.metric, self.mode))
+        self.client.set_tag(run_id, "pareto.configs", configs[:MAX_TAG])
 
     def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]], client=None) -> None:
         """The accuracy matrix of each split as JSON (`accuracy_matrix.json`: {split: R}) and as a heatmap
@@ -590,6 +600,7 @@ def _figure(**kwargs):
     return fig
 
 
+MAX_TAG = 5000  # characters of a tag value kept (every MLflow store takes this many)
 RUN_METRICS = ("loss", "seconds", "memory_size")  # the rest are `val/...` and `test/...`
 
 
