@@ -243,7 +243,8 @@ def _fit(tuner, name: str, target):
         from orchestrator.sweep import state_dir, trial_summaries
         from orchestrator.tracking import mark_interrupted
 
-        unfinished = [s.trial for s in trial_summaries(results) if s.state not in ("done", "stopped")]  # stopped: pruned, finished
+        # a trial the pruner stopped is over, not interrupted
+        unfinished = [s.trial for s in trial_summaries(results) if s.state not in ("done", "stopped")]
         mark_interrupted(target.tracking_uri, state_dir(target.storage, name), unfinished)
         where = f" --storage {target.storage}" + (f" --address {target.address}" if target.address else "")
         print(f"interrupted: finished stages are kept; continue with `clorch resume {name}{where}`", flush=True)
