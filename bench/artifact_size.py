@@ -13,6 +13,7 @@ after every stage), measured in the same run.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100])
     args = parser.parse_args()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up lines, between the table's rows
     print("| classes (d_v) | stages | setting | codebooks MB | + model MB | trial MB | vs reference |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for classes in args.classes:

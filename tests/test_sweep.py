@@ -579,3 +579,34 @@ def test_ctrl_c_ends_the_runs_killed_and_points_at_clorch_resume(ray_local, tmp_
     assert main(["resume", "c", *args]) == 0
     _, (parent,), children = runs_of(uri, "c")
     assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_driver_killed_between_a_trials_end_and_tunes_next_snapshot_never_runs_it_again(ray_local, tmp_path):
+    """Tune snapshots its state at every stage checkpoint, not when a trial ends: a driver killed in between
+    leaves a finished trial RUNNING, with its last stage's checkpoint, in the snapshot a resume reads. That
+    trial must not train or report again, and its run keeps one model."""
+    path = tmp_path / "window.yaml"
+    path.write_text(VERIFY.replace("tune:\n  fail_at_stage: 3\n", ""))
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "w", *args]) == 0
+    experiment = tmp_path / "runs" / "w"
+    (result,) = experiment.glob("*/result.json")
+    reported = result.read_text()
+    snapshot = sorted(experiment.glob("experiment_state-*.json"))[-1]
+    state = json.loads(snapshot.read_text())
+    for entry in state["trial_data"]:  # the snapshot as it stood between the last report and the trial's end
+        trial = json.loads(entry[0])
+        assert trial["status"] == "TERMINATED"
+        entry[0] = json.dumps({**trial, "status": "RUNNING"})
+    snapshot.write_text(json.dumps(state))
+
+    assert main(["resume", "w", *args]) == 0
+    assert result.read_text() == reported  # nothing trained or reported again
+    client, (parent,), (child,) = runs_of(uri, "w")
+    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")]
+    assert sorted(steps) == [0, 1, 2, 3, 4]
+    models = client.search_logged_models([child.info.experiment_id],
+                                         filter_string=f"source_run_id = '{child.info.run_id}'")
+    assert len(models) == 1
