@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                            "run at once here and the caches to build, then exit (nothing is written)")
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a base config key (repeatable)")
+        if name == "resume":
+            p.add_argument("--restart-errored", action="store_true", help="errored trials start again from stage "
+                           "1 (no checkpoint), each in a new MLflow child run; the old run stays FAILED, tagged "
+                           "clorch.superseded_by")
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
         p.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
@@ -207,8 +211,8 @@ def cmd_resume(args) -> int:
     import os
 
     from orchestrator.cluster import check_tracking, connect, resolve_target
-    from orchestrator.sweep import (check_sweep, hold_driver_lock, record_tracking_uri, restore_tuner, state_dir,
-                                    sweep_info)
+    from orchestrator.sweep import (check_sweep, hold_driver_lock, open_trials, record_tracking_uri, restore_tuner,
+                                    state_dir, sweep_info)
     from orchestrator.tracking import check_store
 
     storage = _target(args).storage
@@ -220,9 +224,11 @@ def cmd_resume(args) -> int:
                             args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"])
     check_tracking(target.tracking_uri)
     check_store(target.tracking_uri, state_dir(storage, args.name), args.name)
+    if args.restart_errored and not open_trials(target.storage / args.name)[0]:
+        print(f"--restart-errored: no trial of {args.name} errored; resuming it as without the flag")
     print(f"resuming {args.name}: storage {target.storage / args.name}, mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    tuner = restore_tuner(args.name, target.storage, target.tracking_uri)
+    tuner = restore_tuner(args.name, target.storage, target.tracking_uri, restart_errored=args.restart_errored)
     record_tracking_uri(target.storage, args.name, target.tracking_uri)
     tune_options = info["tune"]
     return _print_results(_fit(tuner, args.name, target), tune_options["metric"], tune_options["mode"])

@@ -399,22 +399,37 @@ def record_tracking_uri(storage: Path, name: str, tracking_uri: str) -> None:
         tmp.replace(path)
 
 
-def restore_tuner(name: str, storage: Path, tracking_uri: str | None = None):
-    """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint. Its
-    trials and its MLflow tracking are bound to the sweep's folder as it is now under `storage`, and to
-    `tracking_uri` (default: the store the sweep was started with), wherever the sweep was before."""
+def restore_tuner(name: str, storage: Path, tracking_uri: str | None = None, restart_errored: bool = False):
+    """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint, or with
+    `restart_errored` start again from stage 1 (Tune gives each a new trial id; MLflow a new child run, the old
+    one marked superseded). Its trials and its MLflow tracking are bound to the sweep's folder as it is now under
+    `storage`, and to `tracking_uri` (default: the store the sweep was started with), wherever the sweep was
+    before."""
     from ray import tune
 
-    from orchestrator.tracking import MLflowTracking
+    from orchestrator.tracking import MLflowTracking, plan_restarts
+    from orchestrator.trial import mark_restart
 
     experiment_dir = check_sweep(name, storage)
     own_dir = state_dir(storage, name)
     info = sweep_info(storage, name)
     MLflowTracking.bind(name, tracking_uri or info["tracking_uri"], str(own_dir))
     _stand_in_for_lost_checkpoints(experiment_dir)
+    if restart_errored:
+        errored = [t for t in read_analysis(experiment_dir).trials if t.status == "ERROR"]
+        plan_restarts(own_dir, errored)
+        for trial in errored:
+            mark_restart(own_dir, trial.config, trial.trial_id)
     trainable = _trainable(info["tune"]["resources"], own_dir)
     with _readable_tune_state(experiment_dir):
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=not restart_errored,
+                                  restart_errored=restart_errored)
+
+
+def open_trials(experiment_dir: Path) -> tuple[int, int]:
+    """(errored, unfinished) trials of a sweep, as its state on disk says."""
+    statuses = [t.status for t in read_analysis(experiment_dir).trials]
+    return statuses.count("ERROR"), sum(s not in ("ERROR", "TERMINATED") for s in statuses)
 
 
 def read_analysis(experiment_dir: Path):

@@ -24,6 +24,7 @@ from workloads.metrics import DIRECTIONS, SPLITS, split_of
 log = logging.getLogger(__name__)
 
 RUN_MAP = "mlflow_runs.json"
+SUPERSEDED_BY = "clorch.superseded_by"  # tag of a trial's run that a restart from scratch replaced: the new run
 
 
 @dataclass
@@ -115,6 +116,31 @@ def mark_interrupted(tracking_uri: str, state_dir: Path, unfinished: list[str]) 
         log.warning("could not mark the interrupted sweep's runs KILLED in MLflow: %s", _first_line(e))
 
 
+def plan_restarts(state_dir: Path, trials: list) -> None:
+    """Before a resume restarts errored Tune `trials` from scratch: Tune gives each a new trial id, and the trial
+    that replaces one (the same config) gets a child run of its own, the old run being marked superseded."""
+    from orchestrator.trial import config_digest
+
+    runs = _read_map(Path(state_dir))
+    plan = runs.setdefault("restarts", {})  # config digest -> ids of the errored trials restarted with it
+    for trial in trials:
+        waiting = plan.setdefault(config_digest(trial.config), [])
+        if trial.trial_id not in waiting:
+            waiting.append(trial.trial_id)
+    _write_map(Path(state_dir), runs)
+
+
+def _read_map(state_dir: Path) -> dict:
+    path = state_dir / RUN_MAP
+    return json.loads(path.read_text()) if path.exists() else {"parent": None, "trials": {}}
+
+
+def _write_map(state_dir: Path, runs: dict) -> None:
+    tmp = (state_dir / RUN_MAP).with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs, indent=1))
+    tmp.replace(state_dir / RUN_MAP)
+
+
 class MLflowTracking(tune.Callback):
     """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow.
 
@@ -171,12 +197,10 @@ class MLflowTracking(tune.Callback):
         return Path(self.state_dir) / RUN_MAP
 
     def _load_map(self) -> dict:
-        return json.loads(self._map_path.read_text()) if self._map_path.exists() else {"parent": None, "trials": {}}
+        return _read_map(Path(self.state_dir))
 
     def _save_map(self, runs: dict) -> None:
-        tmp = self._map_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(runs, indent=1))
-        tmp.replace(self._map_path)
+        _write_map(Path(self.state_dir), runs)
 
     @property
     def client(self):
@@ -196,13 +220,14 @@ class MLflowTracking(tune.Callback):
 
     def _tagged_run(self, experiment_id: str, **tags: str) -> str | None:
         """The run of this sweep with these tags, if MLflow has one: how a run created by a driver that died
-        before recording it in the map is found again instead of duplicated."""
+        before recording it in the map is found again instead of duplicated. Never a run a restart superseded."""
         if self.sweep_id is None:
             return None
         conditions = [f"tags.`clorch.sweep_id` = '{self.sweep_id}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        found = self.client.search_runs([experiment_id], " and ".join(conditions), max_results=1,
+        found = self.client.search_runs([experiment_id], " and ".join(conditions), max_results=20,
                                         order_by=["attributes.start_time ASC"])
-        return found[0].info.run_id if found else None
+        live = [r for r in found if SUPERSEDED_BY not in r.data.tags]
+        return live[0].info.run_id if live else None
 
     def parent_run(self) -> str:
         """The sweep's parent run id: the map's, else the one MLflow holds with this sweep's tags, else new."""
@@ -229,11 +254,14 @@ class MLflowTracking(tune.Callback):
             parent = self.parent_run()
             exp_id = self.client.get_run(parent).info.experiment_id
             run_id = self._tagged_run(exp_id, **{"clorch.trial_id": trial.trial_id, "mlflow.parentRunId": parent})
+            restarted = self._restarted(runs, trial, exp_id, parent)  # the errored trial this one starts over
             if run_id is None:
-                run_id = self._create_child(exp_id, parent, trial)
+                run_id = self._create_child(exp_id, parent, trial, restarted[1] if restarted else None)
                 self._attached.add(run_id)
             runs = self._load_map()
             runs["trials"][trial.trial_id] = run_id
+            if restarted:
+                self._supersede(runs, *restarted, trial.trial_id, run_id)
             self._save_map(runs)
         if run_id not in self._attached:  # re-attached after a restart: the run may be FAILED
             if self.client.get_run(run_id).info.status != "RUNNING":
@@ -241,13 +269,43 @@ class MLflowTracking(tune.Callback):
             self._attached.add(run_id)
         return run_id
 
-    def _create_child(self, experiment_id: str, parent: str, trial) -> str:
+    def _restarted(self, runs: dict, trial, experiment_id: str, parent: str) -> tuple[str, str | None] | None:
+        """(trial id, run id) of the errored trial that `trial`, new to the map, restarts from scratch (planned
+        by `plan_restarts`: the same config under a new trial id), or None."""
+        from orchestrator.trial import config_digest
+
+        waiting = runs.get("restarts", {}).get(config_digest(trial.config)) or []
+        old = next((t for t in waiting if t != trial.trial_id), None)
+        if old is None:
+            return None
+        return old, runs["trials"].get(old) or self._tagged_run(
+            experiment_id, **{"clorch.trial_id": old, "mlflow.parentRunId": parent})
+
+    def _supersede(self, runs: dict, old_trial: str, old_run: str | None, trial_id: str, run_id: str) -> None:
+        """The old run keeps its data, ends FAILED and names the run that replaced it; the map (`runs`, saved by
+        the caller) forgets it, so that no lookup hands it back and the new run gets every stage (its model is
+        looked up by the new run's id, so it is logged there too)."""
+        if old_run is not None:
+            self.client.set_tag(old_run, SUPERSEDED_BY, run_id)
+            if self.client.get_run(old_run).info.status != "FAILED":
+                self.client.set_terminated(old_run, "FAILED")
+        runs["trials"].pop(old_trial, None)
+        runs.setdefault("superseded", {})[old_trial] = {"run": old_run, "by_trial": trial_id, "by_run": run_id}
+        runs.get("stages_logged", {}).pop(old_trial, None)
+        plan = runs.get("restarts", {})
+        for digest in [d for d, waiting in plan.items() if old_trial in waiting]:
+            plan[digest] = [t for t in plan[digest] if t != old_trial]
+            if not plan[digest]:
+                del plan[digest]
+
+    def _create_child(self, experiment_id: str, parent: str, trial, restart_of: str | None = None) -> str:
         from mlflow.entities import Param
 
         from orchestrator.trial import resolve
 
         tags = {"mlflow.parentRunId": parent, "clorch.sweep": self.experiment, "clorch.trial_id": trial.trial_id,
-                **({"clorch.sweep_id": self.sweep_id} if self.sweep_id else {})}
+                **({"clorch.sweep_id": self.sweep_id} if self.sweep_id else {}),
+                **({"clorch.restart_of": restart_of} if restart_of else {})}
         run = self.client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags)
         params = flatten(to_dict(resolve(trial.config)))
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])

@@ -9,6 +9,7 @@ run is named `train-<trial id>` so that a restored trial finds its own last stag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -69,7 +70,8 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
             resume_state = checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), copies),
                                                     f"trial {trial_config['trial_id']}")
         fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
-        marker = Path(trial_config["state_dir"]) / "failures" / trial_config["trial_id"]
+        marker = _failure_marker(trial_config["state_dir"], trial_config["trial_id"])
+        restarted = _failure_marker(trial_config["state_dir"], "restarted-" + config_digest(trial_config))
 
         def on_stage_end(stage: int, m: dict, state: dict) -> None:
             if world()[0] == 0:  # one writer of the copies, whatever the number of data-parallel workers
@@ -82,12 +84,32 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
                         **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
                            for split, scores in state["splits"].items()}},
                        Checkpoint.from_directory(folder))
-            if fail_at is not None and stage + 1 == fail_at and not marker.exists():
+            if fail_at is not None and stage + 1 == fail_at and not marker.exists() and not restarted.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()
                 raise RuntimeError(f"planned failure before stage {fail_at} (tune.fail_at_stage, a test option)")
 
         run_stream(config, resume_state=resume_state, on_stage_end=on_stage_end)
+
+
+def config_digest(trial_config: dict) -> str:
+    """A short digest of a trial's config (base, swept values, run settings): what Tune keeps of an errored trial
+    that it restarts from scratch under a new trial id (`clorch resume --restart-errored`)."""
+    own = {k: v for k, v in trial_config.items() if k not in ("trial_id", "state_dir")}  # added by run_trial
+    return hashlib.sha256(json.dumps(own, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _failure_marker(state_dir: str | Path, name: str) -> Path:
+    return Path(state_dir) / "failures" / name
+
+
+def mark_restart(state_dir: str | Path, trial_config: dict, trial_id: str) -> None:
+    """Before errored trial `trial_id` restarts from scratch: its planned failure (tune.fail_at_stage) happened
+    already, and the trial that replaces it, under a new id with the same config, does not raise again."""
+    if _failure_marker(state_dir, trial_id).exists():
+        restarted = _failure_marker(state_dir, "restarted-" + config_digest(trial_config))
+        restarted.parent.mkdir(parents=True, exist_ok=True)
+        restarted.touch()
 
 
 def trial_device(configured: str, gpu_ids: list, cuda_available: bool) -> str:

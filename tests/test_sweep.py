@@ -107,6 +107,56 @@ def test_a_trial_failing_at_stage_2_resumes_from_stage_2_to_the_uninterrupted_re
         assert matrix["test"] == run_stream(config).test.accuracy_matrix
 
 
+@pytest.mark.slow
+def test_restart_errored_runs_errored_trials_from_stage_1_in_new_child_runs(ray_local, tmp_path, capsys):
+    """`clorch resume --restart-errored`: each errored trial starts again from scratch under a new trial id and
+    a new child run of the same parent, logs every stage once and ends as a clean run; the old run keeps its
+    stages, ends FAILED and names the run that superseded it."""
+    path = tmp_path / "restart.yaml"
+    path.write_text(FAILING.replace("epochs: 3", "epochs: 1") + "  max_failures: 0\n")
+    uri, args = sweep_args(tmp_path)
+    storage = tmp_path / "runs"
+    assert main(["sweep", str(path), "--name", "rs", *args]) == 1
+    _, _, failed = runs_of(uri, "rs")
+    before = _progress_rows(storage, "rs")
+    assert sorted(before.values()) == [[0, 1], [0, 1]]
+    capsys.readouterr()
+
+    assert main(["resume", "rs", "--restart-errored", *args]) == 0
+    client, parents, children = runs_of(uri, "rs")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
+    by_id = {c.info.run_id: c for c in children}
+    new_runs = set()
+    for old in failed:
+        old = by_id[old.info.run_id]
+        new = by_id[old.data.tags["clorch.superseded_by"]]
+        new_runs.add(new.info.run_id)
+        assert old.info.status == "FAILED" and new.info.status == "FINISHED"
+        assert new.data.tags["clorch.restart_of"] == old.info.run_id
+        assert new.data.tags["clorch.trial_id"] != old.data.tags["clorch.trial_id"]
+        assert new.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        steps = lambda run: sorted(m.step for m in client.get_metric_history(run.info.run_id,  # noqa: E731
+                                                                              "test/accuracy_on_seen_classes"))
+        assert steps(old) == [0, 1] and steps(new) == [0, 1, 2, 3, 4]  # the old run keeps its data
+        matrix = json.loads(Path(client.download_artifacts(new.info.run_id, "accuracy_matrix.json")).read_text())
+        config = load_experiment(path, [f"seed={new.data.params['seed']}"]).base
+        assert matrix["test"] == run_stream(config).test.accuracy_matrix
+    mlflow.set_tracking_uri(uri)
+    assert all(len(logged_models(by_id[run])) == 1 for run in new_runs)
+    after = _progress_rows(storage, "rs")
+    assert {k: v for k, v in after.items() if k in before} == before  # the old trials' result logs are kept
+    assert sorted(v for k, v in after.items() if k not in before) == [[0, 1, 2, 3, 4]] * 2  # from stage 0
+    runs = json.loads((storage / ".clorch" / "rs" / "mlflow_runs.json").read_text())
+    assert set(runs["trials"].values()) == new_runs  # the map hands back the new runs only
+
+    capsys.readouterr()
+    assert main(["status", "rs", *args]) == 0
+    assert capsys.readouterr().out.count("DONE") == 2
+    assert main(["resume", "rs", "--restart-errored", *args]) == 0  # nothing errored: a plain resume
+    assert "--restart-errored: no trial of rs errored; resuming it as without the flag" in capsys.readouterr().out
+    assert _progress_rows(storage, "rs") == after and len(runs_of(uri, "rs")[2]) == 4
+
+
 def test_resume_of_an_unknown_sweep_lists_the_known_ones(tmp_path, capsys):
     (tmp_path / "runs" / ".clorch" / "mine").mkdir(parents=True)
     (tmp_path / "runs" / ".clorch" / "mine" / "sweep.json").write_text("{}")
