@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("file", help="experiment YAML file")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (repeatable)")
-    for name, helptext in (("sweep", "run the file's sweep on Ray Tune, tracked in MLflow"),
+    for name, helptext in (("sweep", "run the file's sweep on Ray Tune, tracked in MLflow (or, with --extend, "
+                                     "its new points in an existing sweep)"),
                            ("resume", "resume a sweep: errored and unfinished trials continue, finished ones stay"),
                            ("status", "each trial's state, stage reached and metric")):
         p = sub.add_parser(name, help=helptext)
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                            "run at once here and the caches to build, then exit (nothing is written)")
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a base config key (repeatable)")
+            p.add_argument("--extend", action="store_true", help="add the file's new points (more values on its "
+                           "grid axes) to the existing sweep --name, under the same MLflow parent run; points "
+                           "already run are not run again")
         if name == "resume":
             p.add_argument("--restart-errored", action="store_true", help="errored trials start again from stage "
                            "1 (no checkpoint), each in a new MLflow child run; the old run stays FAILED, tagged "
@@ -159,11 +163,15 @@ def cmd_sweep(args) -> int:
     experiment = load_experiment(args.file, args.overrides)  # every mistake surfaces before Ray starts
     options = parse_tune(experiment.tune, experiment)
     tracking = parse_tracking(experiment.tracking)
+    if args.extend and not args.name:
+        raise ConfigError("--extend: needs --name, the existing sweep to add the file's new points to")
     name = args.name or Path(args.file).stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"--name: {name!r} is not a plain name; accepted: letters, digits, '.', '_' and '-', "
                           "starting with a letter or digit (the sweep's folder goes under --storage)")
     target = _target(args)
+    if args.extend:
+        return _extend(args, experiment, options, tracking, name, target.storage)
     if (target.storage / name).exists():
         raise ConfigError(f"--name: a sweep named {name} already exists under {target.storage}; "
                           f"`clorch resume {name}` continues it, or pick another --name")
@@ -179,7 +187,42 @@ def cmd_sweep(args) -> int:
     tuner = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
                         local=target.address is None, num_stages=num_stages)
     hold_driver_lock(target.storage, name)
-    results = _fit(tuner, name, target)
+    results, _ = _fit(tuner, name, target)
+    return _print_results(results, options.metric, options.mode)
+
+
+def _extend(args, experiment, options, tracking, name: str, storage: Path) -> int:
+    """`clorch sweep FILE --name NAME --extend`: the file's new points run as one more part of sweep NAME, logged
+    to the store the sweep logs to; every refusal comes before Ray starts and before anything is written."""
+    import os
+
+    from orchestrator.cluster import check_tracking, connect, resolve_target
+    from orchestrator.sweep import (build_tuner, check_scheduler, hold_driver_lock, part_results, plan_extension,
+                                    preflight, record_part, record_tracking_uri, state_dir, sweep_info, sweep_parts)
+    from orchestrator.tracking import check_store
+
+    extension = plan_extension(experiment, options, tracking, name, storage)
+    info = sweep_info(storage, name)
+    target = resolve_target(args.address, args.storage,
+                            args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"])
+    check_tracking(target.tracking_uri)
+    check_store(target.tracking_uri, state_dir(storage, name), name)
+    num_stages = check_scheduler(options, preflight(experiment))
+    trials = len(extension.points) * options.num_samples
+    points = "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) for p in extension.points)
+    print(f"extending {name}: {len(extension.points)} new point(s) beside the {extension.ran} it ran, "
+          f"{trials} trial(s) in {storage / extension.part}: {points}")
+    if args.dry_run:
+        return 0
+    hold_driver_lock(storage, name)
+    connect(target, args.num_cpus)
+    tuner = build_tuner(experiment, options, name, storage, target.tracking_uri, tracking,
+                        local=target.address is None, num_stages=num_stages, extension=extension)
+    record_part(storage, name, extension, experiment.path)
+    record_tracking_uri(storage, name, target.tracking_uri)
+    fitted, _ = _fit(tuner, name, target)
+    results = [r for part in sweep_parts(storage, name)
+               for r in (fitted if part.name == extension.part else part_results(part))]
     return _print_results(results, options.metric, options.mode)
 
 
@@ -211,8 +254,8 @@ def cmd_resume(args) -> int:
     import os
 
     from orchestrator.cluster import check_tracking, connect, resolve_target
-    from orchestrator.sweep import (check_sweep, hold_driver_lock, open_trials, record_tracking_uri, restore_tuner,
-                                    state_dir, sweep_info)
+    from orchestrator.sweep import (check_sweep, hold_driver_lock, open_trials, part_results, record_tracking_uri,
+                                    restore_tuner, state_dir, sweep_info, sweep_parts)
     from orchestrator.tracking import check_store
 
     storage = _target(args).storage
@@ -224,18 +267,29 @@ def cmd_resume(args) -> int:
                             args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"])
     check_tracking(target.tracking_uri)
     check_store(target.tracking_uri, state_dir(storage, args.name), args.name)
-    if args.restart_errored and not open_trials(target.storage / args.name)[0]:
+    parts = sweep_parts(target.storage, args.name)
+    counts = {part: open_trials(part) for part in parts}  # (errored, unfinished) of each part
+    todo = [part for part in parts if any(counts[part])] or parts[:1]  # an --extend made parts: each runs alone
+    if args.restart_errored and not any(errored for errored, _ in counts.values()):
         print(f"--restart-errored: no trial of {args.name} errored; resuming it as without the flag")
     print(f"resuming {args.name}: storage {target.storage / args.name}, mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    tuner = restore_tuner(args.name, target.storage, target.tracking_uri, restart_errored=args.restart_errored)
+    tuners = {part: restore_tuner(args.name, target.storage, target.tracking_uri, part.name, args.restart_errored)
+              for part in todo}
     record_tracking_uri(target.storage, args.name, target.tracking_uri)
+    fitted = {}
+    for part, tuner in tuners.items():
+        fitted[part], interrupted = _fit(tuner, args.name, target)
+        if interrupted:  # the parts after it wait for the next resume
+            break
     tune_options = info["tune"]
-    return _print_results(_fit(tuner, args.name, target), tune_options["metric"], tune_options["mode"])
+    results = [r for part in parts for r in (fitted[part] if part in fitted else part_results(part))]
+    return _print_results(results, tune_options["metric"], tune_options["mode"])
 
 
 def _fit(tuner, name: str, target):
-    """tuner.fit(), with Tune's advice after a Ctrl-C (a Python call to Tuner.restore) replaced by clorch's."""
+    """tuner.fit() and whether a Ctrl-C interrupted it, with Tune's advice then (a Python call to Tuner.restore)
+    replaced by clorch's."""
     from orchestrator.cluster import DropMessages
 
     tune_log = logging.getLogger("ray.tune.tune")
@@ -254,15 +308,16 @@ def _fit(tuner, name: str, target):
         mark_interrupted(target.tracking_uri, state_dir(target.storage, name), unfinished)
         where = f" --storage {target.storage}" + (f" --address {target.address}" if target.address else "")
         print(f"interrupted: finished stages are kept; continue with `clorch resume {name}{where}`", flush=True)
-    return results
+    return results, advice.dropped > 0
 
 
 def cmd_status(args) -> int:
-    from orchestrator.sweep import check_sweep, restore_tuner, state_dir, sweep_info
+    from orchestrator.sweep import check_sweep, part_results, restore_tuner, state_dir, sweep_info, sweep_parts
 
     target = _target(args)
     check_sweep(args.name, target.storage)
-    results = restore_tuner(args.name, target.storage).get_results()
+    results = [*restore_tuner(args.name, target.storage).get_results(),
+               *(r for part in sweep_parts(target.storage, args.name)[1:] for r in part_results(part))]
     tune_options = sweep_info(target.storage, args.name)["tune"]
     status = _print_results(results, tune_options["metric"], tune_options["mode"], status_only=True)
     _print_resume_points(results, state_dir(target.storage, args.name))

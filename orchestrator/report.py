@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orchestrator import leaderboard as lb
 from orchestrator.leaderboard import TrialSummary
-from orchestrator.sweep import check_sweep, live_trial_summaries, read_analysis, state_dir
+from orchestrator.sweep import live_trial_summaries, read_analysis, state_dir, sweep_parts
 from workloads.config import ConfigError
 
 SUMMARY_METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")
@@ -21,12 +21,14 @@ TRIALS_FILE = "trials.csv"  # every trial
 
 
 def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]]:
-    """The sweep's trials and its swept keys (in the experiment file's order)."""
-    analysis = read_analysis(check_sweep(name, Path(storage)))
+    """The sweep's trials, of every part (`clorch sweep --extend`), and its swept keys (in the experiment file's
+    order)."""
+    analyses = [read_analysis(folder) for folder in sweep_parts(Path(storage), name)]
     keys: list[str] = []
-    frames = analysis.trial_dataframes
-    trials = live_trial_summaries(analysis.trials)
-    for t, summary in zip(analysis.trials, trials):
+    frames = {trial: df for analysis in analyses for trial, df in analysis.trial_dataframes.items()}
+    tune_trials = [t for analysis in analyses for t in analysis.trials]
+    trials = live_trial_summaries(tune_trials)
+    for t, summary in zip(tune_trials, trials):
         last = t.last_result or {}
         summary.matrix = json.loads(last["test/accuracy_matrix"]) if "test/accuracy_matrix" in last else []
         df = frames.get(t.trial_id)

@@ -3,10 +3,15 @@
 The experiment folder `<storage>/<name>` is Tune's: its state, trial results and checkpoints, which Tune's
 syncer copies back and forth. clorch keeps its own files beside it, in `<storage>/.clorch/<name>`, where no
 syncer overwrites them: the sweep's description (`sweep.json`), the MLflow run map, Ray Train's run folders.
+
+Tune cannot add trials to an experiment it restores, so `clorch sweep FILE --name NAME --extend` runs the new
+points as a Tune experiment of its own beside the first, `<storage>/NAME+1` (then `+2`, ...): a part of the
+sweep, listed in sweep.json's `parts`, tracked under the same MLflow parent run, read by every command.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import uuid
@@ -242,13 +247,14 @@ def plan(experiment: ExperimentFile, options: TuneOptions, cpus: float, gpus: fl
 
 
 def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, storage: Path, tracking_uri: str,
-                tracking=None, local: bool = True, num_stages: int | None = None):
-    """A Tuner for the experiment (fresh run); a trial the cluster cannot place is refused before anything is
-    written (on a remote cluster, `local` False, it is a warning: an autoscaler may add nodes)."""
+                tracking=None, local: bool = True, num_stages: int | None = None, extension: Extension | None = None):
+    """A Tuner for the experiment (fresh run), or for the new points of an `extension` of sweep `name`; a trial
+    the cluster cannot place is refused before anything is written (on a remote cluster, `local` False, it is a
+    warning: an autoscaler may add nodes)."""
     from ray import tune
 
     from orchestrator.cluster import check_resources, cluster_gpus
-    from orchestrator.tracking import MLflowTracking
+    from orchestrator.tracking import MLflowTracking, TrackingOptions
 
     gpus = cluster_gpus()
     resolve_resources(options, gpus)
@@ -266,12 +272,16 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                                                have.get("GPU", 0.0)))
     own_dir = state_dir(storage, name)
     own_dir.mkdir(parents=True, exist_ok=True)
-    sweep_id = uuid.uuid4().hex  # names the sweep's MLflow runs (tag clorch.sweep_id) wherever it moves
-    (own_dir / SWEEP_FILE).write_text(json.dumps({
-        "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
-        "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri,
-        "id": sweep_id}, indent=1))
-    space = param_space(experiment, options)
+    if extension is None:
+        sweep_id = uuid.uuid4().hex  # names the sweep's MLflow runs (tag clorch.sweep_id) wherever it moves
+        (own_dir / SWEEP_FILE).write_text(json.dumps({
+            "file": str(experiment.path), "base": experiment.base_raw, "tune": to_dict(options),
+            "sweep": {a.key: {a.kind: list(a.values)} for a in experiment.axes}, "tracking_uri": tracking_uri,
+            "tracking": to_dict(tracking or TrackingOptions()), "id": sweep_id}, indent=1))
+        space = param_space(experiment, options)
+    else:  # exactly the new points, each a whole `sweep` value as a grid axis of one trial would give it
+        sweep_id = extension.sweep_id
+        space = {**param_space(experiment, options), "sweep": tune.grid_search(extension.points)}
     trainable = _trainable(to_dict(options.resources), own_dir)
     return tune.Tuner(
         trainable, param_space=space,
@@ -280,7 +290,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                     num_samples=options.num_samples,
                                     scheduler=_scheduler(options, num_stages), search_alg=_search(options),
                                     max_concurrent_trials=options.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+        run_config=tune.RunConfig(name=extension.part if extension else name, storage_path=str(storage), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
                                   # keeping one checkpoint makes Tune snapshot the experiment state at every
                                   # stage, so a restart resumes from the last stage reported, not an older one
@@ -399,18 +409,19 @@ def record_tracking_uri(storage: Path, name: str, tracking_uri: str) -> None:
         tmp.replace(path)
 
 
-def restore_tuner(name: str, storage: Path, tracking_uri: str | None = None, restart_errored: bool = False):
-    """The Tuner of an existing experiment: errored trials continue from their last stage checkpoint, or with
-    `restart_errored` start again from stage 1 (Tune gives each a new trial id; MLflow a new child run, the old
-    one marked superseded). Its trials and its MLflow tracking are bound to the sweep's folder as it is now under
-    `storage`, and to `tracking_uri` (default: the store the sweep was started with), wherever the sweep was
-    before."""
+def restore_tuner(name: str, storage: Path, tracking_uri: str | None = None, part: str | None = None,
+                  restart_errored: bool = False):
+    """The Tuner of an existing experiment (`part`: one of the sweep's Tune experiments, default its first):
+    errored trials continue from their last stage checkpoint, or with `restart_errored` start again from stage 1
+    (Tune gives each a new trial id; MLflow a new child run, the old one marked superseded). Its trials and its
+    MLflow tracking are bound to the sweep's folder as it is now under `storage`, and to `tracking_uri`
+    (default: the store the sweep was started with), wherever the sweep was before."""
     from ray import tune
 
     from orchestrator.tracking import MLflowTracking, plan_restarts
     from orchestrator.trial import mark_restart
 
-    experiment_dir = check_sweep(name, storage)
+    experiment_dir = part_dir(storage, name, part or name)
     own_dir = state_dir(storage, name)
     info = sweep_info(storage, name)
     MLflowTracking.bind(name, tracking_uri or info["tracking_uri"], str(own_dir))
@@ -426,10 +437,160 @@ def restore_tuner(name: str, storage: Path, tracking_uri: str | None = None, res
                                   restart_errored=restart_errored)
 
 
+def sweep_parts(storage: Path, name: str) -> list[Path]:
+    """The experiment folders of sweep `name`, in order: the one `clorch sweep` started, then one per
+    `--extend`; a ConfigError if the sweep or one of its parts has no Tune state."""
+    check_sweep(name, storage)
+    return [part_dir(storage, name, part["name"]) for part in sweep_info(storage, name).get("parts", [])] or \
+        [storage / name]
+
+
+def part_dir(storage: Path, name: str, part: str) -> Path:
+    """The experiment folder of one part of sweep `name`; a ConfigError if Tune's state is not there."""
+    if part == name:
+        return check_sweep(name, storage)
+    folder = storage / part
+    if not (folder / "tuner.pkl").exists():
+        raise ConfigError(f"{name}: its part {part} (a --extend) has no Tune state in {folder}; nothing was changed: "
+                          f"restore that folder, or remove the part from {state_dir(storage, name) / SWEEP_FILE}")
+    return folder
+
+
+def part_results(experiment_dir: Path) -> list:
+    """The Result of each trial of one part of a sweep, read from its folder (as a Tuner's get_results gives)."""
+    from ray.tune import ResultGrid
+
+    return list(ResultGrid(read_analysis(experiment_dir)))
+
+
 def open_trials(experiment_dir: Path) -> tuple[int, int]:
-    """(errored, unfinished) trials of a sweep, as its state on disk says."""
+    """(errored, unfinished) trials of one part of a sweep, as its state on disk says."""
     statuses = [t.status for t in read_analysis(experiment_dir).trials]
     return statuses.count("ERROR"), sum(s not in ("ERROR", "TERMINATED") for s in statuses)
+
+
+def extended_trials(own_dir: Path) -> list:
+    """Tune's trials of every part of a sweep that `--extend` grew, read from their folders (none for a sweep of
+    one part, whose driver has every trial); `own_dir` is the sweep's state folder, <storage>/.clorch/NAME."""
+    parts = json.loads((own_dir / SWEEP_FILE).read_text()).get("parts") or []
+    if len(parts) < 2:
+        return []
+    storage = own_dir.parent.parent
+    return [t for part in parts for t in read_analysis(storage / part["name"]).trials]
+
+
+@dataclass
+class Extension:
+    """What `clorch sweep FILE --name NAME --extend` adds to sweep NAME: a Tune experiment of its own (`part`, a
+    folder beside the sweep's first) over exactly the file's new points, tracked under the sweep's parent run."""
+
+    part: str
+    points: list[dict]  # swept key -> value, one dict per new point (each run num_samples times)
+    ran: int  # distinct points the sweep ran already
+    sweep_id: str | None
+
+
+# tune options that `clorch sweep` settles for the cluster when the file leaves them null or auto
+RESOLVED_AT_START = ("max_concurrent_trials", "resources.num_workers", "resources.use_gpu")
+
+
+def plan_extension(experiment: ExperimentFile, options: TuneOptions, tracking, name: str,
+                   storage: Path) -> Extension:
+    """The new points of `experiment` for existing sweep `name`, or one ConfigError naming what differs from the
+    sweep; reads the sweep's files only (nothing written, no Ray): base config, tune and tracking options the
+    same, the same grid axes (values may be added), some point not run yet, and every trial of the sweep
+    finished."""
+    from orchestrator.tracking import TrackingOptions
+    from workloads.config import flatten, parse_run_config
+
+    try:
+        check_sweep(name, storage)
+    except ConfigError as e:
+        raise ConfigError(f"--extend: {e}") from None
+    info = sweep_info(storage, name)
+    where = (experiment.path, name)
+    # the sweep's record read through today's schema, so that a default added since compares equal
+    _same("base", flatten(to_dict(parse_run_config(info["base"]))), flatten(to_dict(experiment.base)), *where,
+          "the sweep's base config (--extend adds values to its grid axes only)")
+    ours = flatten(to_dict(options))
+    _same("tune", {k: v for k, v in flatten(to_dict(from_dict(TuneOptions, info["tune"], "tune"))).items()
+                   if not (k in RESOLVED_AT_START and ours.get(k) in (None, "auto"))},
+          {k: v for k, v in ours.items() if not (k in RESOLVED_AT_START and v in (None, "auto"))}, *where,
+          "the sweep's tune options")
+    if "tracking" in info:  # (a sweep started before sweep.json recorded them: not compared)
+        _same("tracking", flatten(to_dict(from_dict(TrackingOptions, info["tracking"], "tracking"))),
+              flatten(to_dict(tracking)), *where, "the sweep's tracking options")
+    recorded = {key: next(iter(spec)) for key, spec in info["sweep"].items()}  # key -> axis kind
+    axes = {a.key: a for a in experiment.axes}
+    for key, kind in recorded.items():
+        if key not in axes:
+            raise ConfigError(f"--extend: sweep.{key} is an axis of sweep {name} but not of {experiment.path}; "
+                              f"accepted: every axis of the sweep ({', '.join(recorded)}), with more values")
+        if axes[key].kind != kind:
+            raise ConfigError(f"--extend: sweep.{key} is a {axes[key].kind} axis here but a {kind} axis in sweep "
+                              f"{name}; accepted: {kind}, with more values")
+    for key in axes:
+        if key not in recorded:
+            raise ConfigError(f"--extend: sweep.{key} is not an axis of sweep {name}; accepted: its own axes "
+                              f"({', '.join(recorded) or 'none'}), with more values")
+    for axis in experiment.axes:
+        if axis.kind != "grid":
+            raise ConfigError(f"--extend: sweep.{axis.key} is a {axis.kind} axis, whose points are drawn, not "
+                              "listed, so the new ones cannot be told apart; accepted: grid axes only")
+    if options.search != "grid":
+        raise ConfigError(f"--extend: tune.search {options.search} draws every point, so the new ones cannot be "
+                          "told apart; accepted: search: grid, with grid axes only")
+    ran = {_point_key(point) for part in _parts(info, name) for point in part["points"]}
+    points = {_point_key(p): p for p in _grid_points({a.key: {"grid": list(a.values)} for a in experiment.axes})}
+    new = [point for key, point in points.items() if key not in ran]
+    if not new:
+        raise ConfigError(f"--extend: nothing to add: all {len(points)} points of {experiment.path} already ran in "
+                          f"sweep {name}; accepted: more values on its grid axes")
+    errored = unfinished = 0
+    for folder in sweep_parts(storage, name):
+        e, u = open_trials(folder)
+        errored, unfinished = errored + e, unfinished + u
+    if errored or unfinished:
+        raise ConfigError(f"--extend: sweep {name} has {errored} errored and {unfinished} unfinished trial(s); "
+                          f"`clorch resume {name}` first: only a sweep whose every trial finished is extended")
+    parts = {part["name"] for part in _parts(info, name)}
+    index = len(parts)
+    while f"{name}+{index}" in parts or (storage / f"{name}+{index}").exists():  # a folder an attempt left
+        index += 1
+    return Extension(f"{name}+{index}", new, len(ran), info.get("id"))
+
+
+def record_part(storage: Path, name: str, extension: Extension, path: Path) -> None:
+    """List the extension's Tune experiment (and its points) among the parts of sweep `name` in sweep.json, so
+    that status, report, resume and the next --extend see it."""
+    info = sweep_info(storage, name)
+    parts = _parts(info, name) + [{"name": extension.part, "file": str(path), "points": extension.points}]
+    target = state_dir(storage, name) / SWEEP_FILE
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**info, "parts": parts}, indent=1))
+    tmp.replace(target)
+
+
+def _parts(info: dict, name: str) -> list[dict]:
+    """sweep.json's parts; a sweep never extended has one, whose points are its grid axes crossed."""
+    return info.get("parts") or [{"name": name, "points": _grid_points(info["sweep"])}]
+
+
+def _grid_points(axes: dict[str, dict]) -> list[dict]:
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k]["grid"] for k in keys))]
+
+
+def _point_key(point: dict) -> str:
+    return json.dumps(point, sort_keys=True, default=str)
+
+
+def _same(block: str, theirs: dict, ours: dict, path: Path, name: str, accepted: str) -> None:
+    """A ConfigError naming the first key of `block` whose value differs between sweep `name` and file `path`."""
+    for key in [*theirs, *(k for k in ours if k not in theirs)]:
+        if theirs.get(key) != ours.get(key):
+            raise ConfigError(f"--extend: {block}.{key} is {ours.get(key)!r} in {path} but {theirs.get(key)!r} in "
+                              f"sweep {name}; accepted: {accepted}")
 
 
 def read_analysis(experiment_dir: Path):

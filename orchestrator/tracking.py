@@ -566,12 +566,27 @@ class MLflowTracking(tune.Callback):
                 if trial.status == "TERMINATED" and trial.trial_id in runs:
                     self._queue_model(trial, runs[trial.trial_id])
             self.uploads.drain()
+        trials = [*trials, *self._other_parts(trials)]  # the leaderboard and the status are the whole sweep's
         _best_effort("the sweep's leaderboard", self.log_leaderboard, parent, trials)
         # FINISHED only when every trial is: a trial that errored fails the sweep, one left unfinished (an
         # interrupt, a stop) leaves it KILLED until `clorch resume` runs it again
         status = ("FAILED" if any(t.status == "ERROR" for t in trials) else
                   "FINISHED" if all(t.status == "TERMINATED" for t in trials) else "KILLED")
         self.client.set_terminated(parent, status)
+
+    def _other_parts(self, trials) -> list:
+        """The trials of the sweep's other parts (a sweep grown by `clorch sweep --extend` runs each part as a Tune
+        experiment of its own), which the Tune experiment ending now does not see."""
+        from orchestrator.sweep import extended_trials
+
+        known = {t.trial_id for t in trials}
+        try:
+            found = extended_trials(Path(self.state_dir))
+        except Exception as e:  # noqa: BLE001 (a part whose state cannot be read: this part's trials still count)
+            log.warning("the sweep's other parts could not be read (%s); the parent run sees this part only",
+                        _first_line(e))
+            return []
+        return [_TrialView(**_trial_record(t)) for t in found if t.trial_id not in known]
 
     def log_leaderboard(self, run_id: str, trials) -> None:
         """On the parent run: configurations ranked on the selection metric, seeds aggregated (`leaderboard.json`,

@@ -90,6 +90,32 @@ def deleted_experiment(name: str) -> Callable[[Path], None]:
     return write
 
 
+def existing_sweep(axes: dict | None = None) -> Callable[[Path], None]:
+    """The files by which commands know sweep `s` under ./clorch_runs, as `clorch sweep` leaves them for the OK
+    base over `axes` (default: seed 0 and 1 on a grid); the sweep's Tune state itself is never read."""
+    def write(path: Path) -> None:
+        import json
+
+        import yaml
+
+        from orchestrator.sweep import parse_tune, resolve_resources
+        from orchestrator.tracking import TrackingOptions
+        from workloads.config import to_dict
+
+        options = parse_tune({})
+        resolve_resources(options, 0)
+        options.max_concurrent_trials = 2
+        (path / ".clorch" / "s").mkdir(parents=True)
+        (path / "s").mkdir()
+        (path / "s" / "tuner.pkl").write_bytes(b"not read")
+        (path / ".clorch" / "s" / "sweep.json").write_text(json.dumps({
+            "file": "exp.yaml", "base": yaml.safe_load("base:\n" + OK_BASE)["base"], "tune": to_dict(options),
+            "sweep": axes or {"seed": {"grid": [0, 1]}}, "tracking_uri": f"sqlite:///{path.parent / 'mlflow.db'}",
+            "tracking": to_dict(TrackingOptions()), "id": "0" * 32}))
+    return write
+
+
+EXTEND = ["sweep", "{d}/exp.yaml", "--name", "s", "--extend"]
 NPZ_RUN = "  data: {source: npz, root: {d}/bad.npz, classes_per_stage: 2}\n  learner: {name: linear}\n" \
           "  train: {epochs: 1}\n"
 SWEEP = "sweep:\n  seed: {grid: [0, 1]}\n"
@@ -385,6 +411,38 @@ CASES = [
           "mlflow experiments restore --experiment-id"), {**exp(), "mlflow.db": deleted_experiment("gone")}),
     Case("--output in a missing folder", ["run", "{d}/exp.yaml", "--output", "{d}/no/such/out.json"],
          ("--output: folder", "does not exist"), exp()),
+    Case("--extend without --name", ["sweep", "{d}/exp.yaml", "--extend"],
+         ("--extend: needs --name, the existing sweep",), exp(SWEEP)),
+    Case("--extend of an unknown sweep", ["sweep", "{d}/exp.yaml", "--name", "nope", "--extend"],
+         ("--extend: nope: no sweep of that name", "sweeps there: s"),
+         {**exp(SWEEP), "clorch_runs": existing_sweep()}),
+    Case("--extend with another base", EXTEND,
+         ("--extend: base.train.epochs is 2 in", "but 1 in sweep s", "accepted: the sweep's base config"),
+         {**exp(SWEEP, base=OK_BASE.replace("epochs: 1", "epochs: 2")), "clorch_runs": existing_sweep()}),
+    Case("--extend with other tune options", EXTEND,
+         ("--extend: tune.max_failures is 1 in", "but 0 in sweep s", "accepted: the sweep's tune options"),
+         {**exp("sweep:\n  seed: {grid: [0, 1, 2]}\ntune:\n  max_failures: 1\n"), "clorch_runs": existing_sweep()}),
+    Case("--extend with other tracking options", EXTEND,
+         ("--extend: tracking.codebooks is False in", "but True in sweep s", "accepted: the sweep's tracking options"),
+         {**exp("sweep:\n  seed: {grid: [0, 1, 2]}\ntracking:\n  codebooks: false\n"),
+          "clorch_runs": existing_sweep()}),
+    Case("--extend without an axis of the sweep", EXTEND,
+         ("--extend: sweep.seed is an axis of sweep s but not of", "accepted: every axis of the sweep (seed)"),
+         {**exp("sweep:\n  train.lr: {grid: [0.1, 0.3]}\n"), "clorch_runs": existing_sweep()}),
+    Case("--extend with an axis the sweep lacks", EXTEND,
+         ("--extend: sweep.train.lr is not an axis of sweep s", "accepted: its own axes (seed)"),
+         {**exp("sweep:\n  seed: {grid: [0, 1]}\n  train.lr: {grid: [0.1, 0.3]}\n"),
+          "clorch_runs": existing_sweep()}),
+    Case("--extend changing an axis's kind", EXTEND,
+         ("--extend: sweep.seed is a choice axis here but a grid axis in sweep s", "accepted: grid"),
+         {**exp("sweep:\n  seed: {choice: [0, 1, 2]}\n"), "clorch_runs": existing_sweep()}),
+    Case("--extend over a sampled axis", EXTEND,
+         ("--extend: sweep.train.lr is a uniform axis, whose points are drawn", "accepted: grid axes only"),
+         {**exp("sweep:\n  train.lr: {uniform: [0.1, 1.0]}\n"),
+          "clorch_runs": existing_sweep({"train.lr": {"uniform": [0.1, 1.0]}})}),
+    Case("--extend with nothing new", EXTEND,
+         ("--extend: nothing to add: all 2 points of", "already ran in sweep s", "accepted: more values"),
+         {**exp(SWEEP), "clorch_runs": existing_sweep()}),
     Case("resume unknown sweep", ["resume", "nope"], ("nope: no sweep of that name", "sweeps there: none"), {}),
     Case("status unknown sweep", ["status", "nope"], ("nope: no sweep of that name",), {}),
     Case("report unknown sweep", ["report", "nope"], ("nope: no sweep of that name",), {}),

@@ -157,6 +157,70 @@ def test_restart_errored_runs_errored_trials_from_stage_1_in_new_child_runs(ray_
     assert _progress_rows(storage, "rs") == after and len(runs_of(uri, "rs")[2]) == 4
 
 
+GROWING = """
+base:
+  data: {source: digits, classes_per_stage: 2}
+  learner: {name: dkvb, num_codebooks: 8, num_keys: 32, key_dim: 4}
+  train: {epochs: 1}
+sweep:
+  seed: {grid: [0, 1]}
+tune:
+  fail_at_stage: 2
+"""
+
+
+@pytest.mark.slow
+def test_extend_runs_only_the_new_points_under_the_same_parent_and_every_command_sees_all(ray_local, tmp_path,
+                                                                                          capsys):
+    """A 2-seed sweep, then `--extend` with 3 seeds: refused while trials are errored; after a resume, only the
+    third seed runs, as a Tune experiment of its own whose errored trial `clorch resume` continues; one parent
+    run with 3 children, and the table, status, report and the parent's leaderboard see all 3 trials."""
+    from conftest import markdown_tables
+
+    path, more = tmp_path / "two.yaml", tmp_path / "three.yaml"
+    path.write_text(GROWING)
+    more.write_text(GROWING.replace("[0, 1]", "[0, 1, 2]"))
+    uri, args = sweep_args(tmp_path)
+    storage = tmp_path / "runs"
+    extend = ["sweep", str(more), "--name", "g", "--extend", *args]
+    assert main(["sweep", str(path), "--name", "g", *args]) == 1  # both trials fail once, before stage 2
+    record = (storage / ".clorch" / "g" / "sweep.json").read_text()
+    capsys.readouterr()
+    assert main(extend) == 2
+    assert "sweep g has 2 errored and 0 unfinished trial(s); `clorch resume g` first" in capsys.readouterr().err
+    assert main(["resume", "g", *args]) == 0
+    assert main([*extend, "--dry-run"]) == 0
+    assert "extending g: 1 new point(s) beside the 2 it ran, 1 trial(s)" in capsys.readouterr().out
+    assert not (storage / "g+1").exists() and (storage / ".clorch" / "g" / "sweep.json").read_text() == record
+    first = _progress_rows(storage, "g")
+
+    assert main(extend) == 1  # the new trial fails once too...
+    assert _progress_rows(storage, "g+1") and _progress_rows(storage, "g") == first  # ...in a part of its own
+    capsys.readouterr()
+    assert main(["resume", "g", *args]) == 0  # ...and the resume continues that part alone
+    out = capsys.readouterr().out
+    assert out.count("DONE") == 3 and _progress_rows(storage, "g") == first
+    (configuration,) = [line.split() for line in out.splitlines()[out.splitlines().index(next(
+        line for line in out.splitlines() if line.startswith("configurations"))) + 2:] if line.strip()]
+    assert configuration[:2] == ["1", "3"]  # one configuration, n = 3
+    client, parents, children = runs_of(uri, "g")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        history = client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    assert parents[0].data.metrics["best/n"] == 3
+    assert main(["status", "g", *args]) == 0
+    assert capsys.readouterr().out.count("DONE") == 3
+    assert main(["report", "g", "--storage", str(storage)]) == 0
+    (ghead, groups), (head, rows) = markdown_tables(capsys.readouterr().out)
+    assert [g[ghead.index("n")] for g in groups] == ["3"] and len(rows) == 3
+    assert main(extend) == 2
+    assert "--extend: nothing to add: all 3 points of" in capsys.readouterr().err
+
+
 def test_resume_of_an_unknown_sweep_lists_the_known_ones(tmp_path, capsys):
     (tmp_path / "runs" / ".clorch" / "mine").mkdir(parents=True)
     (tmp_path / "runs" / ".clorch" / "mine" / "sweep.json").write_text("{}")
