@@ -608,7 +608,7 @@ class MLflowTracking(tune.Callback):
         import pandas as pd
 
         table = pd.DataFrame([{k: (str(v) if k in keys else v) for k, v in r.items()} for r in rows])
-        self.client.log_table(run_id, table, "leaderboard.json")
+        self._replace_table(run_id, table, "leaderboard.json")
         if "pareto" in table:
             self._log_pareto(run_id, table[table["pareto"]].drop(columns="pareto"), keys)
         best = groups[0]
@@ -627,10 +627,18 @@ class MLflowTracking(tune.Callback):
         the metrics and directions it is over and its configurations (tags)."""
         from orchestrator import leaderboard as lb
 
-        self.client.log_table(run_id, table, "pareto.json")
+        self._replace_table(run_id, table, "pareto.json")
         configs = "; ".join(", ".join(f"{k}={row[k]}" for k in keys) or "base" for _, row in table.iterrows())
         self.client.set_tag(run_id, "pareto.metrics", lb.with_directions(self.metric, self.mode))
         self.client.set_tag(run_id, "pareto.configs", configs[:MAX_TAG])
+
+    def _replace_table(self, run_id: str, table, path: str) -> None:
+        """An MLflow table that replaces the run's earlier one of that name: log_table appends to it, and a resumed
+        or extended sweep would list each earlier table above the current one."""
+        if path not in {a.path for a in self.client.list_artifacts(run_id)}:
+            self.client.log_table(run_id, table, path)  # the first: also tags the run for MLflow's table view
+        else:  # in log_table's own format (pandas' "split" JSON), overwritten
+            self.client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"), path)
 
     def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]], client=None) -> None:
         """The accuracy matrix of each split as JSON (`accuracy_matrix.json`: {split: R}) and as a heatmap

@@ -212,6 +212,8 @@ def test_extend_runs_only_the_new_points_under_the_same_parent_and_every_command
         history = client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
         assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
     assert parents[0].data.metrics["best/n"] == 3
+    board = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "leaderboard.json")).read_text())
+    assert [row[board["columns"].index("n")] for row in board["data"]] == [3]  # replaced, not appended to
     assert main(["status", "g", *args]) == 0
     assert capsys.readouterr().out.count("DONE") == 3
     assert main(["report", "g", "--storage", str(storage)]) == 0
