@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable)")
     for name, helptext in (("sweep", "run the file's sweep on Ray Tune, tracked in MLflow (or, with --extend, "
                                      "its new points in an existing sweep)"),
-                           ("resume", "resume a sweep: errored and unfinished trials continue, finished ones stay"),
+                           ("resume", "resume a sweep: errored and unfinished trials continue (or, with "
+                                      "--restart-errored, errored ones start again), finished ones stay"),
                            ("status", "each trial's state, stage reached and metric")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("file" if name == "sweep" else "name", help="experiment YAML file" if name == "sweep"
@@ -51,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a base config key (repeatable)")
             p.add_argument("--extend", action="store_true", help="add the file's new points (more values on its "
-                           "grid axes) to the existing sweep --name, under the same MLflow parent run; points "
-                           "already run are not run again")
+                           "grid axes) to the existing sweep --name, under the same MLflow parent run (in the "
+                           "sweep's store, unless --tracking-uri); points already run are not run again")
         if name == "resume":
             p.add_argument("--restart-errored", action="store_true", help="errored trials start again from stage "
                            "1 (no checkpoint), each in a new MLflow child run; the old run stays FAILED, tagged "
