@@ -377,7 +377,8 @@ def _print_results(results, metric: str | list[str], mode: str | list[str], stat
         print(f"{len(unranked)} unfinished trial(s) are not ranked (their metrics cover fewer stages)")
     errored = sum(t.state == "error" for t in trials)
     if errored and not status_only:
-        print(f"{errored} trial(s) errored: `clorch resume NAME` continues them from their last stage")
+        print(f"{errored} trial(s) errored: `clorch resume NAME` continues them from their last stage "
+              "(`--restart-errored`: from stage 1)")
     return 1 if errored and not status_only else 0
 
 
