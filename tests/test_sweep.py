@@ -437,43 +437,18 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
 
 
-def _mlflow_server(port: int, folder: Path):
-    """`mlflow server` on 127.0.0.1:port over a SQLite file in `folder`, up and answering."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                               "--default-artifact-root", str(folder / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-
-
-def _stop(server) -> None:
-    import os
-    import signal
-
-    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as a crash would
-    server.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog, store,
+                                                                            mlflow_server, request):
+    """A sweep logging to an `mlflow server` over SQLite or over PostgreSQL, the server killed after the first
+    stage and started again on its port a few stages later: every stage of every trial is in MLflow once."""
     import threading
     import time
 
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(port, tmp_path)
+    backend = request.getfixturevalue("pg_database") if store == "postgresql" else f"sqlite:///{tmp_path / 's.db'}"
+    server = mlflow_server(backend)
+    uri = server.uri
     path = tmp_path / "outage.yaml"
     # six trials one after another: the server is back while trials still report
     path.write_text(TWO_TRIALS.replace("classes_per_stage: 5", "classes_per_stage: 2")
@@ -490,10 +465,10 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
             sweep.start()
             while stages_reported() < 1:
                 time.sleep(0.1)
-            _stop(server)  # down after the first stage...
+            server.stop()  # down after the first stage, as a crash would take it...
             while stages_reported() < 4 and sweep.is_alive():
                 time.sleep(0.1)
-            server = _mlflow_server(port, tmp_path)  # ...and back a few stages later
+            server.start()  # ...and back on the same port a few stages later
             sweep.join(timeout=300)
         assert codes == [0]
         said = [r.getMessage() for r in caplog.records]
@@ -508,7 +483,8 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
                 assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # every stage, each once
         assert not (tmp_path / "runs" / ".clorch" / "o" / "mlflow_outbox.jsonl").exists()
     finally:
-        _stop(server)
+        if sweep.is_alive():  # the fixture stops the server: never under a sweep still logging
+            sweep.join(timeout=300)
 
 
 @pytest.mark.parametrize("configured, gpu_ids, cuda, expected", [
