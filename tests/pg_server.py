@@ -154,6 +154,17 @@ class PostgresServer:
             cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}" OWNER "{self.ROLE}"')
         return self.uri(name)
 
+    def snapshot(self, uri: str) -> dict[str, list[tuple]]:
+        """Every row of every table of the database at `uri`, sorted: equal snapshots, equal contents."""
+        with closing(self.connect(uri.rsplit("/", 1)[1])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            tables = sorted(name for (name,) in cur.fetchall())
+            rows = {}
+            for table in tables:
+                cur.execute(f'SELECT * FROM "{table}"')
+                rows[table] = sorted(cur.fetchall(), key=repr)
+        return rows
+
     def _new_name(self, hint: str) -> str:
         self._made += 1  # unique in this server; the hint (a test's name) says whose it is
         return "".join(c if c.isalnum() else "_" for c in hint.lower())[:40] + f"_{self._made}"
