@@ -240,3 +240,16 @@ class MLflowServer:
             pass
         self.process.wait(timeout=30)
         self.process = None
+
+
+def basic_auth_env(folder: Path, users_database_uri: str, admin_username: str, admin_password: str) -> dict[str, str]:
+    """The environment of an `mlflow server --app-name basic-auth` whose users live in `users_database_uri`:
+    its config file (written 0600: it holds the admin's password and the database's), and a CSRF secret."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "basic_auth.ini"
+    with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write("[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = {users_database_uri}\nadmin_username = {admin_username}\n"
+                f"admin_password = {admin_password}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
