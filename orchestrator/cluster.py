@@ -130,22 +130,33 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy URLs MLflow's client opens itself
+# where each scheme's password comes from instead of the URI, which clorch writes into the sweep's state
+PASSWORD_FROM_ENVIRONMENT = {"http": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)",
+                             "https": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)",
+                             "postgresql": "PGPASSWORD or ~/.pgpass (0600; libpq reads both)"}
 
 
 def check_tracking(uri: str) -> None:
-    """Refuse a tracking URI that cannot work, before Ray starts: an unknown scheme, a SQLite file in a folder
-    that does not exist, an HTTP server that does not answer within 5 s (MLflow's client would retry it for
-    minutes). Database servers are left to MLflow."""
+    """Refuse a tracking URI that cannot work, before Ray starts: an unknown scheme, a password in the URI (it
+    would be written to the sweep's state and logs), a SQLite file in a folder that does not exist, an HTTP
+    server that does not answer within 5 s (MLflow's client would retry it for minutes) or refuses the
+    credentials MLflow sends it, a database whose driver is missing or that refuses a connection."""
     import urllib.error
     import urllib.request
     from urllib.parse import urlparse
 
-    scheme = urlparse(uri).scheme
-    if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+    parsed = urlparse(uri)
+    scheme, family = parsed.scheme, parsed.scheme.split("+")[0]
+    if scheme and family not in TRACKING_SCHEMES:
         raise ConfigError(f"--tracking-uri: unknown scheme {scheme!r} in {uri}; accepted: "
                           f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local folder")
+    if family in PASSWORD_FROM_ENVIRONMENT and _has_password(parsed):
+        raise ConfigError(f"--tracking-uri: {redact_uri(uri)} carries a password, which clorch would write into "
+                          f"the sweep's state and print; accepted: the URI without it, and the password in "
+                          f"{PASSWORD_FROM_ENVIRONMENT[family]}")
     if scheme in ("sqlite", "file", ""):
-        path = Path(uri.removeprefix("sqlite:///") if scheme == "sqlite" else urlparse(uri).path).expanduser()
+        path = Path(uri.removeprefix("sqlite:///") if scheme == "sqlite" else parsed.path).expanduser()
         if not path.parent.is_dir():
             raise ConfigError(f"--tracking-uri: folder {path.parent} does not exist; accepted: a store in an "
                               "existing folder (e.g. sqlite:///mlflow.db here) or an MLflow server's http:// URI")
@@ -153,12 +164,114 @@ def check_tracking(uri: str) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
         except urllib.error.HTTPError:
-            pass  # a server answered (one behind authentication may refuse even /health)
+            pass  # a server answered (one behind a proxy's authentication may refuse even /health)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ConfigError(f"--tracking-uri: no MLflow server answers at {uri} ({reason}); start it "
                               "(`mlflow server --host 127.0.0.1`, see docs/cluster.md) or use sqlite:///mlflow.db") \
                 from None
+        check_credentials(uri)
+    elif family in DATABASE_SCHEMES:
+        check_database(uri)
+
+
+def _has_password(parsed) -> bool:
+    try:
+        return bool(parsed.password)
+    except ValueError:  # a netloc urlparse cannot split; SQLAlchemy or MLflow will say what is wrong
+        return False
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with the password of its user part, if any, shown as ***."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if not _has_password(parsed):
+        return uri
+    user = parsed.netloc.rpartition("@")[0].partition(":")[0]
+    return parsed._replace(netloc=f"{user}:***@{parsed.netloc.rpartition('@')[2]}").geturl()
+
+
+def check_credentials(uri: str) -> None:
+    """An MLflow server behind authentication (`mlflow server --app-name basic-auth`) answers /health to anyone:
+    ask it for one experiment with the credentials MLflow's client will send (MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, or ~/.mlflow/credentials) and refuse them here, not at the sweep's first write."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    secure_credentials_file()
+    # one bounded try: MLflow's default retries a failing server (a 5xx) for minutes
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return  # anything else is the store's own trouble, met (and queued) when the sweep logs
+        user = read_mlflow_creds().username
+        said = (f"refuses user {user!r} (wrong user or password)" if user and e.error_code == "UNAUTHENTICATED" else
+                f"does not let user {user!r} read experiments" if user else
+                "asks for a user and password, and none is set")
+        raise ConfigError(f"--tracking-uri: the MLflow server at {uri} {said} ({e.error_code}); accepted: "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in this shell (or "
+                          "~/.mlflow/credentials, 0600) naming a user of that server (docs/cluster.md)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def secure_credentials_file() -> None:
+    """MLflow's client reads a password from ~/.mlflow/credentials: keep that file readable by its owner only."""
+    path = Path("~/.mlflow/credentials").expanduser()
+    if path.exists() and path.stat().st_mode & 0o077:
+        try:
+            path.chmod(0o600)
+            log.info("MLflow's credentials file %s was readable by others; it is now 0600", path)
+        except OSError as e:
+            log.warning("MLflow's credentials file %s is readable by others and cannot be made private (%s)", path, e)
+
+
+def check_database(uri: str, timeout_s: int = 5) -> None:
+    """A database URI MLflow's client will open in this driver: its Python driver must import, and the server
+    must accept a connection within `timeout_s` (MLflow retries a refused one for about 100 s, then fails with a
+    traceback)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+    from sqlalchemy.pool import NullPool
+
+    shown = redact_uri(uri)
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # SQLAlchemy 2 name, else 1.4's
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise ConfigError(f"--tracking-uri: {shown} is not a database URL SQLAlchemy knows ({_first_line(e)}); "
+                          "accepted: e.g. postgresql+psycopg2://USER@HOST:5432/DATABASE") from None
+    except ImportError as e:
+        raise ConfigError(f"--tracking-uri: {url.drivername}:// needs the Python package {e.name!r}, which is not "
+                          f"installed; accepted: install it, or name an installed driver, e.g. "
+                          f"postgresql+psycopg2:// (pip install 'clorch[cluster]' installs psycopg2)") from None
+    # every connection attempt bounded: a server that drops packets would otherwise hold the driver for minutes
+    timeouts = {"postgresql": {"connect_timeout": timeout_s}, "mysql": {"connect_timeout": timeout_s}}
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool,
+                                      connect_args=timeouts.get(url.get_backend_name(), {}))
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as e:
+        reason = " ".join(str(e.orig).split())[:240]
+        raise ConfigError(f"--tracking-uri: the database at {shown} refuses a connection ({reason}); accepted: a "
+                          "running server with that database and user (docs/cluster.md); PostgreSQL's password "
+                          f"goes in {PASSWORD_FROM_ENVIRONMENT['postgresql']}") from None
+    finally:
+        engine.dispose()
 
 
 def check_resources(resources: dict, local: bool) -> None:

@@ -62,6 +62,58 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session, on 127.0.0.1 and a free port (tests/pg_server.py). Without
+    PostgreSQL's programs the tests that need it fail, never skip: the README's test command installs them."""
+    from pg_server import PostgresServer, ServerFailed
+
+    try:
+        server = PostgresServer()
+    except ServerFailed as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        server.start()
+    except ServerFailed as e:
+        server.close()
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_database(postgres, request) -> str:
+    """A fresh, empty PostgreSQL database for this test: its SQLAlchemy URI."""
+    return postgres.create_database(request.node.name)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """Starts `mlflow server`s for this test: mlflow_server(backend_uri, **options) is a started MLflowServer
+    on 127.0.0.1 (stop() and start() it again on the same port); every one is stopped at the test's end."""
+    from pg_server import MLflowServer, ServerFailed
+
+    started = []
+
+    def start(backend_uri: str, **options) -> MLflowServer:
+        server = MLflowServer(backend_uri, tmp_path / f"mlflow-server-{len(started)}", **options)
+        started.append(server)
+        try:
+            return server.start()
+        except ServerFailed as e:
+            pytest.fail(str(e), pytrace=False)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def pg_mlflow_server(pg_database, mlflow_server):
+    """An `mlflow server` (one worker) over a fresh PostgreSQL database, up and answering."""
+    return mlflow_server(pg_database)
+
+
 def toy2d_config(learner: dict, seed: int = 0):
     """The DKVB paper's toy protocol: 4 stages of 2 classes, Adam lr 1e-3, 1000 full-batch steps per stage."""
     return parse_run_config({

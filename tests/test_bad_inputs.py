@@ -8,6 +8,7 @@ has is known only then); they too leave nothing behind.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -402,6 +403,18 @@ CASES = [
          ("--address: 'headnode' is not HOST:PORT", "accepted: HOST:PORT"), exp()),
     Case("--tracking-uri closed port", ["sweep", "{d}/exp.yaml", "--tracking-uri", "http://127.0.0.1:9"],
          ("--tracking-uri: no MLflow server answers at http://127.0.0.1:9", "or use sqlite:///mlflow.db"), exp()),
+    Case("--tracking-uri database closed port", ["sweep", "{d}/exp.yaml", "--tracking-uri",
+                                                 "postgresql+psycopg2://clorch@127.0.0.1:9/mlflow"],
+         ("--tracking-uri: the database at postgresql+psycopg2://clorch@127.0.0.1:9/mlflow refuses a connection",
+          "Connection refused", "PGPASSWORD or ~/.pgpass"), exp()),
+    Case("--tracking-uri database driver missing", ["sweep", "{d}/exp.yaml", "--tracking-uri",
+                                                    "mysql://clorch@127.0.0.1:9/mlflow"],
+         ("--tracking-uri: mysql:// needs the Python package 'MySQLdb'", "e.g. postgresql+psycopg2://"), exp(),
+         skip=None if importlib.util.find_spec("MySQLdb") is None else "MySQLdb is installed here"),
+    Case("--tracking-uri with a password", ["sweep", "{d}/exp.yaml", "--tracking-uri",
+                                            "postgresql+psycopg2://clorch:s3cret@127.0.0.1:9/mlflow"],
+         ("--tracking-uri: postgresql+psycopg2://clorch:***@127.0.0.1:9/mlflow carries a password",
+          "PGPASSWORD or ~/.pgpass"), exp()),
     Case("--tracking-uri in a missing folder", ["sweep", "{d}/exp.yaml", "--tracking-uri", "sqlite:///no/m.db"],
          ("--tracking-uri: folder", "no does not exist", "accepted: a store in an existing folder"), exp()),
     Case("--tracking-uri unknown scheme", ["sweep", "{d}/exp.yaml", "--tracking-uri", "ftp://host/x"],

@@ -176,7 +176,8 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config():
     setup = " ".join(config["setup_commands"])
     assert "pip install -e" in setup and "clorch" in setup
     mlflow = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
-    assert mlflow and "--host 127.0.0.1" in mlflow[0] and "sqlite:///" in mlflow[0]
+    assert mlflow and "--host 127.0.0.1" in mlflow[0] and "--backend-store-uri postgresql+psycopg2://" in mlflow[0]
+    assert "--app-name basic-auth" in mlflow[0]  # more on the head's MLflow in tests/test_cluster_config.py
     # token authentication on every node: the token copied there, private, and every `ray start` in token mode
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "chmod 600 ~/.ray/auth_token" in setup and "export RAY_AUTH_MODE=token" in setup

@@ -513,36 +513,62 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
 
 
 @pytest.mark.slow
-def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_is_given(ray_local, tmp_path, capsys):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_is_given(ray_local, tmp_path, capsys,
+                                                                                        store, request):
     """`clorch resume NAME --storage NEW --tracking-uri NEW_STORE` after copying both: the same parent and child
-    runs continue in the new store, each stage logged once, and nothing is written where the sweep was."""
+    runs continue in the new store, each stage logged once, and nothing is written where the sweep was. The
+    store is a SQLite file, or an `mlflow server` over PostgreSQL whose database (and artifacts) are copied."""
     import shutil
+    import subprocess
+    import sys
 
     path = tmp_path / "moved.yaml"
     path.write_text(VERIFY)
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
-    old_uri, new_uri = f"sqlite:///{old / 'mlflow.db'}", f"sqlite:///{new / 'mlflow.db'}"
+    if store == "sqlite":
+        old_uri, new_uri = f"sqlite:///{old / 'mlflow.db'}", f"sqlite:///{new / 'mlflow.db'}"
+        empty_uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    else:
+        postgres, start_server = request.getfixturevalue("postgres"), request.getfixturevalue("mlflow_server")
+        old_db = postgres.create_database("moved_old")
+        old_server = start_server(old_db, artifacts=old / "artifacts")
+        old_uri = old_server.uri
     assert main(["sweep", str(path), "--name", "m", "--storage", str(old / "runs"), "--tracking-uri", old_uri]) == 1
     _, (parent,), (child,) = runs_of(old_uri, "m")
     assert parent.info.status == "FAILED" and child.info.status == "FAILED"
     shutil.copytree(old / "runs", new / "runs")
-    shutil.copy(old / "mlflow.db", new / "mlflow.db")
+    if store == "sqlite":
+        shutil.copy(old / "mlflow.db", new / "mlflow.db")
+    else:  # the database copied (which needs its server gone), the artifacts with it, a new server over both
+        old_server.stop()
+        new_db = postgres.copy_database(old_db, "moved_new")
+        shutil.copytree(old / "artifacts", new / "artifacts")
+        new_uri = start_server(new_db, artifacts=new / "artifacts").uri
+        empty_uri = start_server(postgres.create_database("moved_empty")).uri
     # and the trial-to-run map lost (as when a driver dies between creating a run and recording it): the
     # runs are found again by their tags (clorch.sweep_id, clorch.trial_id, mlflow.parentRunId)
     (new / "runs" / ".clorch" / "m" / "mlflow_runs.json").write_text('{"parent": null, "trials": {}}')
     before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    old_rows = postgres.snapshot(old_db) if store == "postgresql" else None
 
     capsys.readouterr()
     assert main(["resume", "m", "--storage", str(tmp_path / "nowhere" / "runs"), "--tracking-uri", new_uri]) == 2
-    assert main(["resume", "m", "--storage", str(old / "runs"), "--tracking-uri",
-                 f"sqlite:///{tmp_path / 'empty.db'}"]) == 2  # a store without the sweep's runs
+    assert main(["resume", "m", "--storage", str(old / "runs"), "--tracking-uri", empty_uri]) == 2  # no such runs
     err = capsys.readouterr().err
     assert "holds no parent run" in err and not (tmp_path / "empty.db").exists()
-    assert main(["resume", "m", "--storage", str(new / "runs"), "--tracking-uri", new_uri]) == 0
+    # the resume that continues, in a process of its own as a user runs it: MLflow keeps each run's artifact
+    # location for the life of a process, keyed by run id alone, so this one would still upload to the old server
+    resume = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "m", "--address",
+                             ray_local.get_runtime_context().gcs_address, "--storage", str(new / "runs"),
+                             "--tracking-uri", new_uri], capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
 
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # the old place untouched
+    if store == "postgresql":  # and so is the old database
+        assert postgres.snapshot(old_db) == old_rows and old_rows["runs"] and old_rows["metrics"]
     client, parents, children = runs_of(new_uri, "m")
     assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"
     assert [c.info.run_id for c in children] == [child.info.run_id] and children[0].info.status == "FINISHED"
@@ -551,45 +577,22 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
         assert sorted(steps) == [0, 1, 2, 3, 4]  # stages 1-3 from before the move, 4-5 after it, each once
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
-
-
-def _mlflow_server(port: int, folder: Path):
-    """`mlflow server` on 127.0.0.1:port over a SQLite file in `folder`, up and answering."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                               "--default-artifact-root", str(folder / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-
-
-def _stop(server) -> None:
-    import os
-    import signal
-
-    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as a crash would
-    server.wait(timeout=30)
+    codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
+    assert {"codebooks/keys.npy", "codebooks/stage_0.npz", "codebooks/stage_4.npz"} <= codebooks  # both sides
 
 
 @pytest.mark.slow
-def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog, store,
+                                                                            mlflow_server, request):
+    """A sweep logging to an `mlflow server` over SQLite or over PostgreSQL, the server killed after the first
+    stage and started again on its port a few stages later: every stage of every trial is in MLflow once."""
     import threading
     import time
 
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(port, tmp_path)
+    backend = request.getfixturevalue("pg_database") if store == "postgresql" else f"sqlite:///{tmp_path / 's.db'}"
+    server = mlflow_server(backend)
+    uri = server.uri
     path = tmp_path / "outage.yaml"
     # six trials one after another: the server is back while trials still report
     path.write_text(TWO_TRIALS.replace("classes_per_stage: 5", "classes_per_stage: 2")
@@ -606,10 +609,10 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
             sweep.start()
             while stages_reported() < 1:
                 time.sleep(0.1)
-            _stop(server)  # down after the first stage...
+            server.stop()  # down after the first stage, as a crash would take it...
             while stages_reported() < 4 and sweep.is_alive():
                 time.sleep(0.1)
-            server = _mlflow_server(port, tmp_path)  # ...and back a few stages later
+            server.start()  # ...and back on the same port a few stages later
             sweep.join(timeout=300)
         assert codes == [0]
         said = [r.getMessage() for r in caplog.records]
@@ -624,7 +627,8 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
                 assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # every stage, each once
         assert not (tmp_path / "runs" / ".clorch" / "o" / "mlflow_outbox.jsonl").exists()
     finally:
-        _stop(server)
+        if sweep.is_alive():  # the fixture stops the server: never under a sweep still logging
+            sweep.join(timeout=300)
 
 
 @pytest.mark.parametrize("configured, gpu_ids, cuda, expected", [
