@@ -2,11 +2,16 @@
 what is declared) and a sweep of 4 trials with gpus_per_trial 0.25 on it. Prints, as JSON, the exit status,
 the fewest GPUs Ray had available while the sweep ran, and each trial's gpu_ids and device."""
 import json
+import os
 import sys
 import threading
 from pathlib import Path
 
-import ray
+# every node on 127.0.0.1 (set before Ray is imported): Ray would otherwise take the machine's network
+# address, and test traffic stays on loopback
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import ray  # noqa: E402
 from ray.cluster_utils import Cluster
 
 from orchestrator.cli import main

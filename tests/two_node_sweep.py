@@ -1,8 +1,13 @@
 """Run by tests/test_sweep.py in its own process: a 2-node Ray cluster on this machine, a sweep across it,
 logging to an MLflow server on 127.0.0.1. Prints the node of each trial and the MLflow run count as JSON."""
 import json
+import os
 import sys
 from pathlib import Path
+
+# every node on 127.0.0.1 (set before Ray is imported): Ray would otherwise take the machine's network
+# address, and test traffic stays on loopback
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from ray.cluster_utils import Cluster
 
