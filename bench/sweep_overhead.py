@@ -13,8 +13,15 @@ Each mode runs once untimed first (imports, Ray worker start-up, MLflow's databa
 the time of one real stage (the quickstart's DKVB 64 x 256, 20 epochs), which that overhead should stay small
 next to.
 
+`--stores` times clorch against three MLflow stores instead, each with the bare Tuner alongside: the local
+SQLite file the driver writes itself (the embedded default: the reference), an `mlflow server` over SQLite and
+an `mlflow server` over PostgreSQL (a throwaway server in a temporary folder, as the tests start it: Debian's
+postgresql package and psycopg2 needed), both servers with one worker on 127.0.0.1. It prints the driver's
+overhead per stage over the bare Tuner for each store and its ratio to the reference's, measured in the same run.
+
     python bench/sweep_overhead.py               # from the repository root: N = 4 trials, 1 timed run per mode
     python bench/sweep_overhead.py --n 8 --repeats 3
+    python bench/sweep_overhead.py --stores      # SQLite file vs mlflow server over SQLite vs over PostgreSQL
 """
 from __future__ import annotations
 
@@ -41,8 +48,9 @@ def learning_rates(n: int) -> list[float]:
     return [round(0.1 * (i + 1), 3) for i in range(n)]
 
 
-def run_clorch(tmp: Path, name: str, n: int) -> float:
-    """Seconds for N trials through clorch's own Tuner (checkpoints, MLflow)."""
+def run_clorch(tmp: Path, name: str, n: int, tracking_uri: str | None = None) -> float:
+    """Seconds for N trials through clorch's own Tuner (checkpoints, MLflow at `tracking_uri`, by default a
+    SQLite file)."""
     from orchestrator.config import load_experiment
     from orchestrator.sweep import build_tuner, parse_tune
 
@@ -52,7 +60,7 @@ def run_clorch(tmp: Path, name: str, n: int) -> float:
     started = time.perf_counter()
     experiment = load_experiment(path)
     results = build_tuner(experiment, parse_tune({}), name, tmp / "clorch_runs",
-                          "sqlite:///" + str(tmp / "mlflow.db")).fit()
+                          tracking_uri or "sqlite:///" + str(tmp / "mlflow.db")).fit()
     seconds = time.perf_counter() - started
     assert not results.errors, results.errors
     return seconds
@@ -102,16 +110,69 @@ def real_stage_seconds(cache_dir: Path) -> tuple[float, float]:
     return first, min(run_stream(config).stage_seconds)
 
 
+REFERENCE = "SQLite file (driver writes)"
+
+
+def compare_stores(tmp: Path, n: int, repeats: int) -> None:
+    """`--stores`: clorch against the local SQLite file (the reference), an mlflow server over SQLite and one over
+    PostgreSQL, with the bare Tuner timed alongside each; prints a table of the driver's overhead per stage."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))  # the tests' real servers: PostgreSQL in a temp folder, mlflow server
+    from pg_server import MLflowServer, PostgresServer
+
+    postgres = PostgresServer()
+    servers = []
+    try:
+        postgres.start()
+        for backend, folder in ((f"sqlite:///{tmp / 'server.db'}", "sqlite-server"),
+                                (postgres.create_database("bench"), "pg-server")):
+            servers.append(MLflowServer(backend, tmp / folder, workers=1).start())
+        stores = {REFERENCE: "sqlite:///" + str(tmp / "mlflow.db"), "mlflow server over SQLite": servers[0].uri,
+                  "mlflow server over PostgreSQL": servers[1].uri}
+        for i, uri in enumerate(stores.values()):  # each store's schema, first experiment and connections
+            run_clorch(tmp, f"warmup-{i}", 1, uri)
+        run_bare(tmp, "warmup-bare", 1)
+        clorch, bare = {label: [] for label in stores}, {label: [] for label in stores}
+        for r in range(repeats):  # interleaved, a bare run after each store's: a busy spell hits every mode
+            for i, (label, uri) in enumerate(stores.items()):
+                clorch[label].append(run_clorch(tmp, f"store{i}-{r}", n, uri))
+                bare[label].append(run_bare(tmp, f"bare{i}-{r}", n))
+    finally:
+        for server in servers:
+            server.stop()
+        postgres.close()
+    stages = 5 * n
+    baseline = min(min(times) for times in bare.values())  # the same workload each time: its least disturbed run
+    overhead = {label: (min(clorch[label]) - baseline) / stages for label in stores}
+    print(f"\n{n} trials of DKVB 8x32 on digits (5 stages, 1 epoch each), 2 at a time on a local Ray with 2 CPUs; "
+          f"fastest of {repeats} timed run(s) per store; servers on 127.0.0.1 with 1 worker; bare Tuner "
+          f"{baseline:.2f} s (fastest of {repeats * len(stores)})")
+    print(f"{'tracking store':<32} {'clorch s':>9} {'x reference':>12} {'overhead s/stage':>17} {'x reference':>12}")
+    for label in stores:
+        ratio = f"{overhead[label] / overhead[REFERENCE]:.2f}x" if overhead[REFERENCE] > 0 else "-"
+        print(f"{label:<32} {min(clorch[label]):>9.2f} {min(clorch[label]) / min(clorch[REFERENCE]):>11.2f}x "
+              f"{overhead[label]:>+17.3f} {ratio:>12}")
+    print(f"reference: {REFERENCE}; overhead per stage = (clorch - bare Tuner) / {stages} stages")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=4, help="trials per sweep")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the fastest is kept)")
+    parser.add_argument("--stores", action="store_true",
+                        help="compare tracking stores: SQLite file, mlflow server over SQLite, over PostgreSQL")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import ray
 
     # address="local": a fresh Ray, never a cluster some `ray start` left on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if args.stores:
+        with tempfile.TemporaryDirectory() as folder:
+            compare_stores(Path(folder), args.n, args.repeats)
+        ray.shutdown()
+        return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         run_clorch(tmp, "warmup-clorch", 1)

@@ -132,8 +132,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy URLs MLflow's client opens itself
 # where each scheme's password comes from instead of the URI, which clorch writes into the sweep's state
-PASSWORD_FROM_ENVIRONMENT = {"http": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)",
-                             "https": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)",
+_MLFLOW_CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)"
+PASSWORD_FROM_ENVIRONMENT = {"http": _MLFLOW_CREDENTIALS, "https": _MLFLOW_CREDENTIALS,
                              "postgresql": "PGPASSWORD or ~/.pgpass (0600; libpq reads both)"}
 
 

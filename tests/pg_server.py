@@ -53,8 +53,8 @@ def postgres_bindir() -> Path:
     for folder in candidates:
         if folder and all((Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
             return Path(folder)
-    raise ServerFailed(f"PostgreSQL's server programs (initdb, pg_ctl, postgres) were not found "
-                       f"(looked in {', '.join(c for c in candidates if c) or 'pg_config, /usr/lib/postgresql/*/bin, PATH'}); "
+    looked = ", ".join(c for c in candidates if c) or "pg_config, /usr/lib/postgresql/*/bin, PATH"
+    raise ServerFailed(f"PostgreSQL's server programs (initdb, pg_ctl, postgres) were not found (looked in {looked}); "
                        + INSTALL_HINT)
 
 
@@ -95,6 +95,7 @@ class PostgresServer:
         self.password = secrets.token_hex(16)  # the ROLE's
         self._prefix = _as_server_user()
         self._made = 0
+        self.running = False
 
     def start(self) -> None:
         """initdb (first time only) and start the server; ServerFailed with its log if it does not come up."""
@@ -112,6 +113,7 @@ class PostgresServer:
         # fsync off: the tests need a real server, not durability on a machine crash
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
+        self.running = True
         self._bootstrap_role()
 
     def _bootstrap_role(self) -> None:
@@ -174,9 +176,11 @@ class PostgresServer:
         is named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, and clorch installs psycopg2."""
         return f"postgresql+psycopg2://{self.ROLE}:{self.password}@127.0.0.1:{self.port}/{database}"
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown: open connections are cut); `start` brings it back on the same port."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+    def stop(self, crash: bool = False) -> None:
+        """Stop the server, cutting open connections (`crash`: at once, without a checkpoint, as a crash would);
+        `start` brings it back on the same port."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate" if crash else "fast", "-w", "-t", "60", "stop")
+        self.running = False
 
     def close(self) -> None:
         """Stop the server if it runs, and remove its folder."""

@@ -582,16 +582,21 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
-def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog, store,
+@pytest.mark.parametrize("store, down", [("sqlite", "mlflow server"), ("postgresql", "mlflow server"),
+                                         ("postgresql", "database")], ids=["sqlite", "postgresql", "postgresql-down"])
+def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog, store, down,
                                                                             mlflow_server, request):
-    """A sweep logging to an `mlflow server` over SQLite or over PostgreSQL, the server killed after the first
-    stage and started again on its port a few stages later: every stage of every trial is in MLflow once."""
+    """A sweep logging to an `mlflow server` over SQLite or over PostgreSQL, the server (or, behind it, the
+    PostgreSQL server) killed after the first stage and started again on its port a few stages later: every
+    stage of every trial is in MLflow once."""
     import threading
     import time
 
     backend = request.getfixturevalue("pg_database") if store == "postgresql" else f"sqlite:///{tmp_path / 's.db'}"
     server = mlflow_server(backend)
+    # what goes down: the MLflow server, or the database under a server that keeps answering (with errors)
+    postgres = request.getfixturevalue("postgres") if down == "database" else None
+    crash, restart = (lambda: postgres.stop(crash=True), postgres.start) if postgres else (server.stop, server.start)
     uri = server.uri
     path = tmp_path / "outage.yaml"
     # six trials one after another: the server is back while trials still report
@@ -609,10 +614,10 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
             sweep.start()
             while stages_reported() < 1:
                 time.sleep(0.1)
-            server.stop()  # down after the first stage, as a crash would take it...
+            crash()  # down after the first stage, as a crash would take it...
             while stages_reported() < 4 and sweep.is_alive():
                 time.sleep(0.1)
-            server.start()  # ...and back on the same port a few stages later
+            restart()  # ...and back on the same port a few stages later
             sweep.join(timeout=300)
         assert codes == [0]
         said = [r.getMessage() for r in caplog.records]
@@ -627,6 +632,8 @@ def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_
                 assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # every stage, each once
         assert not (tmp_path / "runs" / ".clorch" / "o" / "mlflow_outbox.jsonl").exists()
     finally:
+        if postgres is not None and not postgres.running:
+            postgres.start()  # the session's server, for the tests after this one
         if sweep.is_alive():  # the fixture stops the server: never under a sweep still logging
             sweep.join(timeout=300)
 
