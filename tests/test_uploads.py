@@ -6,13 +6,12 @@ import http.client
 import http.server
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
 from orchestrator.tracking import parse_tracking
-from test_sweep import TWO_TRIALS, _free_port, runs_of
+from test_sweep import TWO_TRIALS, runs_of
 
 
 class HoldingProxy(http.server.ThreadingHTTPServer):
@@ -58,26 +57,6 @@ class _Forward(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
 
-def _served_artifacts_server(port: int, folder: Path):
-    """`mlflow server` on 127.0.0.1 that serves artifacts itself (clients upload them over HTTP)."""
-    import subprocess
-    import sys
-    import urllib.request
-
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                               "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-
-
 def test_codebooks_are_logged_after_every_nth_stage_and_the_last():
     every = parse_tracking({"codebooks": 2})
     assert [s for s in range(5) if every.codebooks_after(s, 5)] == [1, 3, 4]
@@ -86,13 +65,11 @@ def test_codebooks_are_logged_after_every_nth_stage_and_the_last():
 
 
 @pytest.mark.slow
-def test_a_store_that_hangs_on_uploads_holds_up_no_result_and_every_artifact_lands_later(ray_local, tmp_path):
-    import os
-    import signal
-
-    port = _free_port()
-    server = _served_artifacts_server(port, tmp_path)
-    proxy = HoldingProxy(port)
+def test_a_store_that_hangs_on_uploads_holds_up_no_result_and_every_artifact_lands_later(ray_local, tmp_path,
+                                                                                         mlflow_server):
+    # the server serves artifacts itself (--artifacts-destination): clients upload them over HTTP, through the proxy
+    server = mlflow_server(f"sqlite:///{tmp_path / 'server.db'}")
+    proxy = HoldingProxy(server.port)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     path = tmp_path / "uploads.yaml"
     path.write_text(TWO_TRIALS.replace("classes_per_stage: 5", "classes_per_stage: 2").replace("[0, 1]", "[0]")
@@ -131,5 +108,3 @@ def test_a_store_that_hangs_on_uploads_holds_up_no_result_and_every_artifact_lan
     finally:
         proxy.release.set()
         proxy.shutdown()
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
