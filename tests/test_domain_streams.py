@@ -235,3 +235,19 @@ def test_rotated_digits_dkvb_with_first_domain_keys_barely_forgets_while_the_mlp
     assert dkvb["test/forgetting"] <= 0.05, dkvb
     assert mlp["test/forgetting"] >= 0.3, mlp
     assert dkvb["test/average_accuracy"] > mlp["test/average_accuracy"] + 0.1
+
+
+def test_imagenet_c_corruptions_grow_in_severity_with_the_domain():
+    pytest.importorskip("imagecorruptions", reason="the corruptions extra (pip install 'clorch[corruptions]')")
+    noisy = {"source": "digits", "stream": "domain_incremental", "num_domains": 3,
+             "shift": {"name": "corruption", "corruption": "gaussian_noise"}}
+    cfg = parse_run_config({"data": noisy})
+    shifts = stage_shifts(3, cfg.data.shift, None)
+    assert [s.severity for s in shifts] == [0, 1, 2]
+    x = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    out = [s(x) for s in shifts]
+    assert torch.equal(out[0], x) and torch.equal(out[2], shifts[2](x))  # seeded: the same domain every run
+    change = [(o.float() - x.float()).abs().mean() for o in out]
+    assert 0 < change[1] < change[2]
+    with pytest.raises(ConfigError, match=r"data.shift: corruption needs images of at least 32 x 32 pixels"):
+        preflight(cfg)  # digits are 8 x 8

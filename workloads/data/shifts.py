@@ -166,6 +166,10 @@ def _corruption(x: torch.Tensor, shift: Shift) -> torch.Tensor:
     severity = shift.severity
     if not severity:
         return x
+    if min(x.shape[-2:]) < 32:
+        raise ConfigError(f"data.shift: corruption needs images of at least 32 x 32 pixels (imagecorruptions); "
+                          f"this source's are {x.shape[-2]} x {x.shape[-1]}; accepted for small images: rotation, "
+                          "contrast, blur")
     # imagecorruptions takes (H, W, C) uint8 images and draws from numpy's global generator: seed it per stage
     state = np.random.get_state()
     np.random.seed((shift.seed * 1_000_003 + shift.stage) % 2**32)
@@ -174,7 +178,12 @@ def _corruption(x: torch.Tensor, shift: Shift) -> torch.Tensor:
         out = []
         for img in u8.permute(0, 2, 3, 1).numpy():
             rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
-            c = np.asarray(corrupt(rgb, corruption_name=shift.corruption, severity=severity))
+            try:
+                c = np.asarray(corrupt(rgb, corruption_name=shift.corruption, severity=severity))
+            except Exception as e:  # an unknown name, or a corruption broken by the installed numpy (fog)
+                raise ConfigError(f"data.shift.corruption: {shift.corruption!r} failed in imagecorruptions "
+                                  f"({type(e).__name__}: {e}); accepted: gaussian_noise, shot_noise, impulse_noise, "
+                                  "defocus_blur, motion_blur, contrast, jpeg_compression, ...") from None
             c = np.clip(c, 0, 255).astype(np.uint8)[: img.shape[0], : img.shape[1]]
             out.append(c[..., :1] if img.shape[2] == 1 else c)
     finally:
