@@ -1,7 +1,8 @@
 """The feature cache and the key cache: encode each data source once per frozen backbone, learn keys once.
 
 A sweep of many bottleneck configs reads the same embeddings: they are encoded once per
-(backbone, weights digest, layer, data source, split, transform) and stored as an Arrow IPC file
+(backbone, weights digest, layer, data source, split, transform; for a domain stream also the domain's input
+shift and the rows of its slice) and stored as an Arrow IPC file
 (label + embedding columns, memory-mapped when read). DKVB keys are cached the same way, keyed by the
 embeddings they were learned on and the key config. Every cache file is written to a temporary file and
 renamed (atomic), built under a file lock (concurrent trials on a node build once while the others wait),

@@ -64,10 +64,12 @@ def register_shift(name: str, images: bool):
 
 
 def vector_shifts() -> list[str]:
+    """The names of the shifts that take vectors (N, D), sorted."""
     return sorted(n for n, s in SHIFTS.items() if not s.images)
 
 
 def _gen(shift: Shift) -> torch.Generator:
+    # each domain draws from its shift's seed and its own index: domains differ, runs repeat
     return torch.Generator().manual_seed((shift.seed * 1_000_003 + shift.stage) % 2**63)
 
 
