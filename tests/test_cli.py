@@ -20,8 +20,8 @@ def test_run_prints_a_stage_table_and_writes_json(tmp_path, capsys):
     assert "protocol: validation: 0.1 of each stage's training data held out" in table
     assert "protocol: no future inputs: setup saw the first stage's inputs only" in table
     result = json.loads(out.read_text())
-    assert result["protocol"] == {"validation": 0.1, "selection_split": "val", "setup_inputs": "first_stage",
-                                  "future_inputs": False}
+    assert result["protocol"] == {"axis": "stage", "validation": 0.1, "selection_split": "val",
+                                  "setup_inputs": "first_stage", "future_inputs": False}
     for split in ("val", "test"):  # both splits, with the same metrics
         for key in ("accuracy_matrix", "average_accuracy", "average_incremental_accuracy", "forgetting", "bwt",
                     "accuracy_on_seen_classes", "class_accuracy_matrix"):

@@ -23,8 +23,30 @@ SEED_LIMIT = 2**63  # seeds are signed 64-bit integers wherever they go (torch, 
 
 
 @dataclass
+class ShiftConfig:
+    """An input shift of a domain-incremental stream (workloads.data.shifts): its name and amount."""
+
+    name: str = "none"  # see workloads.data.shifts.SHIFTS
+    step: float | None = None  # data.shift: stage s gets amount s * step
+    value: float | None = None  # data.shifts: this stage's amount
+    seed: int = 0  # random shifts (permutation, drift, noise) draw from this seed, not the run's
+    corruption: str | None = None  # name: corruption: the ImageNet-C corruption (imagecorruptions package)
+    severity: int | None = None  # name: corruption in data.shifts: this stage's severity 0..5
+
+
+STREAM_KINDS = ("class_incremental", "domain_incremental", "user")
+
+
+@dataclass
 class DataConfig:
-    """Where the labelled data comes from, how it is cut into class-incremental stages, what is held out."""
+    """Where the labelled data comes from, how it is cut into stages, what is held out."""
+
+    # class_incremental: disjoint classes per stage; domain_incremental: every class in every stage, stage s a
+    # disjoint slice of the training data under input shift s; user: stage ids shipped with the data (npz)
+    stream: Literal["class_incremental", "domain_incremental", "user"] = "class_incremental"
+    num_domains: int | None = None  # domain_incremental: the number of stages (or len(shifts))
+    shift: ShiftConfig | None = None  # domain_incremental: one shift, amount s * step at stage s
+    shifts: list[ShiftConfig] | None = None  # domain_incremental: one shift per stage
 
     source: Literal["toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "digits"
     root: str | None = None  # cifar: folder holding (or receiving) the archive; image_folder: the folder; npz: the file
@@ -249,6 +271,7 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {config.data.test_fraction}")
     if not 0 <= config.train.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: must lie in [0, 1), got {config.train.label_smoothing}")
+    check_stream(config)
     if config.data.stages is not None:
         seen: set[int] = set()
         for i, stage in enumerate(config.data.stages):
@@ -266,6 +289,39 @@ def check_run_config(config: RunConfig) -> None:
                           f"accepted: {', '.join(sorted(BACKBONES))}")
     if hasattr(config.learner, "check"):
         config.learner.check()
+
+
+def check_stream(config: RunConfig) -> None:
+    """data.stream and its keys: domains and shifts only for domain streams, one shift form at a time."""
+    d = config.data
+    if d.stream != "domain_incremental":
+        for key in ("num_domains", "shift", "shifts"):
+            if getattr(d, key) is not None:
+                raise ConfigError(f"data.{key}: only for data.stream: domain_incremental (this run's stream is "
+                                  f"{d.stream})")
+    else:
+        if d.shift is not None and d.shifts is not None:
+            raise ConfigError("data.shifts: set either data.shift (one shift growing with the stage) or data.shifts "
+                              "(one per stage), not both")
+        if d.shifts is not None:
+            if not d.shifts:
+                raise ConfigError("data.shifts: needs at least one stage's shift")
+            if d.num_domains is not None and d.num_domains != len(d.shifts):
+                raise ConfigError(f"data.num_domains: {d.num_domains}, but data.shifts lists {len(d.shifts)} "
+                                  "shifts; accepted: one shift per domain (or drop num_domains)")
+        elif d.num_domains is None:
+            raise ConfigError("data.num_domains: a domain_incremental stream needs its number of domains "
+                              "(or data.shifts, one per domain)")
+        elif d.num_domains <= 0:
+            raise ConfigError(f"data.num_domains: must be a positive integer, got {d.num_domains}")
+    if d.stream != "class_incremental":
+        for key in ("stages", "class_order", "class_order_seed"):
+            if getattr(d, key) is not None:
+                raise ConfigError(f"data.{key}: cuts classes into stages, which a {d.stream} stream does not "
+                                  "(every stage holds every class)")
+        if config.learner is not None and getattr(config.learner, "name", None) == "dytox":
+            raise ConfigError(f"learner.name: dytox grows one head per stage of new classes; accepted with data.stream: "
+                              f"{d.stream}: dkvb, linear, mlp, finetune")
 
 
 def check_class_order(data: DataConfig) -> None:

@@ -1,7 +1,8 @@
 """The feature cache and the key cache: encode each data source once per frozen backbone, learn keys once.
 
 A sweep of many bottleneck configs reads the same embeddings: they are encoded once per
-(backbone, weights digest, layer, data source, split, transform) and stored as an Arrow IPC file
+(backbone, weights digest, layer, data source, split, transform; for a domain stream also the domain's input
+shift and the rows of its slice) and stored as an Arrow IPC file
 (label + embedding columns, memory-mapped when read). DKVB keys are cached the same way, keyed by the
 embeddings they were learned on and the key config. Every cache file is written to a temporary file and
 renamed (atomic), built under a file lock (concurrent trials on a node build once while the others wait),
@@ -225,6 +226,21 @@ class FeatureStore:
                                                     split_loader("train"))
         x_test, y_test, _ = self._split(self._key(source, "test"), f"{data_cfg.source} test", split_loader("test"))
         return StreamFeatures(x_train, y_train, x_test, y_test, num_classes)
+
+    def shifted(self, data_cfg, data: LabelledData, split: str, rows: torch.Tensor | None, shift) -> torch.Tensor:
+        """Embeddings of `split`'s inputs (the `rows` given, or all) under a domain's input `shift`
+        (workloads.data.shifts.Shift); the key holds the shift and the rows, so shifted inputs never meet
+        an unshifted file."""
+        key = self._key({**source_identity(data_cfg), "shift": shift.describe(),
+                         "rows": None if rows is None else digest(rows.tolist())}, split)
+
+        def load():
+            x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            if rows is not None:
+                x, y = x[rows], y[rows]
+            return shift(x), y, data.num_classes
+        x, _, _ = self._split(key, f"{data_cfg.source} {split} (domain {shift.stage})", load)
+        return x
 
     def unlabelled(self, cfg, seed: int) -> tuple[torch.Tensor, str]:
         """Embeddings of a KeyInitData source's training inputs (at most num_samples), and their key."""

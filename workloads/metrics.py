@@ -1,6 +1,7 @@
 """Continual-learning metrics, all derived from raw predictions or from the accuracy matrix they give.
 
-Notation: T stages; R[i][j] = accuracy on the test samples of stage j's classes after training stage i
+Notation: T stages; R[i][j] = accuracy on stage j's test samples (class-incremental: the test samples of
+stage j's classes; domain-incremental: the test data under domain j's shift) after training stage i
 (0-based, a full T x T matrix, so entries with j > i show accuracy on classes not trained yet);
 A[i][c] = accuracy on class c's test samples after training stage i.
 
@@ -39,7 +40,7 @@ def accuracy_after_each_stage(class_matrix: list[list[float | None]], stages: li
     seen: list[int] = []
     out = []
     for i, row in enumerate(class_matrix):
-        seen += stages[i]
+        seen += [c for c in stages[i] if c not in seen]  # domain stages share classes: each counts once
         out.append(seen_class_accuracy(row, seen))
     return out
 

@@ -15,6 +15,9 @@ When the quota shrinks, the classes already held are cut to it: random and herdi
 (their order is their priority), and only at the end of the stage, right before the new classes' picks go in,
 so the stage replays the full budget (as iCaRL and DyTox do); reservoir keeps a uniformly random subset, cut at
 the start of the stage, since it fills the freed room online while the stage trains.
+A class that comes back in a later stage (domain streams) shares its room between its stages: random and
+herding keep k / (k + 1) of it for its k earlier stages (their first picks) and pick the rest from the new
+stage; reservoir's per-class draw already spans every stage the class was offered in.
 
 The memory holds inputs as the stream gives them to the learner (embeddings of a frozen backbone, or
 transformed images), on the CPU; `Replay` keeps the learner-ready form of the same rows for one stage.
@@ -45,6 +48,7 @@ class RehearsalMemory:
         self._n = 0
         self.classes: list[int] = []  # seen so far, in order of arrival
         self.offered = torch.zeros(num_classes, dtype=torch.long)  # reservoir: samples of each class offered
+        self.picked = torch.zeros(num_classes, dtype=torch.long)  # random / herding: stages that picked each class
 
     def __len__(self) -> int:
         return self._n
@@ -109,11 +113,20 @@ class RehearsalMemory:
         self._cut(generator)
         q = self.quota
         for c in classes:
+            take, k = q, int(self.picked[c])
+            if k:  # a class that comes back (domain streams): its k earlier stages keep k / (k + 1) of its room
+                held = (self.y == c).nonzero().flatten()
+                keep_old = min(len(held), q * k // (k + 1))
+                drop = torch.zeros(self._n, dtype=torch.bool)
+                drop[held[keep_old:]] = True  # the first picks stay, as when the quota shrinks
+                self._keep((~drop).nonzero().flatten())
+                take = q - keep_old
+            self.picked[c] += 1
             rows = (y == c).nonzero().flatten()
             if self.selection == "random":
-                pick = rows[torch.randperm(len(rows), generator=generator)[:q]]
+                pick = rows[torch.randperm(len(rows), generator=generator)[:take]]
             else:
-                pick = rows[herding(features(x[rows]), q)]
+                pick = rows[herding(features(x[rows]), take)]
                 broadcast(pick)  # features differ in the last bits across machines: rank 0 decides
             for row in pick.tolist():
                 self._write(self._n, x[row], c)
@@ -135,7 +148,7 @@ class RehearsalMemory:
     def state(self) -> dict:
         """Tensors and lists only: safe for `torch.load(weights_only=True)`."""
         return {"size": self.size, "selection": self.selection, "x": self.x, "y": self.y.clone(),
-                "classes": list(self.classes), "offered": self.offered.clone()}
+                "classes": list(self.classes), "offered": self.offered.clone(), "picked": self.picked.clone()}
 
     def load_state(self, state: dict) -> None:
         """Restore what `state` returned; the budget and the selection must match this memory's."""
@@ -146,6 +159,10 @@ class RehearsalMemory:
         self._y.fill_(-1)
         self.classes = list(state["classes"])
         self.offered = state["offered"].clone()
+        picked = state.get("picked")  # older checkpoints: each class held was picked in one stage
+        self.picked = picked.clone() if picked is not None else torch.zeros_like(self.offered)
+        if picked is None:
+            self.picked[torch.tensor(sorted(set(state["y"].tolist())), dtype=torch.long)] = 1
         for row, c in enumerate(state["y"].tolist()):
             self._write(row, state["x"][row], c)
         self._n = len(state["y"])

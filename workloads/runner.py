@@ -19,7 +19,8 @@ from workloads.backbones import build_backbone
 from workloads.config import ConfigError, RunConfig, to_dict
 from workloads.data.sources import LabelledData, load_source, source_shape
 from workloads.features import FeatureStore
-from workloads.data.streams import Stream, make_stream, stage_classes, stage_seed
+from workloads.data.shifts import stage_shifts
+from workloads.data.streams import Stream, domain_slices, make_stage_stream, make_stream, stage_classes, stage_seed
 from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
 from workloads.distributed import shard_batches, sum_across, world
 from workloads.progress import ProgressLog
@@ -88,7 +89,8 @@ def describe_protocol(config: RunConfig, setup_data: str) -> dict[str, Any]:
     own data set."""
     own = getattr(config.learner, "key_init_data", None)
     same_source = (setup_data == "own_source" and (own.source, own.root) == (config.data.source, config.data.root))
-    return {"validation": config.data.validation, "selection_split": "val" if config.data.validation else None,
+    return {"axis": "domain" if config.data.stream != "class_incremental" else "stage",
+            "validation": config.data.validation, "selection_split": "val" if config.data.validation else None,
             "setup_inputs": "stream_source" if same_source else setup_data,
             "future_inputs": setup_data == "stream" or same_source}
 
@@ -137,27 +139,72 @@ def prepare(config: RunConfig) -> PreparedStream:
     shape = source_shape(config.data)
     backbone = build_backbone(config.backbone, shape)
     store = None
-    if LEARNERS[config.learner.name].trains_backbone:
-        data = load_source(config.data)
-        x_train, y_train = backbone.transform(data.x_train), data.y_train
-        x_test, y_test = backbone.transform(data.x_test), data.y_test
-        num_classes = data.num_classes
-    else:
+    trains = LEARNERS[config.learner.name].trains_backbone
+    if not trains:
         backbone.requires_grad_(False)
         store = FeatureStore(backbone, config.backbone.name, config.cache_dir, device)
-        f = store.labelled(config.data)
-        x_train, y_train, x_test, y_test = f.x_train, f.y_train, f.x_test, f.y_test
-        num_classes = f.num_classes
-    present = set(torch.unique(torch.cat([y_train, y_test])).tolist())
     d = config.data
-    classes = stage_classes(num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present, d.class_order,
-                            config.seed)
-    stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes, d.validation, config.seed)
+    if d.stream == "class_incremental":
+        if trains:
+            data = load_source(config.data)
+            x_train, y_train = backbone.transform(data.x_train), data.y_train
+            x_test, y_test = backbone.transform(data.x_test), data.y_test
+            num_classes = data.num_classes
+        else:
+            f = store.labelled(config.data)
+            x_train, y_train, x_test, y_test = f.x_train, f.y_train, f.x_test, f.y_test
+            num_classes = f.num_classes
+        present = set(torch.unique(torch.cat([y_train, y_test])).tolist())
+        classes = stage_classes(num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present,
+                                d.class_order, config.seed)
+        stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes, d.validation, config.seed)
+    else:
+        data = load_source(config.data)
+        num_classes = data.num_classes
+        parts = stage_parts(config, data, backbone, store)
+        stream = make_stage_stream(parts, num_classes, d.validation, config.seed)
+        x_train = stream[0].x_train
     ctx = LearnerContext(num_classes=num_classes, input_dim=backbone.output_dim, train=config.train,
                          seed=config.seed, device=device, features=store,
                          backbone=None if store else backbone, rehearsal=config.rehearsal,
                          input_shape=tuple(x_train.shape[1:]))
     return PreparedStream(stream, ctx, tuple(shape))
+
+
+def stage_parts(config: RunConfig, data: LabelledData, backbone=None, store: FeatureStore | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x_train, y_train, x_test, y_test) of each stage of a domain or user stream, through the backbone (the
+    feature cache where `store` is given, the backbone's transform otherwise; raw inputs without a backbone)."""
+    d = config.data
+    if d.stream == "user":
+        if data.d_train is None:
+            raise ConfigError(f"data.stream: user needs stage ids shipped with the data (d_train and d_test arrays "
+                              f"in an npz file); data.source {d.source} has none")
+        if store is not None:
+            f = store.labelled(config.data)
+            x_train, x_test = f.x_train, f.x_test
+        else:
+            x_train, x_test = data.x_train, data.x_test
+            if backbone is not None:
+                x_train, x_test = backbone.transform(x_train), backbone.transform(x_test)
+        out = []
+        for sid in torch.unique(data.d_train).tolist():  # stages in the order of their ids
+            tr, te = data.d_train == sid, data.d_test == sid
+            out.append((x_train[tr], data.y_train[tr], x_test[te], data.y_test[te]))
+        return out
+    shifts = stage_shifts(d.num_domains or len(d.shifts), d.shift, d.shifts)
+    slices = domain_slices(data.y_train, len(shifts), config.seed)
+    out = []
+    for shift, rows in zip(shifts, slices):
+        if store is not None:
+            x_tr = store.shifted(config.data, data, "train", rows, shift)
+            x_te = store.shifted(config.data, data, "test", None, shift)
+        else:
+            x_tr, x_te = shift(data.x_train[rows]), shift(data.x_test)
+            if backbone is not None:
+                x_tr, x_te = backbone.transform(x_tr), backbone.transform(x_te)
+        out.append((x_tr, data.y_train[rows], x_te, data.y_test))
+    return out
 
 
 def preflight(config: RunConfig, data: LabelledData | None = None) -> tuple[LabelledData, int]:
@@ -172,8 +219,16 @@ def preflight(config: RunConfig, data: LabelledData | None = None) -> tuple[Labe
     data = data or load_source(config.data)
     present = set(torch.unique(torch.cat([data.y_train, data.y_test])).tolist())
     d = config.data
-    stages = stage_classes(data.num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present,
-                           d.class_order, config.seed)
+    if d.stream == "class_incremental":
+        stages = stage_classes(data.num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present,
+                               d.class_order, config.seed)
+    elif d.stream == "domain_incremental":
+        stages = stage_shifts(d.num_domains or len(d.shifts), d.shift, d.shifts)
+        domain_slices(data.y_train, len(stages), config.seed)
+        for shift in stages:  # on two samples: a shift that does not fit the inputs fails here, not in a trial
+            shift(data.x_train[:2])
+    else:
+        stages = stage_parts(config, data)
     key_source = getattr(config.learner, "key_init_data", None)
     if isinstance(key_source, KeyInitData):
         load_source(key_source)
@@ -222,15 +277,21 @@ def setup_inputs(learner: Learner, stream: Stream) -> torch.Tensor | None:
     return torch.cat([s.x_train for s in stages])
 
 
-def evaluate(learner, stream: Stream, split: str, batch_size: int) -> tuple[list[float], list[float | None]]:
-    """Predict every stage's samples of `split` (`val` or `test`); return a row of R and a row of A."""
+def evaluate(learner, stream: Stream, split: str, batch_size: int, seen: int | None = None
+             ) -> tuple[list[float], list[float | None]]:
+    """Predict every stage's samples of `split` (`val` or `test`); return a row of R (stage j's accuracy on
+    stage j's own samples) and a row of A (per class, over every stage's samples, or over the first `seen`
+    stages' where stages share classes: a domain's class accuracy counts only once that domain is seen)."""
     x = torch.cat([s.split(split)[0] for s in stream])
     y = torch.cat([s.split(split)[1] for s in stream])
     device = learner.ctx.device
     preds = torch.cat([learner.predict(x[i:i + batch_size].to(device)).argmax(1).cpu()
                        for i in range(0, len(x), batch_size)])
-    return (metrics.stage_accuracies(preds, y, [list(s.classes) for s in stream]),
-            metrics.class_accuracies(preds, y, stream.num_classes))
+    sizes = [len(s.split(split)[1]) for s in stream]
+    row = [float((p == t).float().mean()) if len(t) else float("nan")
+           for p, t in zip(preds.split(sizes), y.split(sizes))]
+    n = len(y) if seen is None else sum(sizes[:seen])
+    return row, metrics.class_accuracies(preds[:n], y[:n], stream.num_classes)
 
 
 def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Replay | None = None) -> float:
@@ -322,7 +383,8 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
                          "loss": loss, "protocol": protocol}
         for name, scores in splits.items():
-            row, class_row = evaluate(learner, stream, name, config.train.eval_batch_size)
+            row, class_row = evaluate(learner, stream, name, config.train.eval_batch_size,
+                                      None if stream.axis == "stage" else stage.index + 1)
             scores.accuracy_matrix.append(row)
             scores.class_accuracy_matrix.append(class_row)
             stage_metrics[f"{name}/stage_accuracies"] = row

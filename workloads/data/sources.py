@@ -38,6 +38,8 @@ class LabelledData:
     y_test: torch.Tensor
     num_classes: int | None
     class_names: list[str] | None
+    d_train: torch.Tensor | None = None  # int64 stage (domain) ids, one per sample: data.stream: user
+    d_test: torch.Tensor | None = None
 
 
 SOURCES: dict[str, Callable[..., LabelledData]] = {}
@@ -208,7 +210,43 @@ def check_labelled(data: LabelledData, where: str, training: bool = True) -> Lab
             raise DataError(f"{where}: class {c} ({names[c]!r}) has {int(train_counts[c])} sample(s) in y_train but "
                             f"none in y_test ({len(missing)} trained class(es) missing from the test set); accepted: "
                             "every class in the training data also present in the test set")
-    return LabelledData(x["train"], labels["train"], x["test"], labels["test"], num_classes, list(names))
+    ids = check_domain_ids(data, {s: len(y[s]) for s in SPLITS}, where)
+    return LabelledData(x["train"], labels["train"], x["test"], labels["test"], num_classes, list(names), *ids)
+
+
+def check_domain_ids(data: LabelledData, rows: dict[str, int], where: str
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d_train / d_test (both or neither): one non-negative integer id per sample, every test id a training
+    stage's, every training stage in the test set."""
+    given = {s: getattr(data, f"d_{s}") for s in SPLITS}
+    if all(v is None for v in given.values()):
+        return None, None
+    for s in SPLITS:
+        if given[s] is None:
+            other = "d_test" if s == "train" else "d_train"
+            raise DataError(f"{where}: {other} is given but d_{s} is not; accepted: stage ids for both splits or "
+                            "neither")
+    ids = {}
+    for s in SPLITS:
+        a = _checked_y(given[s], f"d_{s}", where)
+        if len(a) != rows[s]:
+            raise DataError(f"{where}: d_{s} has {len(a)} stage ids but y_{s} has {rows[s]} labels; accepted: one "
+                            "stage id per sample")
+        if (a < 0).any():
+            i = int(np.argmax(a < 0))
+            raise DataError(f"{where}: d_{s}[{i}] = {_value(a[i])} is negative; accepted: stage ids 0, 1, 2, ...")
+        ids[s] = torch.from_numpy(a.astype(np.int64))
+    train, test = set(ids["train"].tolist()), set(ids["test"].tolist())
+    unknown = sorted(test - train)
+    if unknown:
+        i = int((ids["test"] == unknown[0]).nonzero()[0])
+        raise DataError(f"{where}: d_test[{i}] = {unknown[0]} is a stage no training sample has; accepted: the "
+                        f"stage ids of d_train ({', '.join(map(str, sorted(train)))})")
+    missing = sorted(train - test)
+    if missing:
+        raise DataError(f"{where}: stage {missing[0]} has training samples but none in the test set "
+                        f"({len(missing)} stage(s) missing from d_test); accepted: every stage in both splits")
+    return ids["train"], ids["test"]
 
 
 # --- toy2d: the DKVB paper's 2D problem (Figure 2) ----------------------------------------------------------
@@ -403,11 +441,13 @@ def load_image_folder(cfg) -> LabelledData:
 # --- npz: a user's own arrays ----------------------------------------------------------------------------------
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_STAGE_KEYS = ("d_train", "d_test")  # optional: one stage id per sample (data.stream: user)
 
 
 @register_source("npz")
 def load_npz(cfg) -> LabelledData:
-    """A .npz file with x_train, y_train, x_test, y_test; x as vectors (N, D) or images (N, C, H, W)."""
+    """A .npz file with x_train, y_train, x_test, y_test (and optionally d_train, d_test: stage ids); x as vectors
+    (N, D) or images (N, C, H, W)."""
     if cfg.root is None:
         raise DataError("data.root: npz needs the path of a .npz file with arrays " + ", ".join(NPZ_KEYS))
     path = Path(cfg.root).expanduser()
@@ -419,13 +459,14 @@ def load_npz(cfg) -> LabelledData:
             if missing:
                 raise DataError(f"data.root: {path} lacks array(s) {', '.join(missing)}; "
                                 f"needed: {', '.join(NPZ_KEYS)}")
-            arrays = {k: f[k] for k in NPZ_KEYS}
+            arrays = {k: f[k] for k in NPZ_KEYS + NPZ_STAGE_KEYS if k in f.files}
     except (OSError, ValueError) as e:
         raise DataError(f"data.root: {path} is not a readable .npz file ({e})") from e
 
     # Left as read: check_labelled refuses what is wrong (0.7 as a label, NaN, ...) before any cast could hide it,
     # and infers the number of classes from the labels.
-    return LabelledData(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], None, None)
+    return LabelledData(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], None, None,
+                        arrays.get("d_train"), arrays.get("d_test"))
 
 
 def source_shape(cfg) -> tuple[int, ...]:

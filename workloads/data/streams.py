@@ -1,4 +1,6 @@
-"""Class-incremental streams: a labelled dataset cut into stages, each holding a disjoint set of classes.
+"""Streams: a labelled dataset cut into stages. Class-incremental: each stage holds a disjoint set of classes.
+Domain-incremental: every stage holds every class, on its own disjoint slice of the training data under its
+own input shift (workloads.data.shifts). User: the stage of every sample is shipped with the data.
 
 Each stage's training data is split once more: a class-balanced validation part (the same fraction of every
 class, drawn with a seed of its own) is held out and never trained on; models are selected on it, never on
@@ -15,7 +17,7 @@ from workloads.data.orders import CLASS_ORDERS, SEEDED_ORDER
 
 
 # Each purpose draws from its own seed, far apart, so that their random streams never correlate.
-SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40}
+SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40, "domains": 4 << 40}
 
 
 def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
@@ -45,9 +47,10 @@ class Stage:
 class Stream:
     """An ordered list of stages over one label space; index or slice it like a list."""
 
-    def __init__(self, stages: list[Stage], num_classes: int):
+    def __init__(self, stages: list[Stage], num_classes: int, axis: str = "stage"):
         self.stages = stages
         self.num_classes = num_classes
+        self.axis = axis  # what a stage is called in reports: "stage" (classes) or "domain"
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -57,7 +60,7 @@ class Stream:
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Stream(self.stages[i], self.num_classes)
+            return Stream(self.stages[i], self.num_classes, self.axis)
         return self.stages[i]
 
     @property
@@ -130,3 +133,35 @@ def make_stream(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tens
         else:
             stages.append(Stage(i, tuple(cls), x, y, x_test[te], y_test[te]))
     return Stream(stages, num_classes)
+
+
+def domain_slices(y: torch.Tensor, num_domains: int, seed: int) -> list[torch.Tensor]:
+    """Sorted row indices of `num_domains` disjoint, class-stratified slices of `y` covering it: every class's
+    samples shuffled (from a seed derived from `seed`) and dealt out in near-equal parts."""
+    gen = torch.Generator().manual_seed(stage_seed(seed, 0, "domains"))
+    parts: list[list[torch.Tensor]] = [[] for _ in range(num_domains)]
+    for c in torch.unique(y).tolist():
+        rows = (y == c).nonzero().flatten()
+        if len(rows) < num_domains:
+            raise ConfigError(f"data.num_domains: class {c} has {len(rows)} training sample(s), fewer than the "
+                              f"{num_domains} domains; accepted: at most {len(rows)} domains for this source")
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        for d, chunk in enumerate(torch.tensor_split(rows, num_domains)):
+            parts[d].append(chunk)
+    return [torch.cat(p).sort().values for p in parts]
+
+
+def make_stage_stream(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], num_classes: int,
+                      validation: float = 0.0, seed: int = 0) -> Stream:
+    """A stream whose stage s is `parts[s]` = (x_train, y_train, x_test, y_test) as given, every class allowed in
+    every stage (domain and user streams); validation is held out of each stage's training part as in
+    make_stream."""
+    stages = []
+    for i, (x, y, x_te, y_te) in enumerate(parts):
+        classes = tuple(torch.unique(y).tolist())
+        if validation > 0:
+            held = validation_rows(y, validation, torch.Generator().manual_seed(stage_seed(seed, i, "validation")))
+            stages.append(Stage(i, classes, x[~held], y[~held], x_te, y_te, x[held], y[held]))
+        else:
+            stages.append(Stage(i, classes, x, y, x_te, y_te))
+    return Stream(stages, num_classes, axis="domain")
