@@ -238,7 +238,8 @@ def test_rotated_digits_dkvb_with_first_domain_keys_barely_forgets_while_the_mlp
 
 
 def test_imagenet_c_corruptions_grow_in_severity_with_the_domain():
-    pytest.importorskip("imagecorruptions", reason="the corruptions extra (pip install 'clorch[corruptions]')")
+    import imagecorruptions  # noqa: F401 (the dev extra installs it, with the corruptions extra)
+
     noisy = {"source": "digits", "stream": "domain_incremental", "num_domains": 3,
              "shift": {"name": "corruption", "corruption": "gaussian_noise"}}
     cfg = parse_run_config({"data": noisy})
