@@ -73,8 +73,14 @@ class RehearsalMemory:
         if self.selection == "reservoir":  # it fills online during the stage, so it needs the room up front
             self._cut(generator)
 
-    def offer(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reservoir: stream a batch past the memory; returns (slots written, rows of the batch written there)."""
+    def offer(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+              announce: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reservoir: stream a batch past the memory; returns (slots written, rows of the batch written there).
+        `announce` (task-free): a class not seen yet joins here, the quota shrinks and held classes are cut."""
+        if announce:
+            new = [c for c in dict.fromkeys(y.tolist()) if c not in self.classes]  # in order of appearance
+            if new:
+                self.begin_stage(new, generator)
         q = self.quota
         draws = torch.rand(len(y), generator=generator).tolist()
         slots_of: dict[int, list[int]] = {}
@@ -103,17 +109,22 @@ class RehearsalMemory:
     def end_stage(self, x: torch.Tensor, y: torch.Tensor, classes: list[int],
                   features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
         """Random and herding: cut the old classes to the quota (they kept the full budget for the stage's
-        replay), then choose each new class's `quota` samples from the stage's (x, y)."""
+        replay), then choose each new class's `quota` samples from the stage's (x, y). A class already held
+        with fewer than `quota` (a blurry stream showed it early) is topped up from the stage's samples."""
         if self.selection == "reservoir":
             return
         self._cut(generator)
         q = self.quota
+        held = self.class_counts()
         for c in classes:
             rows = (y == c).nonzero().flatten()
+            need = q - held.get(c, 0)
+            if need <= 0 or not len(rows):
+                continue
             if self.selection == "random":
-                pick = rows[torch.randperm(len(rows), generator=generator)[:q]]
+                pick = rows[torch.randperm(len(rows), generator=generator)[:need]]
             else:
-                pick = rows[herding(features(x[rows]), q)]
+                pick = rows[herding(features(x[rows]), need)]
                 broadcast(pick)  # features differ in the last bits across machines: rank 0 decides
             for row in pick.tolist():
                 self._write(self._n, x[row], c)
@@ -203,8 +214,9 @@ class Replay:
     (`prepare` is the learner's `stage_inputs`), drawn `ratio` per new sample into each batch."""
 
     def __init__(self, memory: RehearsalMemory, prepare: Callable[[torch.Tensor], torch.Tensor], ratio: float,
-                 device: torch.device):
+                 device: torch.device, announce: bool = False):
         self.memory, self.prepare, self.ratio, self.device = memory, prepare, ratio, device
+        self.announce = announce  # task-free: classes join the memory as the stream first shows them
         self.inputs: torch.Tensor | None = None  # (memory.size, ...) learner-ready rows, slot for slot
         if len(memory):
             self._store(torch.arange(len(memory)), prepare(memory.x.to(device)))
@@ -216,8 +228,13 @@ class Replay:
 
     def offer(self, x: torch.Tensor, inputs: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Reservoir: offer a full batch (stream inputs `x`, their learner-ready `inputs`, labels `y`)."""
-        slots, rows = self.memory.offer(x, y, generator)
-        if len(slots):
+        cut = self.announce and any(c not in self.memory.classes for c in torch.unique(y).tolist())
+        slots, rows = self.memory.offer(x, y, generator, announce=self.announce)
+        if cut:  # the memory moved its rows to the front: refresh every slot's learner-ready copy
+            self.inputs = None
+            if len(self.memory):
+                self._store(torch.arange(len(self.memory)), self.prepare(self.memory.x.to(self.device)))
+        elif len(slots):
             self._store(slots, inputs[rows.to(inputs.device)])
 
     def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
