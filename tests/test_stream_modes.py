@@ -168,3 +168,43 @@ def test_blurry_and_task_free_runs_resume_exactly_from_a_stage_checkpoint(extra)
     resumed = run_stream(config, resume_state=states[1])  # the checkpoint after stage 2
     assert resumed.test.accuracy_matrix == full.test.accuracy_matrix
     assert resumed.val.accuracy_matrix == full.val.accuracy_matrix
+
+
+def _task_free_dkvb(rank: int, init_file: str, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    config = _config({"name": "dkvb", "num_codebooks": 16, "num_keys": 64}, data={"validation": 0},
+                     train={"task_free": True})
+    usage = []
+    result = run_stream(config, on_stage_end=lambda i, m, s: usage.append(int(s["learner"]["model"]
+                                                                              ["bottleneck.usage"].sum())))
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        json.dump({"matrix": result.test.accuracy_matrix, "usage": usage}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_task_free_dkvb_on_two_workers_counts_key_usage_over_both():
+    import json
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_task_free_dkvb, args=(os.path.join(out, "init"), out), nprocs=2)
+        ranks = [json.load(open(os.path.join(out, f"rank{r}"))) for r in range(2)]
+    config = _config({"name": "dkvb", "num_codebooks": 16, "num_keys": 64}, data={"validation": 0},
+                     train={"task_free": True})
+    usage = []
+    single = run_stream(config, on_stage_end=lambda i, m, s: usage.append(int(s["learner"]["model"]
+                                                                             ["bottleneck.usage"].sum())))
+    assert ranks[0] == ranks[1]  # every worker holds the same counters and so masks the same keys
+    assert ranks[0]["usage"] == usage  # ...the counts of all samples, as one process counts them
+    assert all(abs(a - b) <= 0.01 for row, ref in zip(ranks[0]["matrix"], single.test.accuracy_matrix)
+               for a, b in zip(row, ref))
