@@ -60,6 +60,7 @@ class DataConfig:
     test_fraction: float = 0.3  # digits / image_folder: stratified held-out fraction (fixed split seed 0)
     train_samples_per_class: int = 50  # toy2d: 50 per class = the paper's 100 samples per stage
     test_samples_per_class: int = 200  # toy2d
+    blurry: float = 0.0  # fraction of each stage's training samples dealt to the other stages (streams.blur)
 
 
 # Where a learner's unsupervised setup (DKVB's key learning) reads its unlabelled inputs, when from the stream:
@@ -101,6 +102,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     label_smoothing: float = 0.0
     eval_batch_size: int = 1024
+    task_free: bool = False  # one pass over one stream of batches; the learner is never told where stages end
 
 
 @dataclass
@@ -282,6 +284,7 @@ def check_run_config(config: RunConfig) -> None:
                 raise ConfigError(f"data.stages[{i}]: class {sorted(repeated or stage)[0]} appears twice; "
                                   "each class belongs to one stage")
             seen.update(stage)
+    check_stream_mode(config)
     from workloads.backbones import BACKBONES
 
     if config.backbone.name not in BACKBONES:
@@ -322,6 +325,36 @@ def check_stream(config: RunConfig) -> None:
         if config.learner is not None and getattr(config.learner, "name", None) == "dytox":
             raise ConfigError(f"learner.name: dytox grows one head per stage of new classes; accepted with data.stream: "
                               f"{d.stream}: dkvb, linear, mlp, finetune")
+
+
+def check_stream_mode(config: RunConfig) -> None:
+    """data.blurry and train.task_free: their ranges, and the learners and memories that cannot work with them."""
+    from workloads.learners import LEARNERS  # the registry imports learners, which import this module
+
+    learner = LEARNERS.get(getattr(config.learner, "name", None))
+    if not 0 <= config.data.blurry < 1:
+        raise ConfigError(f"data.blurry: the fraction of each stage's training samples moved to the other stages "
+                          f"must lie in [0, 1) (0 = disjoint stages), got {config.data.blurry}")
+    if config.data.blurry and config.data.stream != "class_incremental":
+        raise ConfigError(f"data.blurry: blurs the boundaries between stages of classes; accepted with data.stream: "
+                          f"{config.data.stream}: data.blurry: 0 (or data.stream: class_incremental)")
+    if config.data.blurry and learner is not None and learner.stage_classes_only:
+        raise ConfigError(f"data.blurry: {config.learner.name} trains one classifier per stage over that stage's "
+                          "classes and cannot take other stages' samples; accepted with it: data.blurry: 0")
+    if not config.train.task_free:
+        return
+    if learner is not None and learner.needs_stage_boundaries:
+        raise ConfigError(f"train.task_free: {config.learner.name} needs stage boundaries "
+                          f"({learner.needs_stage_boundaries}); accepted with it: train.task_free: false")
+    if config.train.epochs != 1:
+        raise ConfigError(f"train.task_free: the stream is seen once, so train.epochs must be 1, "
+                          f"got {config.train.epochs}")
+    if config.rehearsal.memory_size and config.rehearsal.selection != "reservoir":
+        raise ConfigError(f"train.task_free: rehearsal.selection {config.rehearsal.selection!r} chooses at stage "
+                          "ends, which task-free training has none of; accepted: rehearsal.selection: reservoir")
+    if getattr(config.learner, "prune", False):
+        raise ConfigError("train.task_free: learner.prune prunes after the last stage, a boundary a task-free "
+                          "learner never sees; accepted with task_free: learner.prune: false")
 
 
 def check_class_order(data: DataConfig) -> None:

@@ -15,9 +15,11 @@ When the quota shrinks, the classes already held are cut to it: random and herdi
 (their order is their priority), and only at the end of the stage, right before the new classes' picks go in,
 so the stage replays the full budget (as iCaRL and DyTox do); reservoir keeps a uniformly random subset, cut at
 the start of the stage, since it fills the freed room online while the stage trains.
-A class that comes back in a later stage (domain streams) shares its room between its stages: random and
-herding keep k / (k + 1) of it for its k earlier stages (their first picks) and pick the rest from the new
-stage; reservoir's per-class draw already spans every stage the class was offered in.
+A class that comes back in a later stage (domain streams; a blurry stream's class seen early through a few
+samples, then in its own stage) shares its room between its stages: random and herding keep up to k / (k + 1)
+of it for its k earlier stages (their first picks) and pick the rest from the new stage, so a class seen early
+through a few samples is topped up; reservoir's per-class draw already spans every stage the class was
+offered in.
 
 The memory holds inputs as the stream gives them to the learner (embeddings of a frozen backbone, or
 transformed images), on the CPU; `Replay` keeps the learner-ready form of the same rows for one stage.
@@ -77,8 +79,14 @@ class RehearsalMemory:
         if self.selection == "reservoir":  # it fills online during the stage, so it needs the room up front
             self._cut(generator)
 
-    def offer(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reservoir: stream a batch past the memory; returns (slots written, rows of the batch written there)."""
+    def offer(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+              announce: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reservoir: stream a batch past the memory; returns (slots written, rows of the batch written there).
+        `announce` (task-free): a class not seen yet joins here, the quota shrinks and held classes are cut."""
+        if announce:
+            new = [c for c in dict.fromkeys(y.tolist()) if c not in self.classes]  # in order of appearance
+            if new:
+                self.begin_stage(new, generator)
         q = self.quota
         draws = torch.rand(len(y), generator=generator).tolist()
         slots_of: dict[int, list[int]] = {}
@@ -107,14 +115,19 @@ class RehearsalMemory:
     def end_stage(self, x: torch.Tensor, y: torch.Tensor, classes: list[int],
                   features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
         """Random and herding: cut the old classes to the quota (they kept the full budget for the stage's
-        replay), then choose each new class's `quota` samples from the stage's (x, y)."""
+        replay), then choose each arriving class's `quota` samples from the stage's (x, y); a class held
+        already (seen at earlier stages) shares its room between them and this stage (see the module's note)."""
         if self.selection == "reservoir":
             return
         self._cut(generator)
         q = self.quota
         for c in classes:
+            rows = (y == c).nonzero().flatten()
+            if not len(rows):
+                continue
             take, k = q, int(self.picked[c])
-            if k:  # a class that comes back (domain streams): its k earlier stages keep k / (k + 1) of its room
+            if k:  # seen at k earlier stages (a domain stream's class coming back, or a class a blurry stream
+                #    showed early): those stages keep up to k / (k + 1) of its room, this stage fills the rest
                 held = (self.y == c).nonzero().flatten()
                 keep_old = min(len(held), q * k // (k + 1))
                 drop = torch.zeros(self._n, dtype=torch.bool)
@@ -122,7 +135,6 @@ class RehearsalMemory:
                 self._keep((~drop).nonzero().flatten())
                 take = q - keep_old
             self.picked[c] += 1
-            rows = (y == c).nonzero().flatten()
             if self.selection == "random":
                 pick = rows[torch.randperm(len(rows), generator=generator)[:take]]
             else:
@@ -220,8 +232,9 @@ class Replay:
     (`prepare` is the learner's `stage_inputs`), drawn `ratio` per new sample into each batch."""
 
     def __init__(self, memory: RehearsalMemory, prepare: Callable[[torch.Tensor], torch.Tensor], ratio: float,
-                 device: torch.device):
+                 device: torch.device, announce: bool = False):
         self.memory, self.prepare, self.ratio, self.device = memory, prepare, ratio, device
+        self.announce = announce  # task-free: classes join the memory as the stream first shows them
         self.inputs: torch.Tensor | None = None  # (memory.size, ...) learner-ready rows, slot for slot
         if len(memory):
             self._store(torch.arange(len(memory)), prepare(memory.x.to(device)))
@@ -233,8 +246,13 @@ class Replay:
 
     def offer(self, x: torch.Tensor, inputs: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Reservoir: offer a full batch (stream inputs `x`, their learner-ready `inputs`, labels `y`)."""
-        slots, rows = self.memory.offer(x, y, generator)
-        if len(slots):
+        cut = self.announce and any(c not in self.memory.classes for c in torch.unique(y).tolist())
+        slots, rows = self.memory.offer(x, y, generator, announce=self.announce)
+        if cut:  # the memory moved its rows to the front: refresh every slot's learner-ready copy
+            self.inputs = None
+            if len(self.memory):
+                self._store(torch.arange(len(self.memory)), self.prepare(self.memory.x.to(self.device)))
+        elif len(slots):
             self._store(slots, inputs[rows.to(inputs.device)])
 
     def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:

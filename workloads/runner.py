@@ -20,7 +20,8 @@ from workloads.config import ConfigError, RunConfig, to_dict
 from workloads.data.sources import LabelledData, load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.shifts import stage_shifts
-from workloads.data.streams import Stream, domain_slices, make_stage_stream, make_stream, stage_classes, stage_seed
+from workloads.data.streams import (Stream, blur, domain_slices, make_stage_stream, make_stream, stage_classes,
+                                    stage_seed)
 from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
 from workloads.distributed import shard_batches, sum_across, world
 from workloads.progress import ProgressLog
@@ -158,6 +159,7 @@ def prepare(config: RunConfig) -> PreparedStream:
         classes = stage_classes(num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present,
                                 d.class_order, config.seed)
         stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes, d.validation, config.seed)
+        stream = blur(stream, d.blurry, config.seed)
     else:
         data = load_source(config.data)
         num_classes = data.num_classes
@@ -326,6 +328,13 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     return mean_loss
 
 
+def arriving_classes(stage) -> list[int]:
+    """The classes a stage's training data shows: its own, then (blurry streams) other stages' in order of
+    appearance; what the memory takes in at the stage."""
+    own = list(stage.classes)
+    return own + [c for c in dict.fromkeys(stage.y_train.tolist()) if c not in own]
+
+
 @torch.no_grad()
 def batched_features(learner, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """`learner.features` over `x` in evaluation mode, batch by batch, on the CPU."""
@@ -365,21 +374,31 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         inputs = setup_inputs(learner, stream)
         learner.setup(None if inputs is None else inputs.to(ctx.device))
     memory = learner.memory
+    # Task-free: the same loop feeds the learner stage after stage, one pass, but no hook hands it a stage;
+    # the runner alone knows the boundaries, and evaluates and checkpoints at them.
+    task_free = config.train.task_free
+    if task_free:
+        learner.begin_online()
     for stage in stream[first:]:
         t0 = time.perf_counter()
         torch.manual_seed(stage_seed(config.seed, stage.index))
-        learner.begin_stage(stage)
+        if not task_free:
+            learner.begin_stage(stage)
         replay = None
         if memory is not None:
             memory_gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index, "memory"))
-            memory.begin_stage(list(stage.classes), memory_gen)
-            replay = Replay(memory, learner.stage_inputs, config.rehearsal.replay_ratio, ctx.device)
+            if not task_free:  # task-free: classes join the (reservoir) memory as the batches show them
+                memory.begin_stage(arriving_classes(stage), memory_gen)
+            replay = Replay(memory, learner.stage_inputs, config.rehearsal.replay_ratio, ctx.device,
+                            announce=task_free)
         loss = train_stage(learner, stage, config, len(stream), replay)
         if memory is not None:
-            memory.end_stage(stage.x_train, stage.y_train, list(stage.classes),
-                             lambda x: batched_features(learner, x, config.train.eval_batch_size), memory_gen)
+            if not task_free:
+                memory.end_stage(stage.x_train, stage.y_train, arriving_classes(stage),
+                                 lambda x: batched_features(learner, x, config.train.eval_batch_size), memory_gen)
             memory.check_global()
-        learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
+        if not task_free:
+            learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
         stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
                          "loss": loss, "protocol": protocol}
         for name, scores in splits.items():

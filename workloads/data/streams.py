@@ -1,4 +1,5 @@
-"""Streams: a labelled dataset cut into stages. Class-incremental: each stage holds a disjoint set of classes.
+"""Streams: a labelled dataset cut into stages. Class-incremental: each stage holds a disjoint set of classes
+(blurry, `blur`: part of each stage's training samples moved to the other stages).
 Domain-incremental: every stage holds every class, on its own disjoint slice of the training data under its
 own input shift (workloads.data.shifts). User: the stage of every sample is shipped with the data.
 
@@ -17,7 +18,8 @@ from workloads.data.orders import CLASS_ORDERS, SEEDED_ORDER
 
 
 # Each purpose draws from its own seed, far apart, so that their random streams never correlate.
-SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40, "domains": 4 << 40}
+SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40,
+                 "domains": 4 << 40, "blurry": 5 << 40}
 
 
 def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
@@ -165,3 +167,37 @@ def make_stage_stream(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
         else:
             stages.append(Stage(i, classes, x, y, x_te, y_te))
     return Stream(stages, num_classes, axis="domain")
+
+
+def blur(stream: Stream, fraction: float, seed: int = 0) -> Stream:
+    """The blurry stream (Aljundi et al. 2019; Koh et al. 2022): round(fraction * n_c) random training samples
+    of each class c of each stage move out of it, dealt in turn to the other stages, the next stage first
+    (stage i's k-th moved sample goes to stage (i + 1 + k mod (T - 1)) mod T); each stage keeps its own
+    remaining samples first, then what it received, in stage order. Classes, validation and test sets stay
+    per stage. Seeded (from `seed`, per stage); fraction 0, or a single stage, returns the stream as it is."""
+    T = len(stream)
+    if fraction <= 0 or T < 2:
+        return stream
+    kept: list[torch.Tensor] = []
+    received: list[list[torch.Tensor]] = [[] for _ in range(T)]  # rows of stage i's x_train going to stage j
+    for i, stage in enumerate(stream):
+        gen = torch.Generator().manual_seed(stage_seed(seed, i, "blurry"))
+        y = stage.y_train
+        moved: list[torch.Tensor] = []
+        for c in torch.unique(y).tolist():  # sorted: the draw does not depend on the order samples come in
+            rows = (y == c).nonzero().flatten()
+            moved.append(rows[torch.randperm(len(rows), generator=gen)[:round(fraction * len(rows))]])
+        out = torch.cat(moved)
+        stays = torch.ones(len(y), dtype=torch.bool)
+        stays[out] = False
+        kept.append(stays.nonzero().flatten())
+        to = (i + 1 + torch.arange(len(out)) % (T - 1)) % T
+        for j in range(T):
+            received[j].append(out[to == j])
+    stages = []
+    for j, stage in enumerate(stream):
+        parts = [(stage.x_train[kept[j]], stage.y_train[kept[j]])]
+        parts += [(src.x_train[received[j][i]], src.y_train[received[j][i]]) for i, src in enumerate(stream)]
+        stages.append(Stage(stage.index, stage.classes, torch.cat([x for x, _ in parts]),
+                            torch.cat([y for _, y in parts]), stage.x_test, stage.y_test, stage.x_val, stage.y_val))
+    return Stream(stages, stream.num_classes)

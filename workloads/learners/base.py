@@ -34,10 +34,16 @@ class Learner(nn.Module):
     Call order, driven by the runner: setup (once, fresh runs only) -> for each stage: begin_stage,
     stage_inputs, observe per batch (replayed samples from `memory` mixed in), end_stage -> predict for
     evaluation. `state` / `load_state` round-trip everything a resume needs, the memory included.
+    Task-free (train.task_free): begin_online once, then stage_inputs and observe only; no stage is handed
+    over, so stage_inputs must be a pure function of its inputs.
     """
 
     Options: ClassVar[type]
     trains_backbone: ClassVar[bool] = False  # True: observe() gets transformed raw inputs, not embeddings
+    # Why the learner cannot train task-free (without begin_stage / end_stage), in a few words; "" = it can.
+    needs_stage_boundaries: ClassVar[str] = ""
+    # True: the learner's classifiers cover each stage's own classes only, so no blurry stream (data.blurry).
+    stage_classes_only: ClassVar[bool] = False
 
     def __init__(self, options, ctx: LearnerContext):
         super().__init__()
@@ -65,6 +71,11 @@ class Learner(nn.Module):
 
     def begin_stage(self, stage) -> None:
         """Before training on a stage: make the optimiser the first time (or when parameters changed)."""
+        if self.optimizer is None:
+            self.optimizer = self.make_optimizer()
+
+    def begin_online(self) -> None:
+        """Task-free mode, once before the first batch of a run (or of a resumed run): make the optimiser."""
         if self.optimizer is None:
             self.optimizer = self.make_optimizer()
 

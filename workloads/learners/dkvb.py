@@ -97,6 +97,7 @@ class DKVB(Learner):
         self.sparse_update = (o.decoder == "vote" and o.projection != "learnable" and t.optimizer == "sgd"
                               and t.momentum == 0 and t.weight_decay == 0)
         self.index_cache = o.index_cache and o.projection != "learnable"
+        self._usage_synced: torch.Tensor | None = None  # key usage all processes agreed on at the last sync
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.bottleneck(x))  # (B, D) -> (B, C, d_v) -> (B, num_classes)
@@ -172,16 +173,34 @@ class DKVB(Learner):
 
     def begin_stage(self, stage) -> None:
         super().begin_stage(stage)
-        self._usage_at_start = self.bottleneck.usage.clone()
+        self._usage_synced = self.bottleneck.usage.clone()
+
+    def begin_online(self) -> None:
+        super().begin_online()
+        self._usage_synced = self.bottleneck.usage.clone()
+
+    def sync_usage(self) -> None:
+        """Data-parallel processes count key usage on their own slices only: give every process the total of
+        what all counted since the last sync (at a stage's end, or task-free before the next prediction)."""
+        if world()[1] > 1 and self._usage_synced is not None:
+            delta = sum_across(self.bottleneck.usage - self._usage_synced)
+            self.bottleneck.usage.copy_(self._usage_synced + delta)
+            self._usage_synced = self.bottleneck.usage.clone()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        # task-free there is no end_stage: the first prediction after training (the runner's evaluation, on
+        # every process alike) syncs the counters that mask unused keys; a no-op once synced
+        if self.training and world()[1] > 1:
+            self.sync_usage()
+        return super().predict(x)
 
     def end_stage(self, stage, is_last: bool) -> None:
-        # data-parallel processes counted only their own slices: every process gets the stage's total
-        if world()[1] > 1:
-            delta = sum_across(self.bottleneck.usage - self._usage_at_start)
-            self.bottleneck.usage.copy_(self._usage_at_start + delta)
+        self.sync_usage()
         if is_last and self.options.prune:
             self.bottleneck.prune()
             self.optimizer = None  # values were replaced; a later stage (after resume) makes a new optimiser
+            self._usage_synced = self.bottleneck.usage.clone()  # of the pruned shape
 
     def load_state(self, state) -> None:
         self.bottleneck.resize_for_state(state["model"], prefix="bottleneck.")

@@ -131,6 +131,8 @@ class DyTox(Learner):
 
     Options = DyToxOptions
     trains_backbone = True
+    needs_stage_boundaries = "it adds a task token and a classifier at each stage's start"
+    stage_classes_only = True
 
     def __init__(self, options: DyToxOptions, ctx):
         super().__init__(options, ctx)
