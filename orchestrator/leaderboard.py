@@ -41,6 +41,7 @@ class TrialSummary:
     params: dict  # swept dotted key -> value
     seen: list[float] = field(default_factory=list)  # test accuracy on seen classes after each stage
     matrix: list[list[float]] = field(default_factory=list)  # test R[i][j] for the stages completed
+    axis: str = "stage"  # what R's rows and columns are: `stage`, or `domain` on a domain or user stream
 
     @property
     def future_inputs(self) -> bool:

@@ -31,6 +31,7 @@ def load_trials(name: str, storage: Path) -> tuple[list[TrialSummary], list[str]
     for t, summary in zip(tune_trials, trials):
         last = t.last_result or {}
         summary.matrix = json.loads(last["test/accuracy_matrix"]) if "test/accuracy_matrix" in last else []
+        summary.axis = last.get("protocol.axis") or "stage"
         df = frames.get(t.trial_id)
         if df is not None and "test/accuracy_on_seen_classes" in df:
             # A resumed trial may report a stage again: keep its latest report.
@@ -135,11 +136,13 @@ def _plot(t: TrialSummary, keys: list[str], path: Path) -> Path | None:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, sharey=True)
     left.plot(range(1, len(t.seen) + 1), t.seen, marker="o")
-    left.set(xlabel="after stage", ylabel="accuracy", title="test accuracy on seen classes", ylim=(0, 1.02))
+    axis = t.axis  # on a domain stream every stage is a domain, every class in each
+    left.set(xlabel=f"after {axis}", ylabel="accuracy", title="test accuracy on seen classes", ylim=(0, 1.02))
     for j in range(len(t.matrix)):
         xs = list(range(j + 1, len(t.matrix) + 1))
-        right.plot(xs, [t.matrix[i][j] for i in range(j, len(t.matrix))], marker="o", label=f"stage {j + 1}")
-    right.set(xlabel="after stage", title="test accuracy on each stage's classes")
+        right.plot(xs, [t.matrix[i][j] for i in range(j, len(t.matrix))], marker="o", label=f"{axis} {j + 1}")
+    right.set(xlabel=f"after {axis}", title="test accuracy on each stage's classes" if axis == "stage"
+              else "test accuracy on each domain's test set")
     if t.matrix:
         right.legend(fontsize="small")
     for ax in (left, right):

@@ -435,7 +435,8 @@ class MLflowTracking(tune.Callback):
 
             validation = result.get("protocol.validation", 0)
             tags = [RunTag("protocol.future_inputs", str(bool(result.get("protocol.future_inputs"))).lower()),
-                    RunTag("protocol.validation", f"{validation:g}" if validation else "none")]
+                    RunTag("protocol.validation", f"{validation:g}" if validation else "none"),
+                    RunTag("protocol.axis", result.get("protocol.axis") or "stage")]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         runs = self._load_map()
         runs.setdefault("stages_logged", {})[trial.trial_id] = stage
@@ -480,9 +481,11 @@ class MLflowTracking(tune.Callback):
         result = trial.last_result or {}
         matrices = {split: json.loads(result[f"{split}/accuracy_matrix"]) for split in SPLITS
                     if f"{split}/accuracy_matrix" in result}
+        axis = result.get("protocol.axis") or "stage"
         if matrices:
             self.uploads.submit(Upload(f"the accuracy matrices of trial {trial.trial_id}",
-                                       lambda client: self.log_matrices(run_id, matrices, client)), may_drop=False)
+                                       lambda client: self.log_matrices(run_id, matrices, client, axis)),
+                                may_drop=False)
         if self.options.log_model:
             self._queue_model(trial, run_id)
         self.client.set_terminated(run_id, "FINISHED")
@@ -640,17 +643,18 @@ class MLflowTracking(tune.Callback):
         else:  # in log_table's own format (pandas' "split" JSON), overwritten
             self.client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"), path)
 
-    def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]], client=None) -> None:
+    def log_matrices(self, run_id: str, matrices: dict[str, list[list[float]]], client=None,
+                     axis: str = "stage") -> None:
         """The accuracy matrix of each split as JSON (`accuracy_matrix.json`: {split: R}) and as a heatmap
-        PNG per split (`accuracy_matrix_<split>.png`)."""
+        PNG per split (`accuracy_matrix_<split>.png`), its axes labelled by `axis` (stage, or domain)."""
         client = client or self.client
         client.log_dict(run_id, matrices, "accuracy_matrix.json")
         for split, matrix in matrices.items():
             fig = _figure(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
             ax = fig.subplots()
             image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-            ax.set_xlabel("evaluated on stage j")
-            ax.set_ylabel("after training stage i")
+            ax.set_xlabel(f"evaluated on {axis} j")
+            ax.set_ylabel(f"after training {axis} i")
             ax.set_title(f"{split} accuracy")
             fig.colorbar(image, ax=ax)
             with tempfile.TemporaryDirectory() as folder:

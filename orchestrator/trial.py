@@ -34,7 +34,8 @@ def resolve(trial_config: dict):
 
 def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
     """What a stage report carries: the stage index, scalar metrics (`val/...`, `test/...`), each stage's
-    accuracy by name from the stage at which it was first trained, and the protocol as numbers."""
+    accuracy by name from the stage at which it was first trained, and the protocol as numbers (its axis, stage
+    or domain, as a word)."""
     from workloads.metrics import SPLITS
 
     out = {"stage": stage, **{k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "stage"}}
@@ -43,6 +44,7 @@ def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
             out[f"{split}/accuracy_stage_{j}"] = acc
     out["protocol.validation"] = float(m["protocol"]["validation"])
     out["protocol.future_inputs"] = int(m["protocol"]["future_inputs"])
+    out["protocol.axis"] = m["protocol"].get("axis", "stage")  # what R's rows and columns are: stages or domains
     return out
 
 

@@ -184,3 +184,29 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config():
     starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[k]
               if "ray start" in c]
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+
+
+DOMAINS = """
+base:
+  data: {source: digits, stream: domain_incremental, num_domains: 3, shift: {name: rotation, step: 30}}
+  learner: {name: dkvb, num_codebooks: 8, num_keys: 32, key_dim: 4}
+  train: {epochs: 1, batch_size: 64}
+sweep:
+  seed: {grid: [0]}
+"""
+
+
+@pytest.mark.slow
+def test_a_domain_streams_matrix_is_labelled_by_domain_in_mlflow_and_the_report(ray_local, tmp_path):
+    from orchestrator.cli import main
+    from orchestrator.report import load_trials
+    from test_sweep import runs_of, sweep_args
+
+    path = tmp_path / "domains.yaml"
+    path.write_text(DOMAINS)
+    uri, args = sweep_args(tmp_path)
+    assert main(["sweep", str(path), "--name", "dom", *args]) == 0
+    _, _, (child,) = runs_of(uri, "dom")
+    assert child.data.tags["protocol.axis"] == "domain"
+    (trial,), _ = load_trials("dom", tmp_path / "runs")
+    assert trial.axis == "domain" and len(trial.matrix) == 3
