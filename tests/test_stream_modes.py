@@ -208,3 +208,34 @@ def test_a_task_free_dkvb_on_two_workers_counts_key_usage_over_both():
     assert ranks[0]["usage"] == usage  # ...the counts of all samples, as one process counts them
     assert all(abs(a - b) <= 0.01 for row, ref in zip(ranks[0]["matrix"], single.test.accuracy_matrix)
                for a, b in zip(row, ref))
+
+
+ROTATED = {"source": "digits", "stream": "domain_incremental", "num_domains": 3, "shift": {"name": "rotation", "step": 30}}
+
+
+def test_a_blurry_domain_stream_deals_each_domains_shifted_samples_to_the_others():
+    """data.blurry on a domain stream: a domain's training samples (under its own shift) reach the other
+    domains' stages; every stage keeps all classes, its own validation and its own shifted test set."""
+    sharp = prepare(_config({"name": "mlp", "hidden": 32}, data=ROTATED)).stream
+    blurry = prepare(_config({"name": "mlp", "hidden": 32}, data={**ROTATED, "blurry": 0.2})).stream
+    assert blurry.axis == "domain" and len(blurry) == len(sharp) == 3
+    for j, (s, b) in enumerate(zip(sharp, blurry)):
+        assert b.classes == s.classes and torch.equal(b.x_test, s.x_test) and torch.equal(b.x_val, s.x_val)
+        own = {tuple(row.tolist()) for row in s.x_train}
+        others = [{tuple(row.tolist()) for row in o.x_train} for i, o in enumerate(sharp) if i != j]
+        rows = [tuple(row.tolist()) for row in b.x_train]
+        moved_out = sum(round(0.2 * int((s.y_train == c).sum())) for c in s.classes)
+        assert sum(r in own for r in rows) == len(s.y_train) - moved_out  # it keeps the rest of its own
+        received = [sum(r in o for r in rows) for o in others]
+        assert all(n > 0 for n in received) and len(rows) == len(own) - moved_out + sum(received)
+    assert sum(len(b.y_train) for b in blurry) == sum(len(s.y_train) for s in sharp)  # nothing lost or copied
+
+
+def test_a_blurry_task_free_domain_stream_resumes_exactly_from_a_stage_checkpoint():
+    config = _config({"name": "mlp", "hidden": 32}, data={**ROTATED, "blurry": 0.2}, train={"task_free": True},
+                     rehearsal={"memory_size": 60, "selection": "reservoir"})
+    states = []
+    full = run_stream(config, on_stage_end=lambda i, m, s: states.append(s))
+    assert [len(row) for row in full.test.accuracy_matrix] == [3, 3, 3]
+    resumed = run_stream(config, resume_state=states[0])  # the checkpoint after domain 1
+    assert resumed.test.accuracy_matrix == full.test.accuracy_matrix

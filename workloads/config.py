@@ -335,9 +335,6 @@ def check_stream_mode(config: RunConfig) -> None:
     if not 0 <= config.data.blurry < 1:
         raise ConfigError(f"data.blurry: the fraction of each stage's training samples moved to the other stages "
                           f"must lie in [0, 1) (0 = disjoint stages), got {config.data.blurry}")
-    if config.data.blurry and config.data.stream != "class_incremental":
-        raise ConfigError(f"data.blurry: blurs the boundaries between stages of classes; accepted with data.stream: "
-                          f"{config.data.stream}: data.blurry: 0 (or data.stream: class_incremental)")
     if config.data.blurry and learner is not None and learner.stage_classes_only:
         raise ConfigError(f"data.blurry: {config.learner.name} trains one classifier per stage over that stage's "
                           "classes and cannot take other stages' samples; accepted with it: data.blurry: 0")

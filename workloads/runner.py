@@ -159,13 +159,13 @@ def prepare(config: RunConfig) -> PreparedStream:
         classes = stage_classes(num_classes, d.classes_per_stage, d.stages, d.class_order_seed, present,
                                 d.class_order, config.seed)
         stream = make_stream(x_train, y_train, x_test, y_test, num_classes, classes, d.validation, config.seed)
-        stream = blur(stream, d.blurry, config.seed)
     else:
         data = load_source(config.data)
         num_classes = data.num_classes
         parts = stage_parts(config, data, backbone, store)
         stream = make_stage_stream(parts, num_classes, d.validation, config.seed)
         x_train = stream[0].x_train
+    stream = blur(stream, d.blurry, config.seed)  # any stream kind: a domain's samples reach its neighbours too
     ctx = LearnerContext(num_classes=num_classes, input_dim=backbone.output_dim, train=config.train,
                          seed=config.seed, device=device, features=store,
                          backbone=None if store else backbone, rehearsal=config.rehearsal,

@@ -200,4 +200,4 @@ def blur(stream: Stream, fraction: float, seed: int = 0) -> Stream:
         parts += [(src.x_train[received[j][i]], src.y_train[received[j][i]]) for i, src in enumerate(stream)]
         stages.append(Stage(stage.index, stage.classes, torch.cat([x for x, _ in parts]),
                             torch.cat([y for _, y in parts]), stage.x_test, stage.y_test, stage.x_val, stage.y_val))
-    return Stream(stages, stream.num_classes)
+    return Stream(stages, stream.num_classes, stream.axis)
