@@ -380,3 +380,11 @@ def test_domains_belong_to_image_folder_only():
     with pytest.raises(ConfigError, match=r"data.domains: names the domain folders of an image_folder root; "
                                           r"data.source is digits"):
         config({"source": "digits", "domains": ["a"]})
+
+
+def test_other_streams_pool_the_domain_folders(tmp_path):
+    root = write_domains(tmp_path / "pics")
+    stream = prepare(config({"source": "image_folder", "root": str(root), "image_size": 4})).stream
+    assert len(stream) == 1 and stream[0].classes == (0, 1)  # class-incremental, 2 classes per stage
+    assert red(torch.cat([stream[0].x_train, stream[0].x_val, stream[0].x_test])) == {40, 100, 160}
+    assert len(stream[0].y_test) == 12  # each domain's own split, pooled
