@@ -451,7 +451,8 @@ def image_folder_domains(cfg) -> list[str] | None:
     class_like = [p.name for p in folders if _images_in(p)]
     loose = _images_in(root)
     if loose or class_like:
-        what = (f"image file(s) ({loose[0].name}, ...)" if loose else f"class folder(s) with images ({class_like[0]}, ...)")
+        what = (f"image file(s) ({loose[0].name}, ...)" if loose
+                else f"class folder(s) with images ({class_like[0]}, ...)")
         raise DataError(f"data.root: {root} mixes domain folders ({', '.join(domain_like)}) with {what} directly in "
                         f"it; accepted: {DOMAIN_LAYOUT}, or root/<class>/<image> without domains")
     empty = [p.name for p in folders if p.name not in domain_like]
