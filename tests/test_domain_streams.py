@@ -252,3 +252,139 @@ def test_imagenet_c_corruptions_grow_in_severity_with_the_domain():
     assert 0 < change[1] < change[2]
     with pytest.raises(ConfigError, match=r"data.shift: corruption needs images of at least 32 x 32 pixels"):
         preflight(cfg)  # digits are 8 x 8
+
+
+# --- image_folder with one folder per domain ------------------------------------------------------------------------
+
+DOMAINS = ("sketch", "photo", "art")  # written in this order; sorted, the stages are art, photo, sketch
+CLASSES = ("cat", "dog")
+
+
+def write_domains(root, domains=DOMAINS, classes=CLASSES, per_class=6):
+    """root/<domain>/<class>/<i>.png: solid 4 x 4 images whose red says the domain (40 + 60 d for the d-th domain
+    written), green the class (100 c) and blue the image (i): every pixel tells where it came from."""
+    from PIL import Image
+
+    for d, domain in enumerate(domains):
+        for c, name in enumerate(classes):
+            (root / domain / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (4, 4), (40 + 60 * d, 100 * c, i)).save(root / domain / name / f"{i}.png")
+    return root
+
+
+def folder_config(root, **over):
+    return config({"source": "image_folder", "root": str(root), "image_size": 4, "stream": "user", **over})
+
+
+def red(x: torch.Tensor) -> set[int]:
+    """The red values of flattened (identity backbone) images: the domain codes they came from."""
+    return set(torch.round(x[:, 0] * 255).long().tolist())
+
+
+@pytest.mark.parametrize("order", [None, ["photo", "sketch", "art"]])
+def test_image_folder_domains_are_one_stage_each_in_the_stated_order(tmp_path, order):
+    root = write_domains(tmp_path / "pics")
+    stream = prepare(folder_config(root, **({"domains": order} if order else {}))).stream
+    names = order or sorted(DOMAINS)
+    code = {name: 40 + 60 * DOMAINS.index(name) for name in DOMAINS}
+    assert len(stream) == 3 and stream.axis == "domain"
+    for stage, name in zip(stream, names):
+        assert stage.classes == (0, 1)
+        for x, y in ((stage.x_train, stage.y_train), (stage.x_val, stage.y_val), (stage.x_test, stage.y_test)):
+            assert red(x) == {code[name]}  # from its own domain folder only
+            assert set(y.tolist()) == {0, 1}  # every class in every stage
+            # the label is the class folder's: green 100 c for class c
+            assert torch.equal(torch.round(x[:, 16] * 255).long(), 100 * y)
+        # the split is made within the domain: its 12 images, stratified, 4 of them (2 per class) for the test set
+        assert len(stage.y_train) + len(stage.y_val) == 8 and torch.bincount(stage.y_test).tolist() == [2, 2]
+    raw = load_source(DataConfig(source="image_folder", root=str(root), image_size=4, stream="user"))
+    assert raw.class_names == list(CLASSES) and raw.d_train is not None
+
+
+def test_an_image_folder_domain_stream_resumes_exactly_from_a_stage_state(tmp_path):
+    cfg = folder_config(write_domains(tmp_path / "pics"))
+    states = {}
+    full = run_stream(cfg, on_stage_end=lambda i, m, state: states.__setitem__(i, state))
+    resumed = run_stream(cfg, resume_state=states[1])
+    assert len(full.test.accuracy_matrix) == 3 and full.protocol["axis"] == "domain"
+    assert resumed.test.accuracy_matrix == full.test.accuracy_matrix
+    assert resumed.test.class_accuracy_matrix == full.test.class_accuracy_matrix
+
+
+def _loose_image(root):
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(root / "stray.png")
+
+
+def _empty_domain(root):
+    for c in CLASSES:
+        (root / "blank" / c).mkdir(parents=True)
+
+
+def _bare_domain(root):
+    (root / "blank").mkdir()
+
+
+def _class_beside_domains(root):
+    from PIL import Image
+    (root / "cat").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "cat" / "0.png")
+
+
+def _differing_classes(root):
+    import shutil
+    shutil.copytree(root / "photo" / "dog", root / "photo" / "fox")
+    shutil.rmtree(root / "photo" / "cat")
+
+
+@pytest.mark.parametrize("change,match", [
+    (_loose_image, r"pics mixes domain folders \(art, photo, sketch\) with image file\(s\) \(stray.png, ...\) "
+                   r"directly in it; accepted: root/<domain>/<class>/<image>"),
+    (_class_beside_domains, r"pics mixes domain folders \(art, photo, sketch\) with class folder\(s\) with images "
+                            r"\(cat, ...\)"),
+    (_empty_domain, r"domain folder .*pics/blank holds no images; accepted: root/<domain>/<class>/<image>"),
+    (_bare_domain, r"domain folder .*pics/blank holds no images"),
+    (_differing_classes, r"domain folder .*pics/photo lacks cat; has fox besides the classes of .*pics/art "
+                         r"\(cat, dog\); accepted: the same class folders in every domain"),
+])
+def test_bad_domain_folders_are_one_line(tmp_path, change, match):
+    root = write_domains(tmp_path / "pics")
+    change(root)
+    with pytest.raises(DataError, match=r"^data.root: .*" + match) as e:
+        preflight(folder_config(root))
+    assert "\n" not in str(e.value)
+
+
+def test_a_user_stream_on_a_plain_image_folder_says_which_layout_is_accepted(tmp_path):
+    root = write_domains(tmp_path / "pics", domains=("",))  # root/<class>/<image>: no domain level
+    with pytest.raises(DataError, match=r"^data.root: .*pics holds class folders directly \(no domain level\), so "
+                                        r"its images have no stages; accepted with data.stream: user and "
+                                        r"image_folder: root/<domain>/<class>/<image>, one folder per domain"):
+        preflight(folder_config(root))
+    assert prepare(config({"source": "image_folder", "root": str(root), "image_size": 4})).stream  # as before
+    with pytest.raises(DataError, match=r"^data.domains: .*pics holds class folders directly"):
+        preflight(folder_config(root, domains=["photo"]))
+
+
+@pytest.mark.parametrize("domains,match", [
+    (["photo", "photo"], r"data.domains: 'photo' is listed twice"),
+    (["photo", "clay"], r"data.domains: 'clay' is not a domain folder of .*pics; accepted: art, photo, sketch"),
+])
+def test_bad_domain_lists_are_one_line(tmp_path, domains, match):
+    with pytest.raises(DataError, match=match):
+        preflight(folder_config(write_domains(tmp_path / "pics"), domains=domains))
+
+
+def test_domains_belong_to_image_folder_only():
+    with pytest.raises(ConfigError, match=r"data.domains: names the domain folders of an image_folder root; "
+                                          r"data.source is digits"):
+        config({"source": "digits", "domains": ["a"]})
+
+
+def test_other_streams_pool_the_domain_folders(tmp_path):
+    root = write_domains(tmp_path / "pics")
+    stream = prepare(config({"source": "image_folder", "root": str(root), "image_size": 4})).stream
+    assert len(stream) == 1 and stream[0].classes == (0, 1)  # class-incremental, 2 classes per stage
+    assert red(torch.cat([stream[0].x_train, stream[0].x_val, stream[0].x_test])) == {40, 100, 160}
+    assert len(stream[0].y_test) == 12  # each domain's own split, pooled

@@ -42,7 +42,8 @@ class DataConfig:
     """Where the labelled data comes from, how it is cut into stages, what is held out."""
 
     # class_incremental: disjoint classes per stage; domain_incremental: every class in every stage, stage s a
-    # disjoint slice of the training data under input shift s; user: stage ids shipped with the data (npz)
+    # disjoint slice of the training data under input shift s; user: stage ids shipped with the data (npz
+    # d_train / d_test, or image_folder's domain folders root/<domain>/<class>/<image>)
     stream: Literal["class_incremental", "domain_incremental", "user"] = "class_incremental"
     num_domains: int | None = None  # domain_incremental: the number of stages (or len(shifts))
     shift: ShiftConfig | None = None  # domain_incremental: one shift, amount s * step at stage s
@@ -57,6 +58,7 @@ class DataConfig:
     class_order: list[int] | str | None = None  # an explicit order, a named one (orders.CLASS_ORDERS), or "seed"
     validation: float = 0.1  # fraction of each stage's training data held out per class for model selection
     image_size: int = 32  # image_folder: images are resized to image_size x image_size
+    domains: list[str] | None = None  # image_folder with domain folders: which, in stage order (None: sorted names)
     test_fraction: float = 0.3  # digits / image_folder: stratified held-out fraction (fixed split seed 0)
     train_samples_per_class: int = 50  # toy2d: 50 per class = the paper's 100 samples per stage
     test_samples_per_class: int = 200  # toy2d
@@ -297,6 +299,9 @@ def check_run_config(config: RunConfig) -> None:
 def check_stream(config: RunConfig) -> None:
     """data.stream and its keys: domains and shifts only for domain streams, one shift form at a time."""
     d = config.data
+    if d.domains is not None and d.source != "image_folder":
+        raise ConfigError(f"data.domains: names the domain folders of an image_folder root; data.source is "
+                          f"{d.source} (drop data.domains, or use data.source: image_folder)")
     if d.stream != "domain_incremental":
         for key in ("num_domains", "shift", "shifts"):
             if getattr(d, key) is not None:

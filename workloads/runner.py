@@ -181,7 +181,8 @@ def stage_parts(config: RunConfig, data: LabelledData, backbone=None, store: Fea
     if d.stream == "user":
         if data.d_train is None:
             raise ConfigError(f"data.stream: user needs stage ids shipped with the data (d_train and d_test arrays "
-                              f"in an npz file); data.source {d.source} has none")
+                              f"in an npz file, or image_folder domain folders root/<domain>/<class>/<image>); "
+                              f"data.source {d.source} has none")
         if store is not None:
             f = store.labelled(config.data)
             x_train, x_test = f.x_train, f.x_test

@@ -395,47 +395,130 @@ def load_cifar100(cfg) -> LabelledData:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-@register_source("image_folder")
-def load_image_folder(cfg) -> LabelledData:
-    """`root`/<class>/<image>: classes sorted by folder name, images resized to image_size, RGB uint8."""
+DOMAIN_LAYOUT = "root/<domain>/<class>/<image>, one folder per domain, the same class folders in each"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_classes(folder: Path, classes: list[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Every image of `folder`/<class>/ for the classes given (label = index in `classes`), RGB uint8."""
     from PIL import Image
 
-    if cfg.root is None:
-        raise DataError("data.root: image_folder needs a root folder with one sub-folder per class")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data.root: folder {root} not found")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"data.root: {root} has no class sub-folders")
-    size = cfg.image_size
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = _images_in(folder / name)
         if not files:
-            raise DataError(f"data.root: class folder {root / name} holds no images "
+            raise DataError(f"data.root: class folder {folder / name} holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         for path in files:
             with Image.open(path) as img:
                 img = img.convert("RGB").resize((size, size), Image.BILINEAR)
                 images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
             labels.append(label)
-    x = torch.from_numpy(np.stack(images))
-    y_np = np.asarray(labels, dtype=np.int64)
-    fraction = getattr(cfg, "test_fraction", 0.3)
+    return torch.from_numpy(np.stack(images)), np.asarray(labels, dtype=np.int64)
+
+
+def _split_folder(folder: Path, classes: list[str], y_np: np.ndarray, fraction: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The stratified train / test rows of one folder's images (the fixed split every image_folder uses)."""
     counts = np.bincount(y_np, minlength=len(classes))
     if len(classes) > 1 and counts.min() < 2:  # one class alone is left to check_labelled's two-classes message
         c = int(np.argmin(counts))
-        raise DataError(f"data.root: class folder {root / classes[c]} holds {counts[c]} image; accepted: at least "
+        raise DataError(f"data.root: class folder {folder / classes[c]} holds {counts[c]} image; accepted: at least "
                         "2 images per class (one for training, one for the test set)")
     try:
-        train, test = _stratified_split(y_np, fraction)
+        return _stratified_split(y_np, fraction)
     except ValueError as e:  # too few images for a test set holding every class
-        raise DataError(f"data.root: {root}: {len(y_np)} images of {len(classes)} classes cannot be split with "
+        raise DataError(f"data.root: {folder}: {len(y_np)} images of {len(classes)} classes cannot be split with "
                         f"test_fraction {fraction} ({e}); accepted: a test set of at least one image per class "
                         "(more images, or a larger data.test_fraction)") from None
-    y = torch.from_numpy(y_np)
-    return LabelledData(x[train], y[train], x[test], y[test], len(classes), classes)
+
+
+def image_folder_domains(cfg) -> list[str] | None:
+    """The domain folders of an image_folder root, in stage order (`data.domains`, or sorted names); None for a
+    plain root/<class>/<image> layout. A domain folder is a sub-folder holding folders rather than images."""
+    root = Path(cfg.root).expanduser()
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    domain_like = [p.name for p in folders if not _images_in(p) and any(q.is_dir() for q in p.iterdir())]
+    listed = getattr(cfg, "domains", None)
+    if not domain_like:
+        if listed is not None:
+            raise DataError(f"data.domains: {root} holds class folders directly (no domain level); accepted with "
+                            f"data.domains: {DOMAIN_LAYOUT}")
+        return None
+    class_like = [p.name for p in folders if _images_in(p)]
+    loose = _images_in(root)
+    if loose or class_like:
+        what = (f"image file(s) ({loose[0].name}, ...)" if loose
+                else f"class folder(s) with images ({class_like[0]}, ...)")
+        raise DataError(f"data.root: {root} mixes domain folders ({', '.join(domain_like)}) with {what} directly in "
+                        f"it; accepted: {DOMAIN_LAYOUT}, or root/<class>/<image> without domains")
+    empty = [p.name for p in folders if p.name not in domain_like]
+    if empty:
+        raise DataError(f"data.root: domain folder {root / empty[0]} holds no images; accepted: {DOMAIN_LAYOUT}")
+    if listed is None:
+        return domain_like
+    if len(set(listed)) != len(listed):
+        twice = next(n for n in listed if listed.count(n) > 1)
+        raise DataError(f"data.domains: {twice!r} is listed twice; accepted: each domain folder once")
+    unknown = [n for n in listed if n not in domain_like]
+    if unknown:
+        raise DataError(f"data.domains: {unknown[0]!r} is not a domain folder of {root}; accepted: "
+                        f"{', '.join(domain_like)}")
+    if not listed:
+        raise DataError(f"data.domains: an empty list; accepted: domain folders of {root} ({', '.join(domain_like)})")
+    return list(listed)
+
+
+@register_source("image_folder")
+def load_image_folder(cfg) -> LabelledData:
+    """`root`/<class>/<image>: classes sorted by folder name, images resized to image_size, RGB uint8; or
+    `root`/<domain>/<class>/<image>: the same classes in every domain, each domain split on its own and its
+    samples given stage id = its place in the domain order (data.stream: user)."""
+    if cfg.root is None:
+        raise DataError("data.root: image_folder needs a root folder with one sub-folder per class")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: folder {root} not found")
+    fraction = getattr(cfg, "test_fraction", 0.3)
+    domains = image_folder_domains(cfg)
+    if domains is None:
+        if getattr(cfg, "stream", None) == "user":
+            raise DataError(f"data.root: {root} holds class folders directly (no domain level), so its images have "
+                            f"no stages; accepted with data.stream: user and image_folder: {DOMAIN_LAYOUT}")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"data.root: {root} has no class sub-folders")
+        x, y_np = _read_classes(root, classes, cfg.image_size)
+        train, test = _split_folder(root, classes, y_np, fraction)
+        y = torch.from_numpy(y_np)
+        return LabelledData(x[train], y[train], x[test], y[test], len(classes), classes)
+
+    classes = sorted(p.name for p in (root / domains[0]).iterdir() if p.is_dir())
+    for name in domains[1:]:
+        other = sorted(p.name for p in (root / name).iterdir() if p.is_dir())
+        if other != classes:
+            lacks, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            diff = "; ".join(([f"lacks {', '.join(lacks)}"] if lacks else [])
+                             + ([f"has {', '.join(extra)} besides"] if extra else []))
+            raise DataError(f"data.root: domain folder {root / name} {diff} the classes of {root / domains[0]} "
+                            f"({', '.join(classes)}); accepted: the same class folders in every domain")
+    parts: dict[str, list] = {k: [] for k in ("x_train", "y_train", "d_train", "x_test", "y_test", "d_test")}
+    for d, name in enumerate(domains):
+        folder = root / name
+        if not any(_images_in(folder / c) for c in classes):
+            raise DataError(f"data.root: domain folder {folder} holds no images; accepted: {DOMAIN_LAYOUT}")
+        x, y_np = _read_classes(folder, classes, cfg.image_size)
+        rows = dict(zip(("train", "test"), _split_folder(folder, classes, y_np, fraction)))
+        for s, r in rows.items():
+            parts[f"x_{s}"].append(x[r])
+            parts[f"y_{s}"].append(torch.from_numpy(y_np[r]))
+            parts[f"d_{s}"].append(torch.full((len(r),), d, dtype=torch.int64))
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return LabelledData(cat["x_train"], cat["y_train"], cat["x_test"], cat["y_test"], len(classes), classes,
+                        cat["d_train"], cat["d_test"])
 
 
 # --- npz: a user's own arrays ----------------------------------------------------------------------------------
@@ -521,6 +604,8 @@ def source_identity(cfg) -> dict:
     ident = {"source": cfg.source}
     for name in IDENTITY_FIELDS.get(cfg.source, ()):
         ident[name] = getattr(cfg, name, None)
+    if cfg.source == "image_folder" and getattr(cfg, "domains", None) is not None:  # the order and choice of domains
+        ident["domains"] = list(cfg.domains)
     if cfg.source in ("cifar10", "cifar100", "image_folder", "npz") and cfg.root is not None:
         root = Path(cfg.root).expanduser().resolve()
         if cfg.source in CIFAR_LAYOUT:
