@@ -110,12 +110,13 @@ def cmd_run(args) -> int:
     print(f"clorch run {args.file}: learner {config.learner.name}, data {config.data.source}, seed {config.seed}")
     memory = config.rehearsal.memory_size > 0
     val = config.data.validation > 0
-    print(f"{'stage':>5}  {'classes':<16} " + (f"{'val acc':>8} " if val else "") +
+    axis = "stage" if config.data.stream == "class_incremental" else "domain"  # a domain stream's stages
+    print(f"{axis:>6}  {'classes':<16} " + (f"{'val acc':>8} " if val else "") +
           f"{'test acc':>8} {'loss':>8} {'time':>8}" + ("  memory" if memory else ""))
 
     def on_stage_end(stage: int, m: dict, state: dict) -> None:
-        classes = ",".join(str(c) for c in m["classes"])
-        print(f"{stage + 1:>5}  {classes:<16} " + (f"{_fmt(m['val/accuracy_on_seen_classes']):>8} " if val else "")
+        classes = ",".join(str(c) for c in m["classes"]) if axis == "stage" else f"all {len(m['classes'])}"
+        print(f"{stage + 1:>6}  {classes:<16} " + (f"{_fmt(m['val/accuracy_on_seen_classes']):>8} " if val else "")
               + f"{_fmt(m['test/accuracy_on_seen_classes']):>8} {m['loss']:>8.4f} {m['seconds']:>7.1f}s"
               + (f"  {m['memory_size']:>6}" if memory else ""), flush=True)
 
