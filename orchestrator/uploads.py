@@ -19,7 +19,7 @@ import queue
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,6 @@ class Upload:
     what: str
     fn: Callable[[object], None]
     spool: Path | None = None
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class Uploader:
@@ -74,7 +73,6 @@ class Uploader:
             log.warning("MLflow is slower than the sweep: %d uploads wait already; %s is not logged",
                         self._queue.maxsize, upload.what)
             _remove(upload.spool)
-            upload.done.set()
 
     def drain(self) -> None:
         """Wait until every queued upload has been made (or has failed)."""
@@ -110,7 +108,6 @@ class Uploader:
             finally:
                 if upload is not None:
                     _remove(upload.spool)
-                    upload.done.set()
                 self._queue.task_done()
 
     def clear_spool(self) -> None:
