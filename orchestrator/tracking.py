@@ -437,7 +437,13 @@ class MLflowTracking(tune.Callback):
             tags = [RunTag("protocol.future_inputs", str(bool(result.get("protocol.future_inputs"))).lower()),
                     RunTag("protocol.validation", f"{validation:g}" if validation else "none"),
                     RunTag("protocol.axis", result.get("protocol.axis") or "stage")]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        # A write can reach the store and still fail for its writer (a server killed before it answered, a
+        # driver killed before it recorded the stage below): the store itself says whether this stage is in.
+        # A log_batch is one transaction, so one of its metrics tells.
+        if metrics and any(m.step == stage for m in self.client.get_metric_history(run_id, metrics[0].key)):
+            metrics, tags = [], []
+        if metrics or tags:
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
         runs = self._load_map()
         runs.setdefault("stages_logged", {})[trial.trial_id] = stage
         self._save_map(runs)

@@ -104,11 +104,19 @@ def test_a_sweep_survives_killed_trials_a_lost_node_an_mlflow_outage_and_a_kille
         done.append((what, _stages_reported(experiment)))
 
     def kill_a_trial(what: str) -> None:
+        import psutil
+
         deadline = time.time() + 60
-        while not (running := _trial_processes(cluster)):
+        while True:
+            running = _trial_processes(cluster)
+            try:
+                if running:
+                    rng.choice(running).send_signal(signal.SIGKILL)
+                    break
+            except psutil.NoSuchProcess:  # it ended between the listing and the signal: pick again
+                pass
             assert time.time() < deadline, "no trial process to kill"
             time.sleep(0.2)
-        rng.choice(running).send_signal(signal.SIGKILL)
         done.append((what, _stages_reported(experiment)))
 
     total = len(SEEDS) * len(KEYS) * STAGES
