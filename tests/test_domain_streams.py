@@ -254,6 +254,27 @@ def test_imagenet_c_corruptions_grow_in_severity_with_the_domain():
         preflight(cfg)  # digits are 8 x 8
 
 
+def test_digits_32_are_the_digits_resampled_and_take_the_corruptions():
+    import imagecorruptions  # noqa: F401
+    from torch.nn.functional import interpolate
+
+    from orchestrator.config import load_experiment
+
+    small, big = load_source(DataConfig(source="digits")), load_source(DataConfig(source="digits_32"))
+    assert big.x_train.shape[1:] == (1, 32, 32) and torch.equal(big.y_train, small.y_train)
+    assert torch.equal(big.y_test, small.y_test)  # the same split
+    # the same images: each one, shrunk back to 8 x 8, is nearer its own source digit than any other
+    back = interpolate(big.x_train[:50], size=(8, 8), mode="area").flatten(1)
+    assert torch.equal(torch.cdist(back, small.x_train[:50].flatten(1)).argmin(1), torch.arange(50))
+    # search_spaces/corrupted_digits.yaml: clean first domain, frost of growing severity after it
+    base = load_experiment("search_spaces/corrupted_digits.yaml", ["data.num_domains=3"]).base
+    assert (base.data.source, base.data.shift.corruption) == ("digits_32", "frost")
+    tests = [s.x_test for s in prepare(base).stream]
+    assert torch.equal(tests[0], big.x_test.flatten(1))  # identity backbone: domain 0 is the clean pixels
+    change = [float((t - tests[0]).abs().mean()) for t in tests]
+    assert 0 < change[1] < change[2]
+
+
 # --- image_folder with one folder per domain ------------------------------------------------------------------------
 
 DOMAINS = ("sketch", "photo", "art")  # written in this order; sorted, the stages are art, photo, sketch

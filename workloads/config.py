@@ -49,7 +49,7 @@ class DataConfig:
     shift: ShiftConfig | None = None  # domain_incremental: one shift, amount s * step at stage s
     shifts: list[ShiftConfig] | None = None  # domain_incremental: one shift per stage
 
-    source: Literal["toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "digits"
+    source: Literal["toy2d", "digits", "digits_32", "cifar10", "cifar100", "image_folder", "npz"] = "digits"
     root: str | None = None  # cifar: folder holding (or receiving) the archive; image_folder: the folder; npz: the file
     download: bool = False  # cifar only: let torchvision download into `root` (needs a network)
     classes_per_stage: int = 2
@@ -59,7 +59,7 @@ class DataConfig:
     validation: float = 0.1  # fraction of each stage's training data held out per class for model selection
     image_size: int = 32  # image_folder: images are resized to image_size x image_size
     domains: list[str] | None = None  # image_folder with domain folders: which, in stage order (None: sorted names)
-    test_fraction: float = 0.3  # digits / image_folder: stratified held-out fraction (fixed split seed 0)
+    test_fraction: float = 0.3  # digits(_32) / image_folder: stratified held-out fraction (fixed split seed 0)
     train_samples_per_class: int = 50  # toy2d: 50 per class = the paper's 100 samples per stage
     test_samples_per_class: int = 200  # toy2d
     blurry: float = 0.0  # fraction of each stage's training samples dealt to the other stages (streams.blur)
@@ -74,7 +74,8 @@ SETUP_MODES = ("first_stage", "stream")
 class KeyInitData:
     """Unlabelled inputs that a DKVB learns its keys on, from a source of their own (not the stream)."""
 
-    source: Literal["unit_square", "toy2d", "digits", "cifar10", "cifar100", "image_folder", "npz"] = "unit_square"
+    source: Literal["unit_square", "toy2d", "digits", "digits_32", "cifar10", "cifar100", "image_folder",
+                    "npz"] = "unit_square"
     root: str | None = None
     download: bool = False
     num_samples: int = 10000  # unit_square: uniform samples of [0, 1]^2; other sources: at most this many

@@ -171,7 +171,7 @@ def _corruption(x: torch.Tensor, shift: Shift) -> torch.Tensor:
     if min(x.shape[-2:]) < 32:
         raise ConfigError(f"data.shift: corruption needs images of at least 32 x 32 pixels (imagecorruptions); "
                           f"this source's are {x.shape[-2]} x {x.shape[-1]}; accepted for small images: rotation, "
-                          "contrast, blur")
+                          "contrast, blur (or source digits_32: the digits at 32 x 32)")
     # imagecorruptions takes (H, W, C) uint8 images and draws from numpy's global generator: seed it per stage
     state = np.random.get_state()
     np.random.seed((shift.seed * 1_000_003 + shift.stage) % 2**32)

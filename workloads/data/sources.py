@@ -301,6 +301,17 @@ def load_digits(cfg) -> LabelledData:
     return LabelledData(x[train], y[train], x[test], y[test], 10, [str(i) for i in range(10)])
 
 
+@register_source("digits_32")
+def load_digits_32(cfg) -> LabelledData:
+    """The same digits and split, resampled (bilinear) to 32x32: big enough for the ImageNet-C corruptions
+    (imagecorruptions needs 32 px), still without a download."""
+    from torch.nn.functional import interpolate
+
+    d = load_digits(cfg)
+    up = lambda x: interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp_(0, 1)
+    return LabelledData(up(d.x_train), d.y_train, up(d.x_test), d.y_test, d.num_classes, d.class_names)
+
+
 # --- CIFAR-10 / CIFAR-100 in their python-pickle format -----------------------------------------------------
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -554,7 +565,8 @@ def load_npz(cfg) -> LabelledData:
 
 def source_shape(cfg) -> tuple[int, ...]:
     """The shape of one input (no batch dimension), known without reading the data where the source fixes it."""
-    fixed = {"toy2d": (2,), "unit_square": (2,), "digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+    fixed = {"toy2d": (2,), "unit_square": (2,), "digits": (1, 8, 8), "digits_32": (1, 32, 32),
+             "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
     if cfg.source in fixed:
         return fixed[cfg.source]
     if cfg.source == "image_folder":
@@ -581,6 +593,7 @@ def source_shape(cfg) -> tuple[int, ...]:
 IDENTITY_FIELDS = {
     "toy2d": ("train_samples_per_class", "test_samples_per_class"),
     "digits": ("test_fraction",),
+    "digits_32": ("test_fraction",),
     "cifar10": (), "cifar100": (),
     "image_folder": ("image_size", "test_fraction"),
     "npz": (),
