@@ -62,10 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
         p.add_argument("--num-cpus", type=_positive_int, help="CPUs of a local Ray (default: all)")
-    report = sub.add_parser("report", help="leaderboard (markdown + CSV) and accuracy-per-stage plots of a sweep")
+    report = sub.add_parser("report", help="a sweep's leaderboard (markdown, CSV), comparison figures, per-trial "
+                            "plots and one HTML page of it all")
     report.add_argument("name", help="sweep name")
     report.add_argument("--storage", help="experiment storage folder (default: ./clorch_runs)")
-    report.add_argument("--out", help="folder for the CSV and plots (default: <storage>/.clorch/NAME/report)")
+    report.add_argument("--out", help="folder for the CSVs, figures and the HTML page (default: "
+                        "./clorch_report/NAME)")
     report.add_argument("--metric", help="rank by this metric (default: the sweep's selection metric)")
     report.add_argument("--mode", choices=("max", "min"), help="better is max or min (default: the metric's own "
                         "direction, e.g. min for forgetting)")
@@ -406,7 +408,11 @@ def cmd_report(args) -> int:
     tune_options = sweep_info(storage, args.name)["tune"]
     metric = args.metric or tune_options["metric"]
     mode = args.mode or (tune_options["mode"] if metric == tune_options["metric"] else None)
-    print(write_report(args.name, storage, Path(args.out) if args.out else None, metric, mode))
+    from orchestrator.report import HTML_FILE, default_out_dir
+
+    out = Path(args.out) if args.out else default_out_dir(args.name)
+    print(write_report(args.name, storage, out, metric, mode))
+    print(f"report written to {out.resolve()}/ (open {HTML_FILE} in a browser)")
     return 0
 
 

@@ -42,6 +42,8 @@ class TrialSummary:
     seen: list[float] = field(default_factory=list)  # test accuracy on seen classes after each stage
     matrix: list[list[float]] = field(default_factory=list)  # test R[i][j] for the stages completed
     axis: str = "stage"  # what R's rows and columns are: `stage`, or `domain` on a domain or user stream
+    label: str = ""  # what it sweeps, in words (orchestrator.sweep.trial_label): `dkvb K=256 seed=1`
+    config_label: str = ""  # the same without its seeds: its configuration's name
 
     @property
     def future_inputs(self) -> bool:
@@ -59,6 +61,10 @@ class Group:
     @property
     def n(self) -> int:
         return len(self.trials)
+
+    @property
+    def label(self) -> str:
+        return self.trials[0].config_label or ", ".join(f"{k}={v}" for k, v in self.params.items()) or "base"
 
     def stats(self, metric: str) -> tuple[float, float]:
         """(mean, sample std) of `metric` over the group's trials; nan where undefined."""

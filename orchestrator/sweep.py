@@ -666,7 +666,8 @@ def _summary(trial_id: str, state: str | None, last: dict, config: dict | None, 
     state = state or ("done" if total and stages == total else "stopped" if last.get("done") else unfinished)
     return TrialSummary(trial_id, state, stages, total,
                         {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                        {k: short_value(v) for k, v in ((config or {}).get("sweep") or {}).items()})
+                        {k: short_value(v) for k, v in ((config or {}).get("sweep") or {}).items()},
+                        label=trial_label(config), config_label=trial_label(config, seeds=False))
 
 
 def short_value(value):
@@ -675,3 +676,37 @@ def short_value(value):
         return value
     rest = ", ".join(f"{k}={short_value(v)}" for k, v in value.items() if k != "name")
     return f"{value['name']}({rest})" if "name" in value else "{" + rest + "}"
+
+
+# Short names of swept keys in trial names; a key not here goes in by its last dotted part.
+NAME_ALIASES = {"num_codebooks": "C", "num_keys": "K", "key_dim": "dk", "value_dim": "dv", "memory_size": "mem",
+                "class_order_seed": "order_seed"}
+# The options of a swept learner block that name it (its size); the rest stay in the run's params only.
+BLOCK_NAME_KEYS = ("num_codebooks", "num_keys", "key_dim", "topk", "hidden")
+
+
+def trial_label(config: dict, seeds: bool = True) -> str:
+    """A trial's name from what it sweeps: `dkvb K=256 seed=1`, `dytox mem=200 seed=0`: the learner first (its
+    block's size options with it), seeds last (left out with seeds=False: the configuration's name)."""
+    point = dict((config or {}).get("sweep") or {})
+    base_learner = ((config or {}).get("base") or {}).get("learner") or {}
+    learner = point.pop("learner", None)
+    name = (learner or {}).get("name") if isinstance(learner, dict) else None
+    name = point.pop("learner.name", None) or name or base_learner.get("name", "run")
+    words = [str(name)]
+    if isinstance(learner, dict):
+        words += [f"{NAME_ALIASES.get(k, k)}={_word(v)}" for k, v in learner.items() if k in BLOCK_NAME_KEYS]
+    with_seeds, seeds = seeds, [k for k in point if k.rpartition(".")[2] in ("seed", "class_order_seed")]
+    for key in [*(k for k in point if k not in seeds), *(seeds if with_seeds else [])]:
+        value = point[key]
+        short = key.rpartition(".")[2]
+        if isinstance(value, dict):  # another swept block (a backbone, a rehearsal block): its name or its values
+            words.append(str(value["name"]) if "name" in value else f"{short}={short_value(value)}")
+        else:
+            words.append(f"{NAME_ALIASES.get(short, short)}={_word(value)}")
+    return " ".join(words)[:250]
+
+
+def _word(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(short_value(value))
+

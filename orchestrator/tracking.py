@@ -301,12 +301,14 @@ class MLflowTracking(tune.Callback):
     def _create_child(self, experiment_id: str, parent: str, trial, restart_of: str | None = None) -> str:
         from mlflow.entities import Param
 
+        from orchestrator.sweep import trial_label
         from orchestrator.trial import resolve
 
         tags = {"mlflow.parentRunId": parent, "clorch.sweep": self.experiment, "clorch.trial_id": trial.trial_id,
                 **({"clorch.sweep_id": self.sweep_id} if self.sweep_id else {}),
                 **({"clorch.restart_of": restart_of} if restart_of else {})}
-        run = self.client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags)
+        # named by what the trial sweeps (the id is a tag): the runs page tells DKVB from DyTox at a glance
+        run = self.client.create_run(experiment_id, run_name=trial_label(trial.config), tags=tags)
         params = flatten(to_dict(resolve(trial.config)))
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
@@ -630,6 +632,23 @@ class MLflowTracking(tune.Callback):
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v])
         self.client.set_tag(run_id, "best.config", ", ".join(f"{k}={best.params.get(k)}" for k in keys) or "base")
         self.client.set_tag(run_id, "best.trials", " ".join(t.trial for t in best.trials))
+        axis = next((r["protocol.axis"] for t in trials for r in [t.last_result or {}] if r.get("protocol.axis")),
+                    "stage")
+        _best_effort("the sweep's comparison figures", self._log_comparison, run_id, groups, axis)
+
+    def _log_comparison(self, run_id: str, groups, axis: str) -> None:
+        """The report's comparison figures on the parent run (every configuration in one picture), their curves
+        read back from the child runs' per-stage history."""
+        from orchestrator.report import comparison_figures
+
+        runs = self._load_map()["trials"]
+        for t in (t for group in groups for t in group.trials if t.trial in runs):
+            history = self.client.get_metric_history(runs[t.trial], "test/accuracy_on_seen_classes")
+            by_step = {m.step: m.value for m in history}  # a stage logged again: the latest
+            t.seen = [by_step[k] for k in sorted(by_step)]
+        with tempfile.TemporaryDirectory() as folder:
+            for path in comparison_figures(groups, axis, Path(folder)):
+                self.client.log_artifact(run_id, str(path), "comparison")
 
     def _log_pareto(self, run_id: str, table, keys: list[str]) -> None:
         """The Pareto set of a sweep with several selection metrics: its configurations' rows (`pareto.json`),
@@ -656,13 +675,25 @@ class MLflowTracking(tune.Callback):
         client = client or self.client
         client.log_dict(run_id, matrices, "accuracy_matrix.json")
         for split, matrix in matrices.items():
-            fig = _figure(figsize=(1 + 0.6 * len(matrix), 1 + 0.5 * len(matrix)))
+            from matplotlib.colors import PowerNorm
+
+            n = len(matrix)
+            fig = _figure(figsize=(2 + 0.75 * n, 1.5 + 0.6 * n))
             ax = fig.subplots()
-            image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+            # one fixed scale for every run, stretched at the top where accuracies sit: 0.9 and 1.0 differ
+            norm = PowerNorm(gamma=3, vmin=0, vmax=1)
+            image = ax.imshow(matrix, norm=norm, cmap="viridis")
+            for i, row in enumerate(matrix):
+                for j, value in enumerate(row):
+                    if value == value:  # nan: not evaluated
+                        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                                color="black" if norm(value) > 0.6 else "white")
+            ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
+            ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
             ax.set_xlabel(f"evaluated on {axis} j")
             ax.set_ylabel(f"after training {axis} i")
             ax.set_title(f"{split} accuracy")
-            fig.colorbar(image, ax=ax)
+            fig.colorbar(image, ax=ax, ticks=[0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0])
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / f"accuracy_matrix_{split}.png"
                 fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -68,10 +68,47 @@ def test_report_ranks_trials_best_first_with_a_csv_row_and_a_plot_each(finished_
     for r in table:
         png = tmp_path / "out" / f"{r['trial']}.png"
         assert r["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(r["plot"] for r in table)
+    comparison = ["accuracy_vs_forgetting.png", "seen_by_stage.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted([*comparison,
+                                                                              *(r["plot"] for r in table)])
     with open(tmp_path / "out" / "leaderboard.csv") as f:
         configs = list(csv.DictReader(f))
     assert [c["n"] for c in configs] == ["1", "1"] and "val/average_accuracy mean" in configs[0]
+
+
+@pytest.mark.slow
+def test_the_report_compares_configurations_in_figures_and_on_one_self_contained_page(finished_sweep, tmp_path):
+    import base64
+
+    from orchestrator.report import write_report
+
+    name, storage = finished_sweep
+    markdown = write_report(name, storage, tmp_path / "out")
+    out = tmp_path / "out"
+    assert "seen_by_stage.png" in markdown and "report.html" in markdown
+    for figure in ("seen_by_stage.png", "accuracy_vs_forgetting.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "dkvb K=16" in page and "dkvb K=32" in page  # trials by their swept values
+    images = page.split('src="data:image/png;base64,')[1:]
+    assert len(images) == 2 + 2  # the two comparison figures and one plot per trial, inlined
+    assert all(base64.b64decode(i.split('"')[0])[:4] == b"\x89PNG" for i in images)
+    assert "src=\"http" not in page and "<script" not in page  # nothing fetched when opened
+
+
+@pytest.mark.slow
+def test_mlflow_runs_are_named_by_their_swept_values_and_the_parent_compares_them(finished_sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name, storage = finished_sweep
+    client = MlflowClient("sqlite:///" + str(storage.parent / "mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.info.run_name for r in children) == ["dkvb K=16", "dkvb K=32"]
+    assert all(r.data.tags["clorch.trial_id"] in r.info.run_name or r.data.tags["clorch.trial_id"] for r in children)
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert figures == {"comparison/seen_by_stage.png", "comparison/accuracy_vs_forgetting.png"}
 
 
 @pytest.mark.slow

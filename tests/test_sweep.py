@@ -349,16 +349,21 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes_and_logs_to_an_mlflow_serv
         server.wait(timeout=30)
 
 
-def test_report_command_prints_the_leaderboard_and_models_are_registered(ray_local, tmp_path, capsys):
+def test_report_command_prints_the_leaderboard_and_models_are_registered(ray_local, tmp_path, capsys,
+                                                                          monkeypatch):
     path = tmp_path / "two.yaml"
     path.write_text(TWO_TRIALS.replace("epochs: 20", "epochs: 1") + "tracking:\n  register_model: clorch-digits\n")
     uri, args = sweep_args(tmp_path)
     assert main(["sweep", str(path), "--name", "r", *args]) == 0
     capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # the report goes to ./clorch_report/NAME
     assert main(["report", "r", "--storage", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert out.count("| done") == 2 and "val/average_accuracy" in out and "test/average_accuracy" in out
-    assert (tmp_path / "runs" / ".clorch" / "r" / "report" / "leaderboard.csv").exists()
+    folder = tmp_path / "clorch_report" / "r"
+    assert f"report written to {folder}/" in out
+    for name in ("leaderboard.csv", "trials.csv", "report.html", "seen_by_stage.png", "accuracy_vs_forgetting.png"):
+        assert (folder / name).stat().st_size > 0, name
     versions = MlflowClient(uri).search_model_versions("name = 'clorch-digits'")
     assert len(versions) == 2  # one per trial
     mlflow.set_tracking_uri(uri)
