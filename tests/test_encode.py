@@ -63,6 +63,7 @@ def test_cache_on_a_two_node_cluster_encodes_each_file_once_on_both_nodes_and_tr
     assert report["after_trials"] == report["after_tasks"]  # no file rewritten
 
 
+@pytest.mark.slow
 def test_a_local_sweep_encodes_before_its_trials_and_they_read_the_cache(ray_local, tmp_path, capsys):
     cache = tmp_path / "cache"
     path = tmp_path / "exp.yaml"
