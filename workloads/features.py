@@ -148,16 +148,17 @@ def encode_precision(device: torch.device) -> str:
 
 @torch.no_grad()
 def encode_with_progress(backbone: Backbone, x: torch.Tensor, device: torch.device, what: str,
-                         batch_size: int = 256) -> torch.Tensor:
+                         batch_size: int = 256, precision: str | None = None) -> torch.Tensor:
     """Embeddings (N, output_dim) through the frozen backbone, with a progress bar (images per second).
 
     On a GPU: raw batches go from pinned memory with non-blocking copies, the transform (resize, normalise) runs
-    there too, and the backbone under bf16 autocast where supported; embeddings are stored as float32."""
+    there too, and the backbone under bf16 autocast where supported; embeddings are stored as float32.
+    `precision` (`fp32` or `bf16`) overrides that choice (bench/encode_throughput.py compares the two)."""
     from tqdm.auto import tqdm
 
     backbone.eval().to(device)
     cuda = device.type == "cuda"
-    precision = encode_precision(device)
+    precision = precision or encode_precision(device)
     # on a GPU, embeddings land in pinned memory by non-blocking copies: no wait on each batch
     result = torch.empty(len(x), backbone.output_dim, pin_memory=cuda)
     started = time.perf_counter()
