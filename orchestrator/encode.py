@@ -93,6 +93,8 @@ def _encode(config: RunConfig, key: str) -> dict:
     started = time.perf_counter()
     node = ray.get_runtime_context().get_node_id()
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    # as many threads as CPUs reserved: Ray's default for a task is a single one
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     store = feature_store(config, device)
     request = next((r for r in feature_requests(store, config) if r.key == key), None)
     if request is None:
@@ -106,14 +108,18 @@ def _encode(config: RunConfig, key: str) -> dict:
             "device": device.type, "precision": encode_precision(device), "path": str(store.path(key))}
 
 
-def task_resources(gpus_per_task: float = 1.0) -> dict:
-    """What each encoding task reserves: `gpus_per_task` GPUs (and a CPU) where the cluster has GPUs, one CPU
-    otherwise."""
+def task_resources(tasks: int = 1, gpus_per_task: float = 1.0) -> dict:
+    """What each of `tasks` encoding tasks reserves: `gpus_per_task` GPUs (and a CPU) where the cluster has GPUs;
+    otherwise an equal share of the CPUs (at least one, at most the smallest node's), so that a few large
+    files on many cores encode with many threads each."""
     import ray
 
     if ray.cluster_resources().get("GPU", 0) > 0:
         return {"num_cpus": 1, "num_gpus": gpus_per_task}
-    return {"num_cpus": 1}
+    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if not per_node:
+        return {"num_cpus": 1}
+    return {"num_cpus": max(1, min(int(min(per_node)), int(sum(per_node)) // max(tasks, 1)))}
 
 
 def run_tasks(todo: list[Encoding], on_done: Callable[[dict, int], None] | None = None,
@@ -124,7 +130,7 @@ def run_tasks(todo: list[Encoding], on_done: Callable[[dict, int], None] | None 
 
     if not todo:
         return []
-    task = ray.remote(_encode).options(**task_resources(gpus_per_task), scheduling_strategy="SPREAD",
+    task = ray.remote(_encode).options(**task_resources(len(todo), gpus_per_task), scheduling_strategy="SPREAD",
                                        max_retries=1)
     pending = [task.remote(e.config, e.key) for e in todo]
     reports = []
@@ -170,7 +176,7 @@ def encode_configs(configs: list[RunConfig], say: Callable[[str], None], gpus_pe
         say(f"embeddings: all {p.total} file(s) the trials read are cached already")
         return []
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    kind = "GPU" if "num_gpus" in task_resources(gpus_per_task) else "CPU"
+    kind = "GPU" if "num_gpus" in task_resources(len(p.todo), gpus_per_task) else "CPU"
     say(f"embeddings: encoding {len(p.todo)} file(s) as {kind} Ray tasks over {nodes} node(s) before any trial "
         f"starts ({p.cached} of {p.total} cached already)")
     reports = run_tasks(p.todo, lambda r, n: say(report_line(r, n, len(p.todo))), gpus_per_task)
