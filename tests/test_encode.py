@@ -110,3 +110,12 @@ def test_domain_stream_slices_are_encoded_as_tasks_and_read_by_the_run(ray_local
     assert len(reports) == 6  # each domain's train slice and its shifted test set
     assert len({r["key"] for r in reports}) == 6
     assert prepare(config).context.features.encoded == 0
+
+
+def test_cache_with_an_address_where_nothing_answers_is_one_line(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(EXPERIMENT.replace("base:\n", f"base:\n  cache_dir: {tmp_path / 'cache'}\n"))
+    assert main(["cache", str(path), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clorch: error: --address: nothing answers at 127.0.0.1:1")
+    assert not (tmp_path / "cache").exists()  # nothing encoded, in this process or elsewhere
