@@ -207,7 +207,7 @@ def cmd_sweep(args) -> int:
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
-    _encode_first(experiment)
+    _encode_first(experiment, local=target.address is None)
     tuner = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
                         local=target.address is None, num_stages=num_stages)
     hold_driver_lock(target.storage, name)
@@ -215,13 +215,14 @@ def cmd_sweep(args) -> int:
     return _print_results(results, options.metric, options.mode)
 
 
-def _encode_first(experiment) -> None:
-    """Before any trial starts: every embeddings file the trials read, encoded as Ray tasks over the nodes (the
-    cache keys of sampled axes are unknown until their trials draw them: those trials encode their own)."""
+def _encode_first(experiment, local: bool) -> None:
+    """Before any trial starts: every embeddings file the trials read, encoded as Ray tasks over the nodes (on a
+    local Ray without GPUs: in this process; the cache keys of sampled axes are unknown until their trials draw
+    them: those trials encode their own)."""
     from orchestrator.encode import encode_configs
 
     configs, _ = experiment.cache_configs()
-    encode_configs(configs, _say)
+    encode_configs(configs, _say, local=local)
 
 
 def _extend(args, experiment, options, tracking, name: str, storage: Path) -> int:
@@ -249,7 +250,7 @@ def _extend(args, experiment, options, tracking, name: str, storage: Path) -> in
         return 0
     hold_driver_lock(storage, name)
     connect(target, args.num_cpus)
-    _encode_first(experiment)
+    _encode_first(experiment, local=target.address is None)
     tuner = build_tuner(experiment, options, name, storage, target.tracking_uri, tracking,
                         local=target.address is None, num_stages=num_stages, extension=extension)
     record_part(storage, name, extension, experiment.path)

@@ -26,6 +26,9 @@ class Encoding:
     key: str
     what: str
     config: RunConfig
+    # the driver's own store and request, for encoding in this process (a task rebuilds both on its node)
+    store: object = field(default=None, repr=False, compare=False)
+    request: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -77,7 +80,7 @@ def plan(configs: list[RunConfig]) -> Plan:
             else:
                 weights = store.backbone_id["weights"][:8]
                 out.todo.append(Encoding(request.key, f"{request.what} through {config.backbone.name} "
-                                                      f"(weights {weights})", config))
+                                                      f"(weights {weights})", config, store, request))
     return out
 
 
@@ -106,6 +109,34 @@ def _encode(config: RunConfig, key: str) -> dict:
     return {"key": key, "what": what, "node_id": node, "node_ip": ray.util.get_node_ip_address(),
             "inputs": encoded, "encode_seconds": store.encode_seconds, "seconds": time.perf_counter() - started,
             "device": device.type, "precision": encode_precision(device), "path": str(store.path(key))}
+
+
+def encode_here(todo: list[Encoding], on_done: Callable[[dict, int], None] | None = None) -> list[dict]:
+    """Encode each of `todo` in this process, on the CPU, with the stores `plan` built; the same reports as
+    `run_tasks` (the node: this process's Ray node, where Ray runs)."""
+    import socket
+
+    from workloads.features import encode_precision
+
+    node, ip = "this-process", socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node, ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    reports = []
+    for e in todo:
+        started, seconds_before = time.perf_counter(), e.store.encode_seconds
+        inputs = e.store.build(e.request)
+        reports.append({"key": e.key, "what": e.what, "node_id": node, "node_ip": ip, "inputs": inputs,
+                        "encode_seconds": e.store.encode_seconds - seconds_before,
+                        "seconds": time.perf_counter() - started, "device": e.store.device.type,
+                        "precision": encode_precision(e.store.device), "path": str(e.store.path(e.key))})
+        if on_done is not None:
+            on_done(reports[-1], len(reports))
+    return reports
 
 
 def task_resources(tasks: int = 1, gpus_per_task: float = 1.0) -> dict:
@@ -162,11 +193,15 @@ def report_line(report: dict, n: int, total: int) -> str:
             f"{report['node_id'][:12]} ({report['node_ip']}, {report['device']} {report['precision']})")
 
 
-def encode_configs(configs: list[RunConfig], say: Callable[[str], None], gpus_per_task: float = 1.0
-                   ) -> list[dict]:
+def encode_configs(configs: list[RunConfig], say: Callable[[str], None], local: bool = False,
+                   gpus_per_task: float = 1.0) -> list[dict]:
     """Encode, as Ray tasks on the connected Ray, every embeddings file `configs` read and the cache lacks;
     `say` gets a line for the plan, one per finished task, and a warning where this machine cannot see a
-    file a task wrote (a cache folder the nodes do not share). Returns the tasks' reports."""
+    file a task wrote (a cache folder the nodes do not share). Returns the tasks' reports.
+
+    `local` (a Ray this process started, on this machine): without GPUs, the files are encoded in this process
+    instead, with every core's threads: a task's fresh worker would cost more (seconds of imports) than it
+    saves on one machine."""
     import ray
 
     p = plan(configs)
@@ -175,6 +210,10 @@ def encode_configs(configs: list[RunConfig], say: Callable[[str], None], gpus_pe
     if not p.todo:
         say(f"embeddings: all {p.total} file(s) the trials read are cached already")
         return []
+    if local and not ray.cluster_resources().get("GPU", 0):
+        say(f"embeddings: encoding {len(p.todo)} file(s) in this process (a local Ray without GPUs) before any "
+            f"trial starts ({p.cached} of {p.total} cached already)")
+        return encode_here(p.todo, lambda r, n: say(report_line(r, n, len(p.todo))))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     kind = "GPU" if "num_gpus" in task_resources(len(p.todo), gpus_per_task) else "CPU"
     say(f"embeddings: encoding {len(p.todo)} file(s) as {kind} Ray tasks over {nodes} node(s) before any trial "

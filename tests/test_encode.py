@@ -73,9 +73,9 @@ def test_a_local_sweep_encodes_before_its_trials_and_they_read_the_cache(ray_loc
     assert main(["sweep", str(path), "--name", "enc", "--storage", str(tmp_path / "runs"),
                  "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "embeddings: encoding 4 file(s) as CPU Ray tasks" in out
+    assert "embeddings: encoding 4 file(s) in this process (a local Ray without GPUs)" in out
     tasks = _tasks(out)
-    assert len(tasks) == 4 and out.count("DONE") == 2  # 2 trials, after the 4 tasks
+    assert len(tasks) == 4 and out.count("DONE") == 2  # 2 trials, after the 4 files
     assert out.index("embeddings: encoding") < out.index("DONE")
     # a trial that missed a file would have written one the tasks did not: the cache holds the tasks' files only
     assert sorted(p.name[:8] for p in (cache / "features").glob("*.arrow")) == sorted(t["key"] for t in tasks)

@@ -265,6 +265,7 @@ class FeatureStore:
 
     def labelled(self, data_cfg) -> StreamFeatures:
         """Train and test embeddings of a DataConfig's source; the source is read only if a split is missing."""
+        source = source_identity(data_cfg)  # once: a folder source's fingerprint stats every file
         loaded: list[LabelledData] = []
 
         def split_loader(split: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor, int]]:
@@ -275,10 +276,9 @@ class FeatureStore:
                 return getattr(d, f"x_{split}"), getattr(d, f"y_{split}"), d.num_classes
             return load
 
-        x_train, y_train, num_classes = self._split(self.labelled_key(data_cfg, "train"), f"{data_cfg.source} train",
+        x_train, y_train, num_classes = self._split(self._key(source, "train"), f"{data_cfg.source} train",
                                                     split_loader("train"))
-        x_test, y_test, _ = self._split(self.labelled_key(data_cfg, "test"), f"{data_cfg.source} test",
-                                        split_loader("test"))
+        x_test, y_test, _ = self._split(self._key(source, "test"), f"{data_cfg.source} test", split_loader("test"))
         return StreamFeatures(x_train, y_train, x_test, y_test, num_classes)
 
     def shifted(self, data_cfg, data: LabelledData, split: str, rows: torch.Tensor | None, shift) -> torch.Tensor:
