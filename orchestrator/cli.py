@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("file", help="experiment YAML file")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (repeatable)")
+    cache.add_argument("--address", help="Ray cluster address: encode as Ray tasks spread over its nodes (default: "
+                       "$RAY_ADDRESS, else in this process, without Ray)")
     for name, helptext in (("sweep", "run the file's sweep on Ray Tune, tracked in MLflow (or, with --extend, "
                                      "its new points in an existing sweep)"),
                            ("resume", "resume a sweep: errored and unfinished trials continue (or, with "
@@ -138,18 +140,37 @@ def cmd_run(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    import os
+
     from orchestrator.config import load_experiment
     from workloads.runner import precompute
 
     experiment = load_experiment(args.file, args.overrides)
     configs, sampled = experiment.cache_configs()
-    print(f"clorch cache {args.file}: {len(configs)} config(s) with distinct caches")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    print(f"clorch cache {args.file}: {len(configs)} config(s) with distinct caches"
+          + (f"; encoding on the Ray cluster at {address}" if address else ""))
     if sampled:
         print(f"note: sampled axes {', '.join(sampled)} change the caches; their trials fill them as they run")
+    if address:
+        from orchestrator.cluster import join
+        from orchestrator.encode import encode_configs
+
+        join(address)
+        reports = encode_configs(configs, _say)
+        if any(not Path(r["path"]).exists() for r in reports):
+            print("DKVB keys: left to the trials (this machine does not see the cluster's cache)")
+            return 0
+        # keys (and what is left: nothing, where the tasks wrote a cache this machine shares) in this process
+        configs = [c for c in configs if c.learner.name == "dkvb"]
     for i, config in enumerate(configs, 1):
         report = precompute(config)
         print(f"[{i}/{len(configs)}] {report}", flush=True)
     return 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _target(args):
@@ -188,11 +209,22 @@ def cmd_sweep(args) -> int:
     print(f"sweep {name}: ray {target.address or 'local'}, storage {target.storage / name}, "
           f"mlflow {target.tracking_uri}")
     connect(target, args.num_cpus)
+    _encode_first(experiment, local=target.address is None)
     tuner = build_tuner(experiment, options, name, target.storage, target.tracking_uri, tracking,
                         local=target.address is None, num_stages=num_stages)
     hold_driver_lock(target.storage, name)
     results, _ = _fit(tuner, name, target)
     return _print_results(results, options.metric, options.mode)
+
+
+def _encode_first(experiment, local: bool) -> None:
+    """Before any trial starts: every embeddings file the trials read, encoded as Ray tasks over the nodes (on a
+    local Ray without GPUs: in this process; the cache keys of sampled axes are unknown until their trials draw
+    them: those trials encode their own)."""
+    from orchestrator.encode import encode_configs
+
+    configs, _ = experiment.cache_configs()
+    encode_configs(configs, _say, local=local)
 
 
 def _extend(args, experiment, options, tracking, name: str, storage: Path) -> int:
@@ -220,6 +252,7 @@ def _extend(args, experiment, options, tracking, name: str, storage: Path) -> in
         return 0
     hold_driver_lock(storage, name)
     connect(target, args.num_cpus)
+    _encode_first(experiment, local=target.address is None)
     tuner = build_tuner(experiment, options, name, storage, target.tracking_uri, tracking,
                         local=target.address is None, num_stages=num_stages, extension=extension)
     record_part(storage, name, extension, experiment.path)

@@ -50,24 +50,33 @@ def connect(target: Target, num_cpus: int | None = None) -> None:
     import ray
 
     if target.address:
-        check_reachable(target.address)
-    if not ray.is_initialized():
-        secure_token_file(local=not target.address)
-        if target.address:
-            try:
-                ray.init(address=target.address, log_to_driver=False)
-            except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
-                raise ConfigError(f"--address: could not join the Ray cluster at {target.address} ({_first_line(e)}); "
-                                  "check the address, and on a cluster with token authentication set "
-                                  "RAY_AUTH_MODE=token (and its token) in this shell") from None
-        else:
-            start_local(num_cpus)
+        join(target.address)
+    elif not ray.is_initialized():
+        secure_token_file(local=True)
+        start_local(num_cpus)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
         missing = nodes_missing_storage(target.storage, nodes)
         if missing:
             raise ConfigError(f"--storage: {target.storage} is not visible from {len(missing)} of the cluster's "
                               f"{len(nodes)} nodes; pass a folder that every node mounts (NFS, a shared disk)")
+
+
+def join(address: str) -> None:
+    """Join the Ray cluster at `address` (unless this process is in a Ray already); a wrong address or a missing
+    token ends in one ConfigError line."""
+    import ray
+
+    check_reachable(address)
+    if ray.is_initialized():
+        return
+    secure_token_file(local=False)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
+        raise ConfigError(f"--address: could not join the Ray cluster at {address} ({_first_line(e)}); "
+                          "check the address, and on a cluster with token authentication set "
+                          "RAY_AUTH_MODE=token (and its token) in this shell") from None
 
 
 def start_local(num_cpus: int | None = None) -> None:

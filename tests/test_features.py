@@ -162,3 +162,25 @@ def test_two_processes_asking_for_one_cache_encode_it_once(tmp_path):
     encoded = sorted(results.get(timeout=5) for _ in procs)
     assert encoded[0] == 0 and encoded[1] > 0  # one process encoded both splits, the other read them
     assert len(list((tmp_path / "features").glob("*.arrow"))) == 2
+
+
+def test_a_run_maps_each_embeddings_file_once_as_one_record_batch(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from workloads import features
+
+    reads = []
+    real = features.read_features
+
+    def mapped(path):  # a miss (no file yet) maps nothing: only reads that return count
+        out = real(path)
+        reads.append(path.name)
+        return out
+
+    monkeypatch.setattr(features, "read_features", mapped)
+    run_stream(cnn_config(tmp_path, {"name": "linear"}, epochs=1))  # cold cache: encode, then map
+    run_stream(cnn_config(tmp_path, {"name": "linear"}, epochs=1))  # warm cache
+    files = sorted(p.name for p in (tmp_path / "features").glob("*.arrow"))
+    assert len(files) == 2 and sorted(reads) == sorted(files * 2)  # each run maps train and test once, not per stage
+    for name in files:  # one batch: the embedding column is the mapped buffer itself, never a concatenated copy
+        assert pa.ipc.open_file(pa.memory_map(str(tmp_path / "features" / name))).num_record_batches == 1

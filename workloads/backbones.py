@@ -155,8 +155,9 @@ class ImageTransform:
                 x = x.clamp(0.0, 1.0)
         top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
         x = x[..., top:top + self.size, left:left + self.size]
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        # on the inputs' device: a GPU encoder transforms its batches there
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 from filelock import FileLock
 
-from workloads.backbones import Backbone, Identity
+from workloads.backbones import Backbone, Identity, build_backbone
 from workloads.data.sources import LabelledData, load_source, source_identity, unit_square
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def write_features(path: Path, x: torch.Tensor, y: torch.Tensor, meta: dict) -> 
         {"clorch": json.dumps(info)})
     with open(path, "wb") as f:
         with pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table, max_chunksize=65536)
+            # one record batch: a file of several needs combine_chunks() on read, a copy instead of a mapping
+            writer.write_table(table, max_chunksize=max(len(yn), 1))
         f.flush()
         os.fsync(f.fileno())
 
@@ -138,24 +139,47 @@ def read_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 # --- encoding -----------------------------------------------------------------------------------------------
 
+def encode_precision(device: torch.device) -> str:
+    """`bf16` (autocast) on a CUDA GPU that supports it, `fp32` elsewhere: what the frozen backbone runs in."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 @torch.no_grad()
 def encode_with_progress(backbone: Backbone, x: torch.Tensor, device: torch.device, what: str,
-                         batch_size: int = 256) -> torch.Tensor:
-    """Embeddings (N, output_dim) through the frozen backbone, with a progress bar (images per second)."""
+                         batch_size: int = 256, precision: str | None = None) -> torch.Tensor:
+    """Embeddings (N, output_dim) through the frozen backbone, with a progress bar (images per second).
+
+    On a GPU: raw batches go from pinned memory with non-blocking copies, the transform (resize, normalise) runs
+    there too, and the backbone under bf16 autocast where supported; embeddings are stored as float32.
+    `precision` (`fp32` or `bf16`) overrides that choice (bench/encode_throughput.py compares the two)."""
     from tqdm.auto import tqdm
 
     backbone.eval().to(device)
-    out = []
+    cuda = device.type == "cuda"
+    precision = precision or encode_precision(device)
+    # on a GPU, embeddings land in pinned memory by non-blocking copies: no wait on each batch
+    result = torch.empty(len(x), backbone.output_dim, pin_memory=cuda)
     started = time.perf_counter()
     with tqdm(total=len(x), desc=f"encoding {what}", unit="img", disable=not sys.stderr.isatty(),
               mininterval=1.0) as bar:
         for i in range(0, len(x), batch_size):
-            batch = backbone.transform(x[i:i + batch_size]).to(device)
-            out.append(backbone(batch).float().cpu())
-            bar.update(len(batch))
+            raw = x[i:i + batch_size]
+            if cuda:  # the raw batch (uint8 images: 4x smaller than floats) crosses the bus, not the transformed one
+                batch = backbone.transform(raw.pin_memory().to(device, non_blocking=True))
+            else:
+                batch = backbone.transform(raw).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                embedding = backbone(batch).float()
+            result[i:i + len(raw)].copy_(embedding, non_blocking=cuda)
+            bar.update(len(raw))
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    log.info("encoded %s: %d inputs in %.1fs (%.0f per second)", what, len(x), seconds, len(x) / max(seconds, 1e-9))
-    return torch.cat(out) if out else torch.empty(0, backbone.output_dim)
+    log.info("encoded %s: %d inputs in %.1fs (%.0f per second, %s %s)", what, len(x), seconds,
+             len(x) / max(seconds, 1e-9), device.type, precision)
+    return result
 
 
 @dataclass
@@ -189,6 +213,34 @@ class FeatureStore:
     def _key(self, source: dict, split: str) -> str:
         return digest({**self.backbone_id, "data": source, "split": split})
 
+    def labelled_key(self, data_cfg, split: str) -> str:
+        """The cache key of a source's whole `split` (a DataConfig's, or a KeyInitData's training inputs)."""
+        return self._key(source_identity(data_cfg), split)
+
+    def shifted_key(self, data_cfg, split: str, rows: torch.Tensor | None, shift) -> str:
+        """The cache key of `split`'s `rows` (or all) under a domain's input `shift`."""
+        return self._key({**source_identity(data_cfg), "shift": shift.describe(),
+                          "rows": None if rows is None else digest(rows.tolist())}, split)
+
+    def path(self, key: str) -> Path:
+        """Where the embeddings file of `key` lives."""
+        return self.cache_dir / "features" / f"{key}.arrow"
+
+    def is_cached(self, key: str) -> bool:
+        """Whether the embeddings file of `key` is there and verifies (a corrupt one counts as missing)."""
+        try:
+            read_features(self.path(key))
+            return True
+        except (FileNotFoundError, CacheCorrupt):
+            return False
+
+    def build(self, request: "CacheRequest") -> int:
+        """Make sure `request`'s embeddings file exists, encoding it on a miss (the path every trial takes: same
+        key, lock and atomic write); returns the number of inputs encoded here (0: it was there already)."""
+        before = self.encoded
+        self._split(request.key, request.what, request.load)
+        return self.encoded - before
+
     def _split(self, key: str, what: str, load: Callable[[], tuple[torch.Tensor, torch.Tensor, int]]
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Embeddings, labels and label-space size of one split; `load` reads the raw split on a miss."""
@@ -202,16 +254,18 @@ class FeatureStore:
             embeddings = encode_with_progress(self.backbone, x, self.device, what)
             self.encoded += len(x)
             self.encode_seconds += time.perf_counter() - started
-            write_features(tmp, embeddings, y, {"key": key, "num_classes": num_classes})
+            # how it was encoded, for the record; not in the key, so every device shares one cache
+            write_features(tmp, embeddings, y, {"key": key, "num_classes": num_classes, "device": self.device.type,
+                                                "precision": encode_precision(self.device)})
 
-        (x, y, info), built = cached(self.cache_dir / "features" / f"{key}.arrow", build, read_features, "feature")
+        (x, y, info), built = cached(self.path(key), build, read_features, "feature")
         if not built:
             log.info("%s: %d embeddings served from the cache (%s)", what, len(y), key)
         return x, y, info["num_classes"]
 
     def labelled(self, data_cfg) -> StreamFeatures:
         """Train and test embeddings of a DataConfig's source; the source is read only if a split is missing."""
-        source = source_identity(data_cfg)
+        source = source_identity(data_cfg)  # once: a folder source's fingerprint stats every file
         loaded: list[LabelledData] = []
 
         def split_loader(split: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor, int]]:
@@ -231,8 +285,7 @@ class FeatureStore:
         """Embeddings of `split`'s inputs (the `rows` given, or all) under a domain's input `shift`
         (workloads.data.shifts.Shift); the key holds the shift and the rows, so shifted inputs never meet
         an unshifted file."""
-        key = self._key({**source_identity(data_cfg), "shift": shift.describe(),
-                         "rows": None if rows is None else digest(rows.tolist())}, split)
+        key = self.shifted_key(data_cfg, split, rows, shift)
 
         def load():
             x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
@@ -250,7 +303,7 @@ class FeatureStore:
             x, _, _ = self._split(key, "unit_square", lambda: (
                 unit_square(cfg.num_samples, seed), torch.zeros(cfg.num_samples, dtype=torch.long), 0))
             return x, key
-        key = self._key(source, "train")
+        key = self.labelled_key(cfg, "train")
 
         def load():
             d = load_source(cfg)
@@ -286,3 +339,72 @@ class FeatureStore:
         keys, built = cached(path, build, read, "key")
         log.info("keys %s: %s", key, "learned and cached" if built else "served from the cache")
         return keys
+
+
+# --- what a run reads: the requests a scheduler can fill before any run starts ------------------------------
+
+@dataclass
+class CacheRequest:
+    """One embeddings file a run reads: its key, what it holds in words, and how to read its raw inputs."""
+
+    key: str
+    what: str
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor, int]]  # raw inputs, labels, label-space size
+
+
+def feature_store(config, device: torch.device) -> FeatureStore:
+    """The feature store a run of `config` reads, with its backbone built as workloads.runner.prepare builds it
+    (random weights seeded by config.seed, so that the weights digest, and with it every key, is the run's)."""
+    from workloads.data.sources import source_shape
+
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.backbone, source_shape(config.data))
+    backbone.requires_grad_(False)
+    return FeatureStore(backbone, config.backbone.name, config.cache_dir, device)
+
+
+def feature_requests(store: FeatureStore, config, data: LabelledData | None = None) -> list[CacheRequest]:
+    """Every embeddings file a run of `config` reads through `store` (the stream's splits, or each domain's
+    slices, and a DKVB's own key-init source), in the order the run reads them; none for the identity backbone,
+    whose inputs are not stored. `data`: the stream's source, when loaded already (a domain stream needs it for
+    its slices). The learner must be one that keeps its backbone frozen."""
+    from workloads.config import KeyInitData
+    from workloads.data.shifts import stage_shifts
+    from workloads.data.streams import domain_slices
+
+    if not store.write_features:
+        return []
+    d = config.data
+    loaded: list[LabelledData] = [data] if data is not None else []
+
+    def source() -> LabelledData:
+        if not loaded:
+            loaded.append(load_source(d))
+        return loaded[0]
+
+    def whole(split: str):
+        return lambda: (getattr(source(), f"x_{split}"), getattr(source(), f"y_{split}"), source().num_classes)
+
+    requests = []
+    if d.stream == "domain_incremental":
+        shifts = stage_shifts(d.num_domains or len(d.shifts), d.shift, d.shifts)
+        slices = domain_slices(source().y_train, len(shifts), config.seed)
+        for shift, rows in zip(shifts, slices):
+            for split, part in (("train", rows), ("test", None)):
+                def load(split=split, part=part, shift=shift):
+                    x, y = getattr(source(), f"x_{split}"), getattr(source(), f"y_{split}")
+                    if part is not None:
+                        x, y = x[part], y[part]
+                    return shift(x), y, source().num_classes
+                requests.append(CacheRequest(store.shifted_key(d, split, part, shift),
+                                             f"{d.source} {split} (domain {shift.stage})", load))
+    else:  # class-incremental and user streams read the whole splits
+        requests += [CacheRequest(store.labelled_key(d, split), f"{d.source} {split}", whole(split))
+                     for split in ("train", "test")]
+    own = getattr(config.learner, "key_init_data", None)
+    if isinstance(own, KeyInitData) and own.source != "unit_square":  # unit_square is 2-d points: identity only
+        def load_own():
+            s = load_source(own)
+            return s.x_train, s.y_train, s.num_classes
+        requests.append(CacheRequest(store.labelled_key(own, "train"), f"{own.source} train", load_own))
+    return requests
