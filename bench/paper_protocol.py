@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import os
 import time
 
 import numpy as np
@@ -90,7 +92,8 @@ def main() -> None:
     parser.add_argument("--package-repeats", type=int, default=1, help="timed package steps (after 1 warm-up)")
     args = parser.parse_args()
     s = SMALL if args.small else PAPER
-    print(use_threads(), f"| torch {torch.__version__}")
+    # timings on a shared machine move with its load: say what it was
+    print(use_threads(), f"| torch {torch.__version__} | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     t_load, (x_train, y_train, x_test, y_test, unlabelled) = timed(lambda: load(args, s))
     s = dataclasses.replace(s, input_dim=x_train.shape[1], value_dim=int(y_train.max()) + 1)
@@ -157,11 +160,12 @@ def main() -> None:
 
     # References: the same protocol's steps through other implementations, per-step time x steps
     name = "reference package (discrete-key-value-bottleneck-pytorch)"
-    if s is PAPER and not args.package:
-        print(f"{name}: skipped (at paper sizes it needs ~12 GB of RAM and ~10 s a step: pass --package)")
-    elif (package := build_package(s, x_train[: max(s.keys, s.batch)])) is None:
+    if importlib.util.find_spec("discrete_key_value_bottleneck_pytorch") is None:
         print(f"{name}: not available (not installed; pip install -e .[bench])")
+    elif not args.small and not args.package:
+        print(f"{name}: skipped (at paper sizes it needs ~12 GB of RAM and ~10 s a step: pass --package)")
     else:
+        package = build_package(s, x_train[: max(s.keys, s.batch)])
         params = [p for p in package.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=config.train.lr)
         x, y = x_train[: s.batch], y_train[: s.batch]
