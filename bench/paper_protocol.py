@@ -82,6 +82,7 @@ def timed(step) -> tuple[float, object]:
 
 
 def main() -> None:
+    """Time each phase, extrapolate to the protocol, print the table against the floors and references."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="toy sizes for a quick smoke run")
     parser.add_argument("--npz", help="cached embeddings instead of synthetic ones (x_train y_train x_test y_test)")
