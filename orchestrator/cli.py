@@ -104,14 +104,17 @@ def _fmt(x: float) -> str:
 def cmd_run(args) -> int:
     from orchestrator.config import load_experiment
     from workloads.runner import protocol_lines, resolve_device, run_stream
+    from workloads.threads import use_threads
 
     experiment = load_experiment(args.file, args.overrides)
     config = experiment.base
     resolve_device(config.device)  # `cuda` without a GPU fails here, before any output or work
+    threads = use_threads()  # one per CPU of this process, unless CLORCH_THREADS says; a bad value fails here
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.exists():
         raise ConfigError(f"--output: folder {output.parent} does not exist")
     print(f"clorch run {args.file}: learner {config.learner.name}, data {config.data.source}, seed {config.seed}")
+    print(threads)
     memory = config.rehearsal.memory_size > 0
     val = config.data.validation > 0
     axis = "stage" if config.data.stream == "class_incremental" else "domain"  # a domain stream's stages

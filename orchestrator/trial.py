@@ -56,8 +56,11 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
 
     from workloads.distributed import world
     from workloads.runner import run_stream
+    from workloads.threads import use_threads
 
     with TrialWarnings() as warnings:  # from here on, clorch's warnings travel with the next report
+        # as many torch threads as CPUs Ray reserved for this process (the trial's, or this Train worker's)
+        log.info(use_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
         config = resolve(trial_config)
         # a GPU only with a reservation: Ray counts what it reserved, never what a trial takes on its own
         device = trial_device(config.device, ray.get_gpu_ids(), torch.cuda.is_available())
@@ -81,6 +84,7 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
             with tempfile.TemporaryDirectory() as folder:
                 checkpoints.write(Path(folder), state)
                 report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
+                        "torch_threads": torch.get_num_threads(),
                         "device": device, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
                         "warnings": warnings.take(),
                         **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])

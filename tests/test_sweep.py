@@ -742,3 +742,17 @@ def test_a_driver_killed_between_a_trials_end_and_tunes_next_snapshot_never_runs
     models = client.search_logged_models([child.info.experiment_id],
                                          filter_string=f"source_run_id = '{child.info.run_id}'")
     assert len(models) == 1
+
+
+@pytest.mark.slow
+def test_a_trial_runs_as_many_torch_threads_as_cpus_ray_reserved_for_it(ray_local, tmp_path):
+    base = TWO_TRIALS.replace("epochs: 20", "epochs: 1").replace("[0, 1]", "[0]")
+    for name, resources, threads in [("own", "{num_workers: 0, cpus_per_trial: 2}", 2),
+                                     ("worker", "{num_workers: 1, cpus_per_worker: 1}", 1)]:
+        (tmp_path / name).mkdir()
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(base + f"tune:\n  resources: {resources}\n")
+        uri, args = sweep_args(tmp_path / name)
+        assert main(["sweep", str(path), "--name", name, *args]) == 0
+        (result,) = (tmp_path / name / "runs" / name).glob("*/result.json")
+        assert {json.loads(line)["torch_threads"] for line in result.read_text().splitlines()} == {threads}

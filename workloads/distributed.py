@@ -66,14 +66,58 @@ def same_across(tensor: torch.Tensor) -> bool:
     return bool(torch.equal(low, high))
 
 
+def epoch_order(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """The sample order of one epoch: a shuffle of range(n) (one draw from `generator`), in order when one batch
+    holds all."""
+    if batch < world()[1]:
+        raise ConfigError(f"train.batch_size: {batch} samples cannot be split over {world()[1]} workers")
+    return torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
+
+
 def shard_batches(n: int, batch: int, generator: torch.Generator, device=None):
     """Shuffled batches of range(n) (in order when one batch holds all); yields (full batch, this process's
     slice): every process walks the same batches and takes every size-th sample of each."""
     rank, size = world()
-    if batch < size:
-        raise ConfigError(f"train.batch_size: {batch} samples cannot be split over {size} workers")
-    order = torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
+    order = epoch_order(n, batch, generator)
     order = order.to(device) if device is not None else order
     for start in range(0, n, batch):
         full = order[start:start + batch]
         yield full, full[rank::size]
+
+
+# Rows of an epoch gathered at once, at most this many bytes: few large gathers instead of one per batch,
+# without a second copy of a large stage (images of a fine-tuned backbone) in memory.
+GATHER_BYTES = 64 * 2**20
+
+
+def shard_epoch(tensors: tuple[torch.Tensor, ...], batch: int, generator: torch.Generator):
+    """shard_batches over the rows of `tensors` (same length, same device), rows gathered in a few large
+    permuted copies; yields (full batch indices on the CPU, this process's rows of each tensor).
+
+    The same draws, batches and rows as indexing each tensor with each batch's slice: every process walks the
+    same batches and takes every size-th sample of each."""
+    rank, size = world()
+    n = len(tensors[0])
+    order = epoch_order(n, batch, generator)
+    device = tensors[0].device
+    device_order = order.to(device)
+    row_bytes = sum(t[:1].numel() * t.element_size() for t in tensors) or 1
+    per_gather = batch * max(1, GATHER_BYTES // (batch * row_bytes))  # whole batches per gather
+    for begin in range(0, n, per_gather):
+        chunk = device_order[begin:begin + per_gather]
+        if size > 1:  # this process's samples of every batch in the chunk: offset within its batch = rank mod size
+            offset = torch.arange(len(chunk), device=device) % batch
+            chunk = chunk[offset % size == rank]
+        rows = [t[chunk] for t in tensors]
+        taken = 0
+        for start in range(begin, min(begin + per_gather, n), batch):
+            count = len(range(rank, min(batch, n - start), size))
+            yield order[start:start + batch], tuple(_aligned(r[taken:taken + count]) for r in rows)
+            taken += count
+
+
+def _aligned(view: torch.Tensor) -> torch.Tensor:
+    """`view`, or a fresh copy where it starts off a 64-byte boundary: a batch must reach the learner as a
+    gathered batch would (a new 64-byte-aligned tensor), since BLAS kernels may sum misaligned rows in another
+    order, and results must not depend on where in the epoch a batch starts."""
+    return view if view.data_ptr() % 64 == 0 else view.clone()

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from workloads import metrics
@@ -23,7 +24,7 @@ from workloads.data.shifts import stage_shifts
 from workloads.data.streams import (Stream, blur, domain_slices, make_stage_stream, make_stream, stage_classes,
                                     stage_seed)
 from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
-from workloads.distributed import shard_batches, sum_across, world
+from workloads.distributed import shard_epoch, sum_across, world
 from workloads.progress import ProgressLog
 from workloads.rehearsal import Replay
 
@@ -311,18 +312,18 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     mean_loss = float("nan")
     rank, size = world()  # data-parallel processes each take every size-th sample of a batch (and of replay)
     for epoch in range(t.epochs):
-        total = torch.zeros(2)  # loss summed over samples, samples
-        for full, mine in shard_batches(n, batch, gen, device):
-            x, y = inputs[mine], labels[mine]
+        # float32 sums, as a float32 tensor summed them before: the reported loss keeps its last bits
+        loss_sum, samples = np.float32(0), np.float32(0)
+        for full, (x, y) in shard_epoch((inputs, labels), batch, gen):
             if replay is not None:
                 drawn = replay.draw(len(full), gen)
                 if drawn is not None:
                     x, y = torch.cat([x, drawn[0][rank::size]]), torch.cat([y, drawn[1][rank::size]])
                 if epoch == 0 and replay.online:  # every process offers the full batch: one global memory
-                    cpu = full.cpu()
-                    replay.offer(stage.x_train[cpu], inputs[full], stage.y_train[cpu], gen)
-            total += torch.tensor([learner.observe(x, y) * len(y), len(y)])
-        sum_across(total)
+                    replay.offer(stage.x_train[full], inputs[full.to(device)], stage.y_train[full], gen)
+            loss_sum += np.float32(learner.observe(x, y) * len(y))
+            samples += np.float32(len(y))
+        total = sum_across(torch.tensor([loss_sum, samples], dtype=torch.float32))
         mean_loss = float(total[0] / total[1].clamp(min=1))
         progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
                  last=epoch + 1 == t.epochs)
