@@ -359,6 +359,13 @@ def cmd_status(args) -> int:
     results = [*restore_tuner(args.name, target.storage).get_results(),
                *(r for part in sweep_parts(target.storage, args.name)[1:] for r in part_results(part))]
     tune_options = sweep_info(target.storage, args.name)["tune"]
+    from orchestrator.console import stage_line
+
+    selection = tune_options["metric"] if isinstance(tune_options["metric"], str) else tune_options["metric"][0]
+    for r in results:  # each trial's latest stage, as the sweep's own console printed it
+        if (r.metrics or {}).get("stage") is not None:
+            trial_id = r.metrics.get("trial_id") or Path(r.path).name
+            print(stage_line(trial_id, r.config, r.metrics, selection))
     status = _print_results(results, tune_options["metric"], tune_options["mode"], status_only=True)
     _print_resume_points(results, state_dir(target.storage, args.name))
     return status
@@ -511,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `clorch` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     _log_to_console(quiet=getattr(args, "quiet", False))
+    from orchestrator.cluster import quiet_chosen_settings
+
+    quiet_chosen_settings()  # before MLflow and Ray are imported: they read these once
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as e:

@@ -45,9 +45,26 @@ def resolve_target(address: str | None, storage: str | None, tracking_uri: str |
     return Target(address, storage_path, uri)
 
 
+# Settings clorch chooses on purpose, whose warnings would only tell the user to undo them (set unless the user
+# set them): Tune snapshots the experiment at every stage because CheckpointConfig(num_to_keep=1) makes a
+# restart resume from the last stage reported (sweep.build_tuner), so its "snapshotting ... may become a
+# bottleneck" advice is off; MLflow's INFO lines (creating a SQLite store's tables) are not the user's business.
+CHOSEN_SETTINGS = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+                   "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+
+def quiet_chosen_settings() -> None:
+    """Silence, at their source, the warnings about settings clorch chose (CHOSEN_SETTINGS); errors still show."""
+    for key, value in CHOSEN_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # when mlflow was imported already
+
+
 def connect(target: Target, num_cpus: int | None = None) -> None:
     """Start or join Ray; a multi-node cluster needs storage that every node sees."""
     import ray
+
+    quiet_chosen_settings()
 
     if target.address:
         join(target.address)

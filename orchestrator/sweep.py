@@ -254,6 +254,7 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     from ray import tune
 
     from orchestrator.cluster import check_resources, cluster_gpus
+    from orchestrator.console import StageLines
     from orchestrator.tracking import MLflowTracking, TrackingOptions
 
     gpus = cluster_gpus()
@@ -290,14 +291,16 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
                                     num_samples=options.num_samples,
                                     scheduler=_scheduler(options, num_stages), search_alg=_search(options),
                                     max_concurrent_trials=options.max_concurrent_trials),
-        run_config=tune.RunConfig(name=extension.part if extension else name, storage_path=str(storage), verbose=1,
+        # verbose 0: Tune's trial tables and config dumps give way to clorch's line per stage (StageLines)
+        run_config=tune.RunConfig(name=extension.part if extension else name, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
                                   # keeping one checkpoint makes Tune snapshot the experiment state at every
                                   # stage, so a restart resumes from the last stage reported, not an older one
                                   # (clorch keeps its own verified copies too: orchestrator.checkpoints)
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[MLflowTracking(tracking_uri, name, str(own_dir), tracking,
-                                                            options.metric, options.mode, sweep_id)]))
+                                                            options.metric, options.mode, sweep_id),
+                                             StageLines(_first(options.metric))]))
 
 
 def check_scheduler(options: TuneOptions, stage_counts: set[int]) -> int | None:

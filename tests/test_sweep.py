@@ -1,6 +1,7 @@
 """Sweeps on a real local Ray with a real MLflow store: tracking, failure, resume."""
 import json
 import logging
+import re
 from pathlib import Path
 
 import mlflow
@@ -41,7 +42,17 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
     uri, args = sweep_args(tmp_path)
     mlflow.set_tracking_uri(uri)
     assert main(["sweep", QUICKSTART, "--name", "qs", *args]) == 0
-    assert capsys.readouterr().out.count("DONE") == 4
+    out = capsys.readouterr().out
+    assert out.count("DONE") == 4
+    # the console: clorch's line per trial per stage, Tune's tables, and at most a handful of other lines
+    running = out[:out.index("\n#  trial")].splitlines()
+    stages = [line for line in running if re.match(r"\[clorch\] \w+ dkvb K=(128|256) seed=[01]: stage [1-5]/5, "
+                                                     r"val/average_accuracy [0-9.]+, test [0-9.]+, [0-9.]+s$", line)]
+    assert len(stages) == 4 * 5
+    tune_table = "╭│├╰+|"  # Tune's tables (in ASCII where the output is no terminal)
+    others = [line for line in running if line.strip() and line not in stages and line[0] not in tune_table
+              and not line.startswith(("[clorch]", "sweep qs:"))]
+    assert len(others) <= 3, others
     client, parents, children = runs_of(uri, "qs")
     assert len(parents) == 1 and len(children) == 4
     for child in children:
@@ -68,7 +79,9 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
     assert parents[0].data.tags["protocol.selection"] == "validation"
     assert parents[0].data.tags["protocol.selection_metric"] == "val/average_accuracy"
     assert main(["status", "qs", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 0
-    assert capsys.readouterr().out.count("DONE") == 4
+    status = capsys.readouterr().out
+    assert status.count("DONE") == 4
+    assert sorted(re.findall(r"seed=[01]: stage 5/5", status)) == ["seed=0: stage 5/5"] * 2 + ["seed=1: stage 5/5"] * 2
 
 
 FAILING = """
