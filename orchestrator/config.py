@@ -6,6 +6,7 @@ applies `--set dotted.key=value` overrides and hands the result to `parse_run_co
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import yaml
 
 from workloads.config import ConfigError, RunConfig, parse_run_config
+
+log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("description", "base", "sweep", "tune", "tracking")
 
@@ -70,12 +73,32 @@ def with_values(raw: dict, values: dict[str, Any]) -> dict:
     return out
 
 
+# Blocks whose `name` picks an entry of a registry: a new name there means another entry, with options of its own.
+NAMED_BLOCKS = ("learner", "backbone")
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`raw` with each `dotted.key=value` of `overrides` set (values read as YAML)."""
+    """`raw` with each `dotted.key=value` of `overrides` set (values read as YAML). `--set learner.name=mlp` (or
+    backbone.name) switches to another entry and drops the old one's options that no other --set gives, with a
+    note naming them: the file's dkvb options mean nothing to an mlp."""
     values = {}
     for text in overrides:
         parts, value = parse_override(text)
         values[".".join(parts)] = value
+    raw = copy.deepcopy(raw)
+    for block in NAMED_BLOCKS:
+        current = raw.get(block)
+        new = values.get(f"{block}.name")
+        if new is None or not isinstance(current, dict):
+            continue
+        default = getattr(parse_run_config({}), block).name  # the entry a block without a name gets
+        if current.get("name", default) == new:
+            continue
+        dropped = [k for k in current if k != "name" and f"{block}.{k}" not in values]
+        raw[block] = {k: v for k, v in current.items() if k not in dropped}
+        if dropped:
+            log.info("--set %s.name=%s: dropped the %s options of %s: %s", block, new, block,
+                     current.get("name", default), ", ".join(dropped))
     try:
         return with_values(raw, values)
     except ConfigError as e:

@@ -71,6 +71,22 @@ def test_yaml_scientific_notation_without_a_dot_is_a_number():
     assert parse_run_config({"train": {"lr": "1e-3"}}).train.lr == 1e-3
 
 
+def test_setting_another_learner_name_drops_the_old_learners_options_with_a_note(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="orchestrator.config")
+    base = load_experiment("search_spaces/toy2d_paper.yaml", ["learner.name=mlp", "learner.hidden=32"]).base
+    assert (base.learner.name, base.learner.hidden) == ("mlp", 32)
+    (note,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert note.startswith("--set learner.name=mlp: dropped the learner options of dkvb: num_codebooks, num_keys")
+    assert "hidden" not in note  # what --set gives is kept
+    # the same name keeps every option; a backbone switches the same way
+    same = apply_overrides({"learner": {"name": "dkvb", "num_keys": 64}}, ["learner.name=dkvb"])
+    assert same == {"learner": {"name": "dkvb", "num_keys": 64}}
+    assert apply_overrides({"backbone": {"name": "small_cnn", "layer": "pool"}}, ["backbone.name=identity"]) == \
+        {"backbone": {"name": "identity"}}
+
+
 def test_overrides_set_dotted_keys_as_yaml_values():
     raw = apply_overrides({"learner": {"name": "dkvb"}}, ["learner.num_keys=512", "data.stages=[[0, 1]]",
                                                           "train.batch_size=null"])
