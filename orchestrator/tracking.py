@@ -142,7 +142,7 @@ def _write_map(state_dir: Path, runs: dict) -> None:
 
 
 class MLflowTracking(tune.Callback):
-    """Logs params, per-stage metrics (step = stage), the accuracy matrix and run status to MLflow.
+    """Logs params, per-stage metrics (step = the stage's number, from 1), the accuracy matrix and run status to MLflow.
 
     Tune pickles its callbacks into the sweep's state and unpickles them on a restore. Where this one logs
     (the tracking URI, clorch's folder of the sweep) is left out of that state: `bind` sets it in the driver
@@ -423,13 +423,15 @@ class MLflowTracking(tune.Callback):
         stage = int(result["stage"])
         if result.get("warnings"):  # new even when the stage is a replay (a checkpoint that did not verify)
             _best_effort("the trial's warnings", self.client.log_text, run_id, result["warnings"] + "\n",
-                         f"warnings/stage_{stage}_{int(result.get('timestamp', 0))}.txt")
+                         f"warnings/stage_{stage + 1}_{int(result.get('timestamp', 0))}.txt")
         runs = self._load_map()
         logged = runs.setdefault("stages_logged", {}).get(trial.trial_id, -1)
         if stage <= logged:  # a stage replayed after a restart was logged the first time it ran
             return
         stamp = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(k, float(v), stamp, stage) for k, v in result.items()
+        # MLflow's step is the stage's number, from 1, as in the console and the report (result["stage"] is
+        # Tune's index, from 0)
+        metrics = [Metric(k, float(v), stamp, stage + 1) for k, v in result.items()
                    if _is_stage_metric(k, v)]
         tags = []
         if logged < 0:  # the protocol is the trial's, the same at every stage: tag it once
@@ -442,7 +444,7 @@ class MLflowTracking(tune.Callback):
         # A write can reach the store and still fail for its writer (a server killed before it answered, a
         # driver killed before it recorded the stage below): the store itself says whether this stage is in.
         # A log_batch is one transaction, so one of its metrics tells.
-        if metrics and any(m.step == stage for m in self.client.get_metric_history(run_id, metrics[0].key)):
+        if metrics and any(m.step == stage + 1 for m in self.client.get_metric_history(run_id, metrics[0].key)):
             metrics, tags = [], []
         if metrics or tags:
             self.client.log_batch(run_id, metrics=metrics, tags=tags)
@@ -526,7 +528,8 @@ class MLflowTracking(tune.Callback):
             if with_keys if with_keys is not None else stage == 0:
                 np.save(Path(folder) / "keys.npy", model["bottleneck.keys"].numpy().astype(dtype))
                 client.log_artifact(run_id, str(Path(folder) / "keys.npy"), "codebooks")
-            path = Path(folder) / f"stage_{stage}.npz"
+            number = stage + 1  # file names by the stage's number, from 1
+            path = Path(folder) / f"stage_{number}.npz"
             np.savez_compressed(path, values=model["bottleneck.values"].numpy().astype(dtype),
                                 usage=usage.astype(np.uint32) if usage.max(initial=0) < 2**32 else usage)
             client.log_artifact(run_id, str(path), "codebooks")
@@ -536,9 +539,9 @@ class MLflowTracking(tune.Callback):
             ax.hist(np.log10(used) if used.size else [], bins=40)
             ax.set_xlabel("log10 selections of a key (used keys)")
             ax.set_ylabel("keys")
-            ax.set_title(f"after stage {stage}: {used.size} of {usage.size} keys used")
-            fig.savefig(Path(folder) / f"usage_stage_{stage}.png", dpi=90, bbox_inches="tight")
-            client.log_artifact(run_id, str(Path(folder) / f"usage_stage_{stage}.png"), "codebooks")
+            ax.set_title(f"after stage {number}: {used.size} of {usage.size} keys used")
+            fig.savefig(Path(folder) / f"usage_stage_{number}.png", dpi=90, bbox_inches="tight")
+            client.log_artifact(run_id, str(Path(folder) / f"usage_stage_{number}.png"), "codebooks")
 
     def log_model(self, run_id: str, config, checkpoint: Path, client=None) -> None:
         """The learner in the stage checkpoint folder `checkpoint` as the run's MLflow logged model, without

@@ -41,7 +41,7 @@ def scalar_metrics(stage: int, m: dict) -> dict[str, float]:
     out = {"stage": stage, **{k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "stage"}}
     for split in SPLITS:
         for j, acc in enumerate(m.get(f"{split}/stage_accuracies", [])[:stage + 1]):  # later stages: untrained
-            out[f"{split}/accuracy_stage_{j}"] = acc
+            out[f"{split}/accuracy_stage_{j + 1}"] = acc  # stages by number, from 1, as everywhere a person reads
     out["protocol.validation"] = float(m["protocol"]["validation"])
     out["protocol.future_inputs"] = int(m["protocol"]["future_inputs"])
     out["protocol.axis"] = m["protocol"].get("axis", "stage")  # what R's rows and columns are: stages or domains

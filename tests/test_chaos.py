@@ -167,7 +167,7 @@ def test_a_sweep_survives_killed_trials_a_lost_node_an_mlflow_outage_and_a_kille
         assert child.info.status == "FINISHED"
         for split in ("val", "test"):  # each stage exactly once in MLflow, whatever Tune saw twice
             steps = sorted(m.step for m in client.get_metric_history(run_id, f"{split}/accuracy_on_seen_classes"))
-            assert steps == list(range(STAGES)), (child.data.tags["clorch.trial_id"], split, steps)
+            assert steps == list(range(1, STAGES + 1)), (child.data.tags["clorch.trial_id"], split, steps)
         models = client.search_logged_models([child.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
         assert [str(m.status).split(".")[-1] for m in models] == ["READY"]
         config = resolve(results[child.data.tags["clorch.trial_id"]][-1]["config"])

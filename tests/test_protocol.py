@@ -201,7 +201,7 @@ def test_a_stage_accuracy_is_reported_from_the_stage_that_first_trains_it():
          "val/stage_accuracies": [0.9, 0.0, 0.0], "test/stage_accuracies": [0.8, 0.0, 0.0]}
     out = scalar_metrics(0, m)
     # stages 1 and 2 are not trained after stage 0: their zeros would draw a jump from 0 in every chart
-    assert {k for k in out if "accuracy_stage_" in k} == {"val/accuracy_stage_0", "test/accuracy_stage_0"}
+    assert {k for k in out if "accuracy_stage_" in k} == {"val/accuracy_stage_1", "test/accuracy_stage_1"}
     assert out["protocol.future_inputs"] == 0 and out["protocol.validation"] == 0.1
 
 

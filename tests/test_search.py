@@ -135,7 +135,7 @@ def test_a_median_pruner_stops_a_hopeless_trial_after_a_stage_and_the_best_one_f
     client, (parent,), children = runs_of(uri, "p")
     assert parent.info.status == "FINISHED" and len(children) == 5
     (run,) = [c for c in children if c.data.tags["clorch.trial_id"] == stopped[0]]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, ACC)) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, ACC)) == [1, 2]
 
     # a restored sweep's pruner starts from the trials' result logs: finished trials complete, the stopped one
     # pruned with the stages it reported

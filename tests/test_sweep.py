@@ -60,17 +60,17 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for split in ("val", "test"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, f"{split}/accuracy_on_seen_classes")]
-            assert sorted(steps) == [0, 1, 2, 3, 4]
+            assert sorted(steps) == [1, 2, 3, 4, 5]  # stages by number, as in the console
             # a stage's own accuracy is logged from the stage that first trains it: no jump from 0 in the charts
-            for j in range(5):
+            for j in range(1, 6):
                 history = client.get_metric_history(child.info.run_id, f"{split}/accuracy_stage_{j}")
-                assert sorted(m.step for m in history) == list(range(j, 5))
+                assert sorted(m.step for m in history) == list(range(j, 6))
         assert child.data.tags["protocol.future_inputs"] == "false" and child.data.tags["protocol.validation"] == "0.1"
         assert child.data.params["learner.num_keys"] in ("128", "256")
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"accuracy_matrix.json", "accuracy_matrix_val.png", "accuracy_matrix_test.png", "codebooks"} <= artifacts
         codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
-        assert {"codebooks/keys.npy", "codebooks/stage_4.npz", "codebooks/usage_stage_4.png"} <= codebooks
+        assert {"codebooks/keys.npy", "codebooks/stage_5.npz", "codebooks/usage_stage_5.png"} <= codebooks
         models = logged_models(child)
         assert [m.name for m in models] == ["model"]
         assert child.data.metrics["test/average_accuracy"] > 0.75
@@ -113,7 +113,7 @@ def test_a_trial_failing_at_stage_2_resumes_from_stage_2_to_the_uninterrupted_re
     for child in children:
         assert child.info.status == "FINISHED"
         history = client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
-        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # stages 0 and 1 were not trained again
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # stages 1 and 2 were not trained again
         seed = int(child.data.params["seed"])
         matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
         config = load_experiment(path, [f"seed={seed}"]).base
@@ -150,7 +150,7 @@ def test_restart_errored_runs_errored_trials_from_stage_1_in_new_child_runs(ray_
         assert new.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         steps = lambda run: sorted(m.step for m in client.get_metric_history(run.info.run_id,  # noqa: E731
                                                                               "test/accuracy_on_seen_classes"))
-        assert steps(old) == [0, 1] and steps(new) == [0, 1, 2, 3, 4]  # the old run keeps its data
+        assert steps(old) == [1, 2] and steps(new) == [1, 2, 3, 4, 5]  # the old run keeps its data
         matrix = json.loads(Path(client.download_artifacts(new.info.run_id, "accuracy_matrix.json")).read_text())
         config = load_experiment(path, [f"seed={new.data.params['seed']}"]).base
         assert matrix["test"] == run_stream(config).test.accuracy_matrix
@@ -223,7 +223,7 @@ def test_extend_runs_only_the_new_points_under_the_same_parent_and_every_command
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         history = client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
-        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     assert parents[0].data.metrics["best/n"] == 3
     board = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "leaderboard.json")).read_text())
     assert [row[board["columns"].index("n")] for row in board["data"]] == [3]  # replaced, not appended to
@@ -303,7 +303,7 @@ def test_a_killed_sweep_driver_resumes_and_every_trial_completes_once(ray_local,
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")]
-        assert sorted(steps) == [0, 1, 2, 3, 4]
+        assert sorted(steps) == [1, 2, 3, 4, 5]
 
 
 TWO_TRIALS = """
@@ -394,7 +394,7 @@ def test_a_trial_on_a_ray_train_worker_resumes_from_its_train_checkpoint(ray_loc
     client, _, (child,) = runs_of(uri, "w")
     assert child.info.status == "FINISHED"
     history = client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
-    assert sorted(m.step for m in history) == [0, 1]
+    assert sorted(m.step for m in history) == [1, 2]
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
     assert (tmp_path / "runs" / ".clorch" / "w" / "train").is_dir()  # the Train run kept its checkpoints there
@@ -592,7 +592,7 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
     assert [c.info.run_id for c in children] == [child.info.run_id] and children[0].info.status == "FINISHED"
     for split in ("val", "test"):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, f"{split}/accuracy_on_seen_classes")]
-        assert sorted(steps) == [0, 1, 2, 3, 4]  # stages 1-3 from before the move, 4-5 after it, each once
+        assert sorted(steps) == [1, 2, 3, 4, 5]  # stages 1-3 from before the move, 4-5 after it, each once
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
     codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
@@ -751,7 +751,7 @@ def test_a_driver_killed_between_a_trials_end_and_tunes_next_snapshot_never_runs
     client, (parent,), (child,) = runs_of(uri, "w")
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")]
-    assert sorted(steps) == [0, 1, 2, 3, 4]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
     models = client.search_logged_models([child.info.experiment_id],
                                          filter_string=f"source_run_id = '{child.info.run_id}'")
     assert len(models) == 1

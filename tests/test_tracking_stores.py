@@ -59,7 +59,7 @@ def test_a_sweep_logs_straight_to_postgresql_with_the_password_from_the_environm
     assert main(["sweep", str(path), "--name", "pg", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 0
     client, (parent,), (child,) = runs_of(uri, "pg")
     assert parent.info.status == child.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test/average_accuracy")) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test/average_accuracy")) == [1, 2]
     assert json.loads((tmp_path / "runs" / ".clorch" / "pg" / "sweep.json").read_text())["tracking_uri"] == uri
     assert not any(postgres.password in p.read_text(errors="ignore") for p in (tmp_path / "runs").rglob("*")
                    if p.is_file())
@@ -98,7 +98,7 @@ def test_a_sweep_logs_through_mlflows_basic_auth_app_with_credentials_from_the_e
     assert main(args) == 0
     client, (parent,), (child,) = runs_of(server.uri, "auth")
     assert parent.info.status == child.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test/average_accuracy")) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test/average_accuracy")) == [1, 2]
     assert "accuracy_matrix.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(MlflowException, match="401"):  # the runs are behind the server's authentication
