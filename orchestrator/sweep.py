@@ -253,10 +253,11 @@ def build_tuner(experiment: ExperimentFile, options: TuneOptions, name: str, sto
     warning: an autoscaler may add nodes)."""
     from ray import tune
 
-    from orchestrator.cluster import check_resources, cluster_gpus
+    from orchestrator.cluster import check_resources, cluster_gpus, quiet_chosen_settings
     from orchestrator.console import StageLines
     from orchestrator.tracking import MLflowTracking, TrackingOptions
 
+    quiet_chosen_settings()
     gpus = cluster_gpus()
     resolve_resources(options, gpus)
     if _uses_cuda(experiment) and not options.resources.use_gpu:

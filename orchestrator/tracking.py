@@ -311,7 +311,27 @@ class MLflowTracking(tune.Callback):
         run = self.client.create_run(experiment_id, run_name=trial_label(trial.config), tags=tags)
         params = flatten(to_dict(resolve(trial.config)))
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        _best_effort("the trial's data set", self._log_dataset, run.info.run_id, resolve(trial.config))
         return run.info.run_id
+
+    def _log_dataset(self, run_id: str, config) -> None:
+        """The data the trial trains on as an MLflow dataset input (context `train`): the source, the stream cut
+        from it (the profile) and a digest of both with the source's fingerprint, the one its cache keys use
+        (files' sizes and times; a changed data set gets a new digest)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from workloads.data.sources import source_identity
+        from workloads.features import digest
+
+        data = config.data
+        identity, stream = source_identity(data), to_dict(data)
+        where = identity.get("root")
+        dataset = Dataset(name=data.source, digest=digest({"source": identity, "stream": stream})[:16],
+                          source_type="local" if where else "code",
+                          source=where or f"{data.source} (generated or shipped with clorch's dependencies)",
+                          profile=json.dumps({"stream": stream, "fingerprint": identity.get("fingerprint")},
+                                             default=str)[:MAX_TAG])
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
 
     # --- Tune hooks: each becomes one event, written to MLflow now or, while the store fails, queued ---------
     def setup(self, **info) -> None:

@@ -107,6 +107,11 @@ def test_mlflow_runs_are_named_by_their_swept_values_and_the_parent_compares_the
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(r.info.run_name for r in children) == ["dkvb K=16", "dkvb K=32"]
     assert all(r.data.tags["clorch.trial_id"] in r.info.run_name or r.data.tags["clorch.trial_id"] for r in children)
+    for child in children:  # the data each trained on, as MLflow dataset inputs
+        (used,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert used.dataset.name == "digits" and len(used.dataset.digest) == 16
+        assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "train")]
+        assert json.loads(used.dataset.profile)["stream"]["classes_per_stage"] == 5
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert figures == {"comparison/seen_by_stage.png", "comparison/accuracy_vs_forgetting.png"}
 
