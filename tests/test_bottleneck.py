@@ -42,7 +42,7 @@ def test_lookup_is_chunked_without_changing_results(monkeypatch):
     b = make()
     z = torch.randn(100, 6, 3)
     whole = b.lookup(z)
-    monkeypatch.setattr("workloads.bottleneck.SCORE_BUDGET", 6 * 32 * 7)  # 7 samples per chunk
+    monkeypatch.setattr("workloads.keysearch.TILE_FLOATS", {"cpu": 32 * 7, "cuda": 32 * 7})  # tiles of 1 head x 7 samples
     assert torch.equal(b.lookup(z), whole)
 
 

@@ -17,13 +17,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from workloads import keysearch
 from workloads.progress import ProgressLog
 
 log = logging.getLogger(__name__)
-
-# The lookup materialises (C, b, K) scores; b is chosen so that this stays near 64M floats (256 MB).
-SCORE_BUDGET = 64 * 2**20
-
 
 def random_projection(input_dim: int, num_codebooks: int, key_dim: int, gen: torch.Generator,
                       density: float | None = None) -> torch.Tensor:
@@ -44,18 +41,9 @@ def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
                  allowed: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, d_k), keys (C, K, d_k) -> (B, C, k) indices of each head's k nearest allowed keys.
 
-    Batched over heads and samples; samples go through in chunks only to bound the (C, b, K) score memory.
+    The search itself lives in workloads.keysearch (exact; ties go to the lowest key index).
     """
-    # ||z - key||^2 = ||z||^2 - 2 z.key + ||key||^2; ||z||^2 does not change the ranking.
-    bias = (keys * keys).sum(-1).unsqueeze(1)  # (C, 1, K)
-    if allowed is not None:
-        bias = bias.masked_fill(~allowed.unsqueeze(1), float("inf"))
-    zc = z.transpose(0, 1)  # (C, B, d_k)
-    step = max(1, SCORE_BUDGET // (keys.shape[0] * keys.shape[1]))
-    scores = (torch.baddbmm(bias, zc[:, s:s + step], keys.transpose(1, 2), alpha=-2.0)  # (C, b, K)
-              for s in range(0, zc.shape[1], step))
-    out = [chunk.topk(k, dim=-1, largest=False).indices for chunk in scores]  # each (C, b, k)
-    return torch.cat(out, 1).transpose(0, 1).contiguous()
+    return keysearch.nearest_keys(z, keys, k, allowed)
 
 
 def table_rows(idx: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Exact nearest-key search: the one place where inputs meet codebooks (key learning, lookups, the index cache,
+evaluation).
+
+Distance: squared Euclidean, ranked by score(z, key) = ||key||^2 - 2 z.key (||z||^2 is the same for every key of
+a head, so it cannot change the ranking), computed as one dot product of [z, 1] with [-2 key, ||key||^2].
+
+Tie rule: among keys at equal score the LOWEST key index wins, for top-1 and top-k alike, and the k results are
+in (score, index) order. A key that `allowed` masks scores +inf, so it ranks after every allowed key: where a
+codebook has fewer than k allowed keys, the remaining places go to masked keys, lowest index first.
+
+Shapes: z (B, C, d_k) inputs, keys (C, K, d_k) codebooks, allowed (C, K) bool; results (B, C, k) int64.
+
+Scores are never materialised for all keys and samples at once: a tile of (heads, K, samples) lives in one
+buffer, allocated once per call and reused for every tile, sized to stay in cache on the CPU. Every score comes
+from a tile of the same shape whatever k or the mask, so a search for top-1, for top-m candidates or under a
+mask ranks keys by bit-identical scores (what candidate reuse at evaluation relies on).
+"""
+from __future__ import annotations
+
+import torch
+
+# Floats in one score tile. CPU: 4 MiB, a tile that stays in L2/L3 while it is reduced (measured against 1 and
+# 16 MiB on the paper's sizes: bigger tiles spend their time on memory traffic, smaller ones on per-call cost).
+# GPU: large tiles, so that one kernel launch does plenty of work.
+TILE_FLOATS = {"cpu": 2**20, "cuda": 2**26}
+# Top-1 reduces a tile in two steps: the minimum of each block of this many keys (a vectorised pass over the
+# tile), then the first minimum inside the winning block only.
+KEY_BLOCK = 64
+
+
+def _tile_shape(num_heads: int, num_keys: int, num_samples: int, device: torch.device) -> tuple[int, int]:
+    """(heads, samples) of one score tile: at least 256 samples for the CPU's matrix kernel unless the heads
+    alone fill the budget."""
+    budget = TILE_FLOATS["cpu" if device.type == "cpu" else "cuda"]
+    heads = max(1, min(num_heads, budget // (num_keys * 256)))
+    samples = max(1, min(num_samples, budget // (heads * num_keys)))
+    return heads, samples
+
+
+def augmented_keys(keys: torch.Tensor) -> torch.Tensor:
+    """(C, K, d_k) -> (C, K, d_k + 1): [-2 key, ||key||^2], so that a dot product with [z, 1] is the score."""
+    return torch.cat([-2.0 * keys, (keys * keys).sum(-1, keepdim=True)], -1).contiguous()
+
+
+def _first_min(tile: torch.Tensor) -> torch.Tensor:
+    """(h, K, b) scores -> (h, b) index of the first (lowest-index) minimum over K."""
+    h, num_keys, b = tile.shape
+    kb = next((s for s in (KEY_BLOCK, 32, 16, 8) if num_keys % s == 0 and num_keys > s), 0)
+    if not kb:
+        return tile.argmin(1)  # argmin returns the first minimal index (documented, CPU and CUDA)
+    blocks = tile.view(h, num_keys // kb, kb, b)
+    # The first block holding the minimum holds the first minimal key; inside it, the first minimal position.
+    block = blocks.amin(2).argmin(1)  # (h, b)
+    hi = torch.arange(h, device=tile.device).view(h, 1)
+    bi = torch.arange(b, device=tile.device).view(1, b)
+    pos = blocks[hi, block, :, bi].argmin(-1)  # (h, b, kb) -> (h, b)
+    return block * kb + pos
+
+
+def _first_k(tile: torch.Tensor, k: int) -> torch.Tensor:
+    """(h, K, b) scores -> (h, b, k) indices of the k smallest, in (score, index) order."""
+    num_keys = tile.shape[1]
+    rows = tile.transpose(1, 2)  # (h, b, K)
+    take = min(k + 1, num_keys)
+    vals, idx = rows.topk(take, dim=-1, largest=False, sorted=True)
+    # topk breaks ties arbitrarily. Within the chosen k: order by index, then stable by score.
+    sel, order = idx[..., :k].sort(-1)
+    sv = vals[..., :k].gather(-1, order)
+    out = sel.gather(-1, sv.sort(dim=-1, stable=True).indices)
+    if take > k:
+        # Where the (k+1)-th score equals the k-th, which tied keys make the cut is topk's choice: those
+        # (rare) rows are sorted in full, stably, so the lowest indices win.
+        tied = vals[..., k] == vals[..., k - 1]
+        if bool(tied.any()):
+            out[tied] = rows[tied].sort(dim=-1, stable=True).indices[:, :k]
+    return out
+
+
+@torch.no_grad()
+def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, d_k), keys (C, K, d_k) -> (B, C, k) int64 indices of each head's k nearest allowed keys, exact,
+    in (score, index) order; ties go to the lowest index. `allowed` (C, K) bool masks keys (see module doc)."""
+    n, c, d = z.shape
+    num_keys = keys.shape[1]
+    if not 1 <= k <= num_keys:
+        raise ValueError(f"nearest_keys: k must lie in [1, {num_keys}] (the keys per codebook), got {k}")
+    out = torch.empty(n, c, k, dtype=torch.long, device=z.device)
+    if n == 0:
+        return out
+    ka = augmented_keys(keys.to(z.dtype))
+    blocked = None if allowed is None or bool(allowed.all()) else ~allowed
+    heads, samples = _tile_shape(c, num_keys, n, z.device)
+    tile_buf = torch.empty(heads * num_keys * samples, dtype=z.dtype, device=z.device)
+    z_buf = torch.empty(heads * (d + 1) * samples, dtype=z.dtype, device=z.device)
+    for h0 in range(0, c, heads):
+        h = min(heads, c - h0)
+        for s0 in range(0, n, samples):
+            b = min(samples, n - s0)
+            # Contiguous views of the buffers' front: every tile, partial ones too, takes the same kernel path.
+            zt = z_buf[: h * (d + 1) * b].view(h, d + 1, b)
+            zt[:, :d].copy_(z[s0:s0 + b, h0:h0 + h].permute(1, 2, 0))
+            zt[:, d].fill_(1.0)
+            tile = tile_buf[: h * num_keys * b].view(h, num_keys, b)
+            torch.bmm(ka[h0:h0 + h], zt, out=tile)
+            if blocked is not None:
+                tile.masked_fill_(blocked[h0:h0 + h].unsqueeze(-1), float("inf"))
+            if k == 1:
+                out[s0:s0 + b, h0:h0 + h, 0] = _first_min(tile).t()
+            else:
+                out[s0:s0 + b, h0:h0 + h] = _first_k(tile, k).transpose(0, 1)
+    return out
+
+
+def candidate_dtype(num_keys: int) -> torch.dtype:
+    """The smallest integer type that holds a key index (candidates are kept for whole evaluation sets)."""
+    return torch.int16 if num_keys <= 2**15 else torch.int32
+
+
+@torch.no_grad()
+def answer_from_candidates(cand: torch.Tensor, z: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                           allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """What `nearest_keys(z, keys, k, allowed)` returns, read off each (input, codebook)'s m nearest keys
+    `cand` (B, C, m) (nearest_keys(z, keys, m) without a mask): the first k allowed candidates, in order.
+
+    Exact: any allowed key nearer than the first allowed candidate would itself be a candidate. Pairs with
+    fewer than k allowed candidates are searched in full, under the mask, codebook by codebook.
+    """
+    n, c, m = cand.shape
+    if k > m:
+        raise ValueError(f"answer_from_candidates: k ({k}) exceeds the {m} candidates kept")
+    cand = cand.long()
+    if allowed is None:
+        return cand[..., :k].clone()
+    heads = torch.arange(c, device=cand.device).view(1, c, 1)
+    ok = allowed[heads, cand]  # (B, C, m)
+    if k == 1:
+        first = ok.to(torch.int8).argmax(-1, keepdim=True)  # first allowed (argmax: first maximal index)
+        out = cand.gather(-1, first)
+        short = ~ok.any(-1)
+    else:
+        order = (~ok).to(torch.int8).sort(dim=-1, stable=True).indices[..., :k]  # allowed first, in distance order
+        out = cand.gather(-1, order)
+        short = ok.sum(-1) < k
+    if bool(short.any()):
+        rows, cols = short.nonzero(as_tuple=True)
+        for head in torch.unique(cols).tolist():
+            r = rows[cols == head]
+            out[r, head] = nearest_keys(z[r, head:head + 1], keys[head:head + 1], k,
+                                        allowed[head:head + 1])[:, 0]
+    return out
