@@ -26,6 +26,9 @@ TILE_FLOATS = {"cpu": 2**20, "cuda": 2**26}
 # Top-1 reduces a tile in two steps: the minimum of each block of this many keys (a vectorised pass over the
 # tile), then the first minimum inside the winning block only.
 KEY_BLOCK = 64
+# Top-k ranks only the k blocks with the smallest minima; smaller blocks leave fewer scores to rank but more
+# minima to choose from: 32 was fastest at K=4096, k=16 (against 8, 16 and 64).
+TOPK_KEY_BLOCK = 32
 
 
 def _tile_shape(num_heads: int, num_keys: int, num_samples: int, device: torch.device) -> tuple[int, int]:
@@ -42,10 +45,15 @@ def augmented_keys(keys: torch.Tensor) -> torch.Tensor:
     return torch.cat([-2.0 * keys, (keys * keys).sum(-1, keepdim=True)], -1).contiguous()
 
 
+def _key_block(num_keys: int, largest: int = KEY_BLOCK) -> int:
+    """Keys per block of the two-step reductions (0: K has no fitting divisor; reduce whole rows)."""
+    return next((s for s in (64, 32, 16, 8) if s <= largest and num_keys % s == 0 and num_keys > s), 0)
+
+
 def _first_min(tile: torch.Tensor) -> torch.Tensor:
     """(h, K, b) scores -> (h, b) index of the first (lowest-index) minimum over K."""
     h, num_keys, b = tile.shape
-    kb = next((s for s in (KEY_BLOCK, 32, 16, 8) if num_keys % s == 0 and num_keys > s), 0)
+    kb = _key_block(num_keys)
     if not kb:
         return tile.argmin(1)  # argmin returns the first minimal index (documented, CPU and CUDA)
     blocks = tile.view(h, num_keys // kb, kb, b)
@@ -57,22 +65,44 @@ def _first_min(tile: torch.Tensor) -> torch.Tensor:
     return block * kb + pos
 
 
-def _first_k(tile: torch.Tensor, k: int) -> torch.Tensor:
-    """(h, K, b) scores -> (h, b, k) indices of the k smallest, in (score, index) order."""
-    num_keys = tile.shape[1]
-    rows = tile.transpose(1, 2)  # (h, b, K)
-    take = min(k + 1, num_keys)
+def _first_k_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., n) scores -> (..., k) positions of the k smallest, in (score, position) order."""
+    take = min(k + 1, rows.shape[-1])
     vals, idx = rows.topk(take, dim=-1, largest=False, sorted=True)
-    # topk breaks ties arbitrarily. Within the chosen k: order by index, then stable by score.
+    # topk breaks ties arbitrarily. Within the chosen k: order by position, then stable by score.
     sel, order = idx[..., :k].sort(-1)
-    sv = vals[..., :k].gather(-1, order)
-    out = sel.gather(-1, sv.sort(dim=-1, stable=True).indices)
+    out = sel.gather(-1, vals[..., :k].gather(-1, order).sort(dim=-1, stable=True).indices)
     if take > k:
         # Where the (k+1)-th score equals the k-th, which tied keys make the cut is topk's choice: those
-        # (rare) rows are sorted in full, stably, so the lowest indices win.
+        # (rare) rows are sorted in full, stably, so the lowest positions win.
         tied = vals[..., k] == vals[..., k - 1]
         if bool(tied.any()):
             out[tied] = rows[tied].sort(dim=-1, stable=True).indices[:, :k]
+    return out
+
+
+def _first_k(tile: torch.Tensor, k: int) -> torch.Tensor:
+    """(h, K, b) scores -> (h, b, k) indices of the k smallest, in (score, index) order."""
+    h, num_keys, b = tile.shape
+    rows = tile.transpose(1, 2)  # (h, b, K)
+    kb = _key_block(num_keys, TOPK_KEY_BLOCK)
+    if not kb or 2 * k * kb > num_keys:
+        return _first_k_rows(rows, k)
+    # The k blocks with the smallest minima hold k scores <= the k-th of those minima, and every other block
+    # scores above it unless its minimum ties: so, barring such a tie, the k nearest keys lie in those k
+    # blocks, and only they are ranked (an eighth of the row at K=4096, k=16).
+    blocks = tile.view(h, num_keys // kb, kb, b)
+    minima = blocks.amin(2).transpose(1, 2)  # (h, b, blocks)
+    bv, chosen = minima.topk(k + 1, dim=-1, largest=False, sorted=True)
+    chosen = chosen[..., :k].sort(-1).values  # ascending: gathered keys come in index order
+    hi = torch.arange(h, device=tile.device).view(h, 1, 1)
+    bi = torch.arange(b, device=tile.device).view(1, b, 1)
+    vals = blocks[hi, chosen, :, bi].reshape(h, b, k * kb)  # (h, b, k, kb) -> (h, b, k * kb)
+    keys = (chosen.unsqueeze(-1) * kb + torch.arange(kb, device=tile.device)).reshape(h, b, k * kb)
+    out = keys.gather(-1, _first_k_rows(vals, k))
+    tied = bv[..., k] == bv[..., k - 1]  # a block left out may hold a score equal to the cut: rank the row whole
+    if bool(tied.any()):
+        out[tied] = rows[tied].sort(dim=-1, stable=True).indices[:, :k]
     return out
 
 
