@@ -92,3 +92,12 @@ def test_search_on_cuda_matches_the_reference(k):
     allowed = masks(gen, 5, 256)
     got = nearest_keys(z.cuda(), keys.cuda(), k, allowed.cuda()).cpu()
     assert torch.equal(got, reference(z, keys, k, allowed))
+
+
+def test_keys_changed_in_place_are_searched_as_they_are_now():
+    gen = torch.Generator().manual_seed(5)
+    z, keys = grid(gen, 40, 3, 4), grid(gen, 3, 32, 4)
+    before = nearest_keys(z, keys, 2)
+    keys.mul_(-1.0)  # the same tensor, new values: nothing computed for the old values may be reused
+    assert torch.equal(nearest_keys(z, keys, 2), reference(z, keys, 2))
+    assert not torch.equal(nearest_keys(z, keys, 2), before)

@@ -224,7 +224,7 @@ class DKVB(Learner):
     @torch.no_grad()
     def eval_inputs(self, x: torch.Tensor):
         """With candidate reuse: each input's projection and nearest keys per codebook (unmasked), found once."""
-        if not self.candidate_reuse:
+        if not self.candidate_reuse or not len(x):
             return x
         b, size = self.bottleneck, self.ctx.train.eval_batch_size
         m = min(b.num_keys, max(EVAL_CANDIDATES, b.topk))
