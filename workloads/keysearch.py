@@ -142,17 +142,18 @@ def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
     blocked = None if allowed is None or bool(allowed.all()) else ~allowed
     heads, samples = _tile_shape(c, num_keys, n, z.device)
     tile_buf = torch.empty(heads * num_keys * samples, dtype=z.dtype, device=z.device)
-    z_buf = torch.empty(heads * (d + 1) * samples, dtype=z.dtype, device=z.device)
-    for h0 in range(0, c, heads):
-        h = min(heads, c - h0)
-        for s0 in range(0, n, samples):
-            b = min(samples, n - s0)
-            # Contiguous views of the buffers' front: every tile, partial ones too, takes the same kernel path.
-            zt = z_buf[: h * (d + 1) * b].view(h, d + 1, b)
-            zt[:, :d].copy_(z[s0:s0 + b, h0:h0 + h].permute(1, 2, 0))
-            zt[:, d].fill_(1.0)
+    z_buf = torch.empty(c * (d + 1) * samples, dtype=z.dtype, device=z.device)
+    for s0 in range(0, n, samples):
+        b = min(samples, n - s0)
+        # [z, 1] of the block's samples for every head at once, head-major; the front of the buffer, so that
+        # every block, a partial last one too, is laid out (and multiplied) alike.
+        za = z_buf[: c * (d + 1) * b].view(c, d + 1, b)
+        za[:, :d].copy_(z[s0:s0 + b].permute(1, 2, 0))
+        za[:, d].fill_(1.0)
+        for h0 in range(0, c, heads):
+            h = min(heads, c - h0)
             tile = tile_buf[: h * num_keys * b].view(h, num_keys, b)
-            torch.bmm(ka[h0:h0 + h], zt, out=tile)
+            torch.bmm(ka[h0:h0 + h], za[h0:h0 + h], out=tile)
             if blocked is not None:
                 tile.masked_fill_(blocked[h0:h0 + h].unsqueeze(-1), float("inf"))
             if k == 1:
