@@ -210,9 +210,9 @@ def test_dkvb_variants_run_and_state_round_trips(options):
 
 @pytest.mark.parametrize("options", [{"topk": 1}, {"topk": 3, "prune": True}])
 def test_candidate_reuse_gives_the_accuracy_matrix_of_a_full_search(options):
-    # keys from stage 1 alone: later stages' inputs meet many never-used (masked) keys, so every stage's
-    # evaluation answers many pairs from their candidates and some by the full search
-    learner = {**DIGITS_DKVB, "num_codebooks": 16, "num_keys": 128, **options}
+    # keys on every stage's inputs: after a stage, keys only later stages select are masked, and some 1% of
+    # (input, codebook) pairs find all their candidates masked: those are searched in full
+    learner = {**DIGITS_DKVB, "num_codebooks": 16, "num_keys": 128, "key_init_data": "stream", **options}
     runs = [run_stream(digits_config({**learner, "candidate_reuse": reuse}, epochs=2)) for reuse in (True, False)]
     for name in ("test", "val"):
         if runs[1].splits.get(name) is not None:
