@@ -11,9 +11,12 @@ codebook has fewer than k allowed keys, the remaining places go to masked keys, 
 Shapes: z (B, C, d_k) inputs, keys (C, K, d_k) codebooks, allowed (C, K) bool; results (B, C, k) int64.
 
 Scores are never materialised for all keys and samples at once: a tile of (heads, K, samples) lives in one
-buffer, allocated once per call and reused for every tile, sized to stay in cache on the CPU. Every score comes
-from a tile of the same shape whatever k or the mask, so a search for top-1, for top-m candidates or under a
-mask ranks keys by bit-identical scores (what candidate reuse at evaluation relies on).
+buffer, allocated once per call and reused for every tile, sized to stay in cache on the CPU. The tiles of a
+call depend on the shapes of z and keys only, never on k or the mask, so searches of the same z for top-1, for
+top-m candidates or under a mask rank keys by bit-identical scores (what candidate reuse at evaluation relies
+on). The full search of the pairs candidates cannot answer runs on smaller tiles: there, exactness relies on
+the matrix kernel giving a score the same bits whatever else is in its tile (it does on the CPU's MKL kernels;
+tests/test_keysearch.py and the DKVB reuse tests check answers against full searches).
 """
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ import weakref
 
 import torch
 
-# Floats in one score tile. CPU: 4 MiB, a tile that stays in L2/L3 while it is reduced (measured against 1 and
-# 16 MiB on the paper's sizes: bigger tiles spend their time on memory traffic, smaller ones on per-call cost).
-# GPU: large tiles, so that one kernel launch does plenty of work.
+# Floats in one score tile. CPU: 4 MiB, reduced while still in cache (against 1, 2 and 8 MiB at the paper's
+# sizes: 1 MiB lost to per-call cost, 2 and 8 MiB were within noise). GPU: large tiles, so that one kernel
+# launch does plenty of work.
 TILE_FLOATS = {"cpu": 2**20, "cuda": 2**26}
 # Top-1 reduces a tile in two steps: the minimum of each block of this many keys (a vectorised pass over the
 # tile), then the first minimum inside the winning block only.
