@@ -381,7 +381,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
     task_free = config.train.task_free
     if task_free:
         learner.begin_online()
-    eval_inputs: dict[str, Any] = {}  # per split, made once per run: a learner may precompute what never changes
+    eval_inputs: dict[str, Any] = {}  # per split, made once per run: what a learner precomputes (None: nothing)
     for stage in stream[first:]:
         t0 = time.perf_counter()
         torch.manual_seed(stage_seed(config.seed, stage.index))
@@ -406,7 +406,10 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
                          "loss": loss, "protocol": protocol}
         for name, scores in splits.items():
             if name not in eval_inputs:
-                eval_inputs[name] = learner.eval_inputs(torch.cat([s.split(name)[0] for s in stream]))
+                plain = torch.cat([s.split(name)[0] for s in stream])
+                made = learner.eval_inputs(plain)
+                eval_inputs[name] = None if made is plain else made  # plain inputs: not held between stages
+                del plain, made
             row, class_row = evaluate(learner, stream, name, config.train.eval_batch_size,
                                       None if stream.axis == "stage" else stage.index + 1, eval_inputs[name])
             scores.accuracy_matrix.append(row)
