@@ -47,7 +47,12 @@ def _tile_shape(num_heads: int, num_keys: int, num_samples: int, device: torch.d
 
 def augmented_keys(keys: torch.Tensor) -> torch.Tensor:
     """(C, K, d_k) -> (C, K, d_k + 1): [-2 key, ||key||^2], so that a dot product with [z, 1] is the score."""
-    return torch.cat([-2.0 * keys, (keys * keys).sum(-1, keepdim=True)], -1).contiguous()
+    c, k, d = keys.shape
+    out = torch.empty(c, k, d + 1, dtype=keys.dtype, device=keys.device)
+    torch.mul(keys, -2.0, out=out[..., :d])
+    # one pass, no (C, K, d_k) temporary: key learning makes new keys every batch, so this runs every batch
+    out[..., d] = torch.einsum("ckd,ckd->ck", keys, keys)
+    return out
 
 
 # The augmented copy of the last frozen keys searched: evaluation and the index cache search the same keys batch
