@@ -115,7 +115,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, _ in rows:
         base = times["baseline top-" + name.split("top-")[1]]
-        print(f"| {name} | {times[name]:.3f} | {times[name] * per_pass:.1f} | {times[name] / floor:.2f} "
+        print(f"| {name} | {times[name]:.3f} | {times[name] * per_pass:.2f} | {times[name] / floor:.2f} "
               f"| {base / times[name]:.1f}x |")
 
     # one EMA key-learning epoch: a few batches, extrapolated to the epoch's ceil(N / batch)
@@ -126,7 +126,7 @@ def main() -> None:
     print(f"\n| EMA key learning, one epoch ({s.learn_inputs} inputs, {batches} batches of {s.batch}) | s |")
     print("|---|---:|")
     for name, sec in epoch.items():
-        print(f"| {name} | {sec:.1f} |")
+        print(f"| {name} | {sec:.2f} |")
     print(f"| speedup | {epoch['baseline'] / epoch['new']:.1f}x |")
 
     # A stage's fixed cost: index the stage's training inputs, then look every test input up under the mask.
