@@ -42,7 +42,7 @@ def test_lookup_is_chunked_without_changing_results(monkeypatch):
     b = make()
     z = torch.randn(100, 6, 3)
     whole = b.lookup(z)
-    monkeypatch.setattr("workloads.bottleneck.SCORE_BUDGET", 6 * 32 * 7)  # 7 samples per chunk
+    monkeypatch.setattr("workloads.keysearch.TILE_FLOATS", {"cpu": 32 * 7, "cuda": 32 * 7})  # tiles of 1 head x 7 samples
     assert torch.equal(b.lookup(z), whole)
 
 
@@ -206,3 +206,53 @@ def test_dkvb_variants_run_and_state_round_trips(options):
     # the last state (pruned, when prune is on) loads into a fresh learner and predicts the same
     prepared_result = run_stream(config, resume_state=states[-1])
     assert prepared_result.test.accuracy_matrix == result.test.accuracy_matrix
+
+
+@pytest.mark.parametrize("options", [{"topk": 1}, {"topk": 3, "prune": True}])
+def test_candidate_reuse_gives_the_accuracy_matrix_of_a_full_search(options):
+    # keys on every stage's inputs: after a stage, keys only later stages select are masked, and some 1% of
+    # (input, codebook) pairs find all their candidates masked: those are searched in full
+    learner = {**DIGITS_DKVB, "num_codebooks": 16, "num_keys": 128, "key_init_data": "stream", **options}
+    runs = [run_stream(digits_config({**learner, "candidate_reuse": reuse}, epochs=2)) for reuse in (True, False)]
+    for name in ("test", "val"):
+        if runs[1].splits.get(name) is not None:
+            assert runs[0].splits[name].accuracy_matrix == runs[1].splits[name].accuracy_matrix
+            assert runs[0].splits[name].class_accuracy_matrix == runs[1].splits[name].class_accuracy_matrix
+
+
+def test_candidate_reuse_predicts_the_logits_of_a_full_search_under_every_mask():
+    learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64, "topk": 2})
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(300, 64, generator=gen)
+    rows = learner.eval_inputs(x)
+    learner.begin_stage(None)
+    for seen in (1, 4, 40):  # the unused-key mask shrinks as training sees more inputs
+        learner.observe(learner.stage_inputs(x[:seen]), torch.randint(10, (seen,), generator=gen))
+        b = learner.bottleneck
+        b.eval()
+        masked = ~b.allowed_keys()[torch.arange(8).view(1, 8, 1), rows.cand.long()]
+        if seen == 1:
+            assert masked.all(-1).any()  # pairs with every candidate masked: the full search answers them
+        reused = torch.cat([learner.predict(rows[i:i + 128]) for i in range(0, 300, 128)])
+        plain = torch.cat([learner.predict(x[i:i + 128]) for i in range(0, 300, 128)])
+        assert torch.equal(reused, plain)
+
+
+def test_usage_counted_in_bulk_equals_one_count_per_observed_selection(monkeypatch):
+    monkeypatch.setattr("workloads.bottleneck.PENDING_SELECTIONS", 8 * 2 * 50)  # flushes between batches too
+    learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64, "topk": 2})
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.rand(200, 64, generator=gen), torch.randint(10, (200,), generator=gen)
+    learner.begin_stage(None)
+    cached = learner.stage_inputs(x)
+    expected = torch.zeros(8, 64, dtype=torch.long)
+    for epoch in range(2):
+        for start in range(0, 200, 30):
+            batch = cached[start:start + 30]
+            learner.observe(batch, y[start:start + 30])
+            for c in range(8):
+                expected[c] += torch.bincount(batch[:, c].reshape(-1).long(), minlength=64)
+    assert torch.equal(learner.state()["model"]["bottleneck.usage"], expected)
+    learner.observe(cached[:10], y[:10])
+    learner.load_state(learner.state())  # counts still pending are part of the state, counted once
+    assert int(learner.bottleneck.usage.sum()) == int(expected.sum()) + 10 * 8 * 2

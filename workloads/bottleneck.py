@@ -17,13 +17,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from workloads import keysearch
 from workloads.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
-# The lookup materialises (C, b, K) scores; b is chosen so that this stays near 64M floats (256 MB).
-SCORE_BUDGET = 64 * 2**20
-
+# Deferred key selections (count_usage) are added to the counters once this many are pending (64 MiB of int32).
+PENDING_SELECTIONS = 2**24
 
 def random_projection(input_dim: int, num_codebooks: int, key_dim: int, gen: torch.Generator,
                       density: float | None = None) -> torch.Tensor:
@@ -44,18 +44,9 @@ def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
                  allowed: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, d_k), keys (C, K, d_k) -> (B, C, k) indices of each head's k nearest allowed keys.
 
-    Batched over heads and samples; samples go through in chunks only to bound the (C, b, K) score memory.
+    The search itself lives in workloads.keysearch (exact; ties go to the lowest key index).
     """
-    # ||z - key||^2 = ||z||^2 - 2 z.key + ||key||^2; ||z||^2 does not change the ranking.
-    bias = (keys * keys).sum(-1).unsqueeze(1)  # (C, 1, K)
-    if allowed is not None:
-        bias = bias.masked_fill(~allowed.unsqueeze(1), float("inf"))
-    zc = z.transpose(0, 1)  # (C, B, d_k)
-    step = max(1, SCORE_BUDGET // (keys.shape[0] * keys.shape[1]))
-    scores = (torch.baddbmm(bias, zc[:, s:s + step], keys.transpose(1, 2), alpha=-2.0)  # (C, b, K)
-              for s in range(0, zc.shape[1], step))
-    out = [chunk.topk(k, dim=-1, largest=False).indices for chunk in scores]  # each (C, b, k)
-    return torch.cat(out, 1).transpose(0, 1).contiguous()
+    return keysearch.nearest_keys(z, keys, k, allowed)
 
 
 def table_rows(idx: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -89,6 +80,15 @@ class KeyValueBottleneck(nn.Module):
         self.register_buffer("alive", torch.ones(num_codebooks, num_keys, dtype=torch.bool))  # False once pruned
         self.values = nn.Parameter(torch.zeros(num_codebooks, num_keys, value_dim))  # (C, K, d_v)
         self.mask_unused = False  # set by the owner: at evaluation, never-selected keys cannot be fetched
+        # Selections counted but not yet added to `usage`: adding many batches in one bincount is ~5x cheaper
+        # than one scatter per step; reading `usage` (or the state) adds them first, so counts stay exact.
+        self._pending: list[torch.Tensor] = []
+        self._pending_entries = 0
+
+    def __getattr__(self, name: str):
+        if name == "usage" and self.__dict__.get("_pending"):
+            self.flush_usage()
+        return super().__getattr__(name)
 
     @property
     def num_keys(self) -> int:
@@ -102,13 +102,22 @@ class KeyValueBottleneck(nn.Module):
             z = x @ self.proj
         return z.reshape(len(x), self.num_codebooks, self.key_dim)
 
-    def lookup(self, z: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """(B, C, d_k) -> (B, C, k) indices of the nearest keys, batched over heads and samples."""
+    def allowed_keys(self) -> torch.Tensor:
+        """(C, K) bool: the keys a lookup may select now (alive; at evaluation with mask_unused, also used)."""
         allowed = self.alive
         if self.mask_unused and not self.training:
             used = self.usage > 0
             allowed = allowed & torch.where(used.any(1, keepdim=True), used, True)  # codebooks with no use: all keys
-        return nearest_keys(z, self.keys, k or self.topk, allowed)
+        return allowed
+
+    def lookup(self, z: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """(B, C, d_k) -> (B, C, k) indices of the nearest keys, batched over heads and samples."""
+        return nearest_keys(z, self.keys, k or self.topk, self.allowed_keys())
+
+    def lookup_candidates(self, cand: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """What lookup(z) returns, read off each input's nearest keys `cand` (B, C, m), made with no mask by
+        keysearch.nearest_keys(z, keys, m) for these keys; exact whatever keys the mask allows now."""
+        return keysearch.answer_from_candidates(cand, z, self.keys, self.topk, self.allowed_keys())
 
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, C, k) indices -> (B, C, d_v): the selected values, averaged over the k nearest keys."""
@@ -116,9 +125,35 @@ class KeyValueBottleneck(nn.Module):
         return self.values[heads, idx].mean(2)
 
     def count_usage(self, idx: torch.Tensor) -> None:
-        """Add one selection per (sample, codebook, key) in idx (B, C, k) to the usage counters."""
-        flat = table_rows(idx, self.num_keys)
-        self.usage.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        """Add one selection per (sample, codebook, key) in idx (B, C, k) to the usage counters (deferred: see
+        flush_usage). idx is kept, not copied: the caller must not change it afterwards."""
+        small = self.num_codebooks * self.num_keys < 2**31
+        self._pending.append(idx.to(torch.int32) if small else idx.long())
+        self._pending_entries += idx.numel()
+        if self._pending_entries >= PENDING_SELECTIONS:
+            self.flush_usage()
+
+    def flush_usage(self) -> None:
+        """Add the selections count_usage deferred to `usage`."""
+        pending, self._pending, self._pending_entries = self._pending, [], 0
+        if not pending:
+            return
+        usage = self._buffers["usage"]
+        heads = torch.arange(self.num_codebooks, device=usage.device).view(1, -1, 1) * self.num_keys
+        flat = torch.cat([(p.to(usage.device) + heads.to(p.dtype)).reshape(-1) for p in pending])
+        usage.view(-1).add_(torch.bincount(flat, minlength=usage.numel()))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush_usage()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._pending, self._pending_entries = [], 0  # the loaded counters replace everything counted so far
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.flush_usage()  # before the counters move (device, dtype)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, C, d_v). A learnable projection gets gradients through a straight-through estimator."""
@@ -158,6 +193,7 @@ class KeyValueBottleneck(nn.Module):
     def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Reshape keys / values / usage / alive to a (possibly pruned) state's sizes before loading it."""
         k = state[prefix + "keys"].shape[1]
+        self._pending, self._pending_entries = [], 0
         if k != self.num_keys:
             c = self.num_codebooks
             self.keys = torch.empty(c, k, self.key_dim, device=self.keys.device)

@@ -281,12 +281,13 @@ def setup_inputs(learner: Learner, stream: Stream) -> torch.Tensor | None:
     return torch.cat([s.x_train for s in stages])
 
 
-def evaluate(learner, stream: Stream, split: str, batch_size: int, seen: int | None = None
+def evaluate(learner, stream: Stream, split: str, batch_size: int, seen: int | None = None, inputs=None
              ) -> tuple[list[float], list[float | None]]:
     """Predict every stage's samples of `split` (`val` or `test`); return a row of R (stage j's accuracy on
     stage j's own samples) and a row of A (per class, over every stage's samples, or over the first `seen`
-    stages' where stages share classes: a domain's class accuracy counts only once that domain is seen)."""
-    x = torch.cat([s.split(split)[0] for s in stream])
+    stages' where stages share classes: a domain's class accuracy counts only once that domain is seen).
+    `inputs`: what learner.eval_inputs made of those samples, when the caller keeps it from stage to stage."""
+    x = torch.cat([s.split(split)[0] for s in stream]) if inputs is None else inputs
     y = torch.cat([s.split(split)[1] for s in stream])
     device = learner.ctx.device
     preds = torch.cat([learner.predict(x[i:i + batch_size].to(device)).argmax(1).cpu()
@@ -381,6 +382,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
     task_free = config.train.task_free
     if task_free:
         learner.begin_online()
+    eval_inputs: dict[str, Any] = {}  # per split, made once per run: what a learner precomputes (None: nothing)
     for stage in stream[first:]:
         t0 = time.perf_counter()
         torch.manual_seed(stage_seed(config.seed, stage.index))
@@ -404,8 +406,13 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
                          "loss": loss, "protocol": protocol}
         for name, scores in splits.items():
+            if name not in eval_inputs:
+                plain = torch.cat([s.split(name)[0] for s in stream])
+                made = learner.eval_inputs(plain)
+                eval_inputs[name] = None if made is plain else made  # plain inputs: not held between stages
+                del plain, made
             row, class_row = evaluate(learner, stream, name, config.train.eval_batch_size,
-                                      None if stream.axis == "stage" else stage.index + 1)
+                                      None if stream.axis == "stage" else stage.index + 1, eval_inputs[name])
             scores.accuracy_matrix.append(row)
             scores.class_accuracy_matrix.append(class_row)
             stage_metrics[f"{name}/stage_accuracies"] = row

@@ -33,7 +33,7 @@ class Learner(nn.Module):
 
     Call order, driven by the runner: setup (once, fresh runs only) -> for each stage: begin_stage,
     stage_inputs, observe per batch (replayed samples from `memory` mixed in), end_stage -> predict for
-    evaluation. `state` / `load_state` round-trip everything a resume needs, the memory included.
+    evaluation, on what eval_inputs made of every stage's evaluation inputs (once per run and split). `state` / `load_state` round-trip everything a resume needs, the memory included.
     Task-free (train.task_free): begin_online once, then stage_inputs and observe only; no stage is handed
     over, so stage_inputs must be a pure function of its inputs.
     """
@@ -81,6 +81,11 @@ class Learner(nn.Module):
 
     def stage_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What observe() receives for this stage's training inputs (default: the inputs themselves)."""
+        return x
+
+    def eval_inputs(self, x: torch.Tensor):
+        """What predict() receives for evaluation inputs, made once per run and split and sliced into batches
+        (anything with len, slicing and .to(device)); default: the inputs themselves."""
         return x
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:

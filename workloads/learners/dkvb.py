@@ -13,9 +13,17 @@ from workloads.config import ConfigError, KeyInitData
 from workloads.decoders import build_decoder
 from workloads.distributed import sum_across, world
 from workloads.features import state_digest
+from workloads.keysearch import candidate_dtype, nearest_keys
 from workloads.learners.base import Learner
 
 log = logging.getLogger(__name__)
+
+# Candidate reuse keeps each evaluation input's EVAL_CANDIDATES nearest keys per codebook (int16 where K fits:
+# 10,000 inputs x 256 codebooks x 16 = 82 MB, plus the projections). The unused-key mask decides how often all
+# of a pair's candidates are masked (that pair is then searched in full): on digits with keys on the whole
+# stream (many keys masked until their stage), averaged over stages, m = 4 / 8 / 16 left 9-12% / 4-6% / 1-2%
+# of pairs to the full search; 16 keeps that small at half the memory of 32.
+EVAL_CANDIDATES = 16
 
 
 @dataclass
@@ -42,6 +50,9 @@ class DKVBOptions:
     mask_unused: bool = True  # at evaluation, keys never selected in training cannot be fetched
     prune: bool = False  # after the last stage, drop never-selected key-value pairs
     index_cache: bool = True  # keys and projection frozen: look each training input up once per stage (exact)
+    # keys and projection frozen: find each evaluation input's nearest keys once per run, answer every stage's
+    # unused-key mask from them (exact: the same predictions as without)
+    candidate_reuse: bool = True
 
     def check(self) -> None:
         for key in ("num_codebooks", "num_keys", "key_dim", "topk", "key_init_epochs", "key_init_batch_size",
@@ -62,6 +73,28 @@ class DKVBOptions:
             raise ConfigError(f"learner.key_init_decay: must lie in (0, 1), got {self.key_init_decay}")
         if self.projection_density is not None and not 0 < self.projection_density <= 1:
             raise ConfigError(f"learner.projection_density: must lie in (0, 1], got {self.projection_density}")
+
+
+@dataclass
+class EvalInputs:
+    """Evaluation inputs with what candidate reuse found once: projections z (N, C, d_k) and each codebook's
+    nearest keys `cand` (N, C, m), valid for the keys tensor they were found with (at its version)."""
+
+    x: torch.Tensor
+    z: torch.Tensor
+    cand: torch.Tensor
+    keys: torch.Tensor
+    keys_version: int
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, rows) -> "EvalInputs":
+        return EvalInputs(self.x[rows], self.z[rows], self.cand[rows], self.keys, self.keys_version)
+
+    def to(self, device) -> "EvalInputs":
+        """z and cand already live on the learner's device; x moves only if it is ever needed."""
+        return self
 
 
 class DKVB(Learner):
@@ -97,6 +130,8 @@ class DKVB(Learner):
         self.sparse_update = (o.decoder == "vote" and o.projection != "learnable" and t.optimizer == "sgd"
                               and t.momentum == 0 and t.weight_decay == 0)
         self.index_cache = o.index_cache and o.projection != "learnable"
+        # a learnable projection moves every input's position, so nothing found once stays nearest
+        self.candidate_reuse = o.candidate_reuse and o.projection != "learnable"
         self._usage_synced: torch.Tensor | None = None  # key usage all processes agreed on at the last sync
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +197,7 @@ class DKVB(Learner):
         else:
             with torch.no_grad():
                 idx = self.bottleneck.lookup(self.bottleneck.project(x))
-        self.bottleneck.count_usage(idx)
+        self.bottleneck.count_usage(x if self.index_cache else idx)  # x: the cached int32 rows, not copied again
         if self.sparse_update and world()[1] == 1:  # several processes: the dense path averages gradients
             t = self.ctx.train
             return sparse_sgd_step(self.bottleneck.values.data, idx, y, t.lr, t.grad_clip, t.label_smoothing)
@@ -188,11 +223,32 @@ class DKVB(Learner):
             self._usage_synced = self.bottleneck.usage.clone()
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def eval_inputs(self, x: torch.Tensor):
+        """With candidate reuse: each input's projection and nearest keys per codebook (unmasked), found once."""
+        if not self.candidate_reuse or not len(x):
+            return x
+        b, size = self.bottleneck, self.ctx.train.eval_batch_size
+        m = min(b.num_keys, max(EVAL_CANDIDATES, b.topk))
+        zs, cands = [], []
+        # in the runner's evaluation batches: each batch projects exactly as predict() on it would
+        for i in range(0, len(x), size):
+            z = b.project(x[i:i + size].to(self.ctx.device))
+            zs.append(z)
+            cands.append(nearest_keys(z, b.keys, m).to(candidate_dtype(b.num_keys)))
+        return EvalInputs(x, torch.cat(zs), torch.cat(cands), b.keys, b.keys._version)
+
+    @torch.no_grad()
+    def predict(self, x) -> torch.Tensor:
         # task-free there is no end_stage: the first prediction after training (the runner's evaluation, on
         # every process alike) syncs the counters that mask unused keys; a no-op once synced
         if self.training and world()[1] > 1:
             self.sync_usage()
+        if isinstance(x, EvalInputs):
+            b = self.bottleneck
+            if x.keys is not b.keys or x.keys._version != x.keys_version:  # keys changed (pruned): search anew
+                return super().predict(x.x.to(self.ctx.device))
+            self.eval()
+            return self.decoder(b.fetch(b.lookup_candidates(x.cand, x.z)))
         return super().predict(x)
 
     def end_stage(self, stage, is_last: bool) -> None:

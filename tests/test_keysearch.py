@@ -1,0 +1,103 @@
+"""The nearest-key search: exact against a brute-force reference, its tie rule, masks, candidate reuse."""
+import pytest
+import torch
+
+from workloads.keysearch import answer_from_candidates, nearest_keys
+
+
+def reference(z, keys, k, allowed=None):
+    """Every distance in float64, masked keys at +inf, then a stable sort: ties go to the lowest index."""
+    dist = ((z.double().unsqueeze(2) - keys.double().unsqueeze(0)) ** 2).sum(-1)  # (B, C, K)
+    if allowed is not None:
+        dist = dist.masked_fill(~allowed.unsqueeze(0), float("inf"))
+    return dist.sort(dim=-1, stable=True).indices[..., :k]
+
+
+def grid(gen, *shape):
+    """Values on a coarse grid (halves in [-1.5, 1.5]): float32 arithmetic is exact and equal distances abound."""
+    return torch.randint(-3, 4, shape, generator=gen).float() / 2
+
+
+def masks(gen, c, k):
+    """A random mask, plus a codebook with no allowed key and one with a single allowed key (k > 1: fewer than k)."""
+    allowed = torch.rand(c, k, generator=gen) < 0.3
+    allowed[0] = False
+    allowed[1] = False
+    allowed[1, k // 2] = True
+    return allowed
+
+
+@pytest.mark.parametrize("shape", [(300, 5, 64, 3), (70, 3, 100, 4), (257, 2, 4096, 14)])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_search_matches_brute_force_with_ties_by_lowest_index(shape, k):
+    gen = torch.Generator().manual_seed(k)
+    b, c, num_keys, d = shape
+    z, keys = grid(gen, b, c, d), grid(gen, c, num_keys, d)
+    assert torch.equal(nearest_keys(z, keys, k), reference(z, keys, k))
+    allowed = masks(gen, c, num_keys)
+    assert torch.equal(nearest_keys(z, keys, k, allowed), reference(z, keys, k, allowed))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_search_matches_brute_force_on_continuous_inputs(k):
+    gen = torch.Generator().manual_seed(1)
+    z, keys = torch.randn(500, 4, 8, generator=gen), torch.randn(4, 512, 8, generator=gen)
+    assert torch.equal(nearest_keys(z, keys, k), reference(z, keys, k))
+
+
+def test_duplicate_keys_go_to_the_lowest_index_and_masked_keys_come_last():
+    keys = torch.zeros(1, 10, 2)
+    keys[0, 3] = keys[0, 7] = keys[0, 8] = torch.tensor([1.0, 1.0])  # three copies of the nearest key
+    z = torch.ones(2, 1, 2)
+    assert nearest_keys(z, keys, 1)[:, 0, 0].tolist() == [3, 3]
+    assert nearest_keys(z, keys, 4)[0, 0].tolist() == [3, 7, 8, 0]  # then the equidistant zeros, lowest first
+    allowed = torch.zeros(1, 10, dtype=torch.bool)
+    allowed[0, 8] = allowed[0, 5] = True
+    # the allowed keys in distance order, then masked keys by index
+    assert nearest_keys(z, keys, 4, allowed)[0, 0].tolist() == [8, 5, 0, 1]
+
+
+def test_tiny_tiles_give_the_same_indices(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    z, keys = grid(gen, 50, 6, 3), grid(gen, 6, 48, 3)
+    allowed = masks(gen, 6, 48)
+    whole = [nearest_keys(z, keys, k, allowed) for k in (1, 5)]
+    monkeypatch.setattr("workloads.keysearch.TILE_FLOATS", {"cpu": 48 * 7, "cuda": 48 * 7})  # 1 head x 7 samples
+    tiled = [nearest_keys(z, keys, k, allowed) for k in (1, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, tiled))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_candidates_answer_any_mask_exactly(k):
+    gen = torch.Generator().manual_seed(3)
+    for z, keys in [(grid(gen, 200, 4, 3), grid(gen, 4, 96, 3)),
+                    (torch.randn(200, 4, 5, generator=gen), torch.randn(4, 96, 5, generator=gen))]:
+        cand = nearest_keys(z, keys, 8).to(torch.int16)
+        for density in (1.0, 0.7, 0.2, 0.02):  # low densities mask every candidate of many pairs: full search
+            allowed = torch.rand(4, 96, generator=gen) < density
+            assert torch.equal(answer_from_candidates(cand, z, keys, k, allowed), nearest_keys(z, keys, k, allowed))
+        assert torch.equal(answer_from_candidates(cand, z, keys, k), nearest_keys(z, keys, k))
+
+
+def test_k_beyond_the_codebook_is_refused():
+    with pytest.raises(ValueError, match="k must lie in"):
+        nearest_keys(torch.zeros(2, 1, 3), torch.zeros(1, 4, 3), 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("k", [1, 3])
+def test_search_on_cuda_matches_the_reference(k):
+    gen = torch.Generator().manual_seed(4)
+    z, keys = grid(gen, 300, 5, 4), grid(gen, 5, 256, 4)
+    allowed = masks(gen, 5, 256)
+    got = nearest_keys(z.cuda(), keys.cuda(), k, allowed.cuda()).cpu()
+    assert torch.equal(got, reference(z, keys, k, allowed))
+
+
+def test_keys_changed_in_place_are_searched_as_they_are_now():
+    gen = torch.Generator().manual_seed(5)
+    z, keys = grid(gen, 40, 3, 4), grid(gen, 3, 32, 4)
+    before = nearest_keys(z, keys, 2)
+    keys.mul_(-1.0)  # the same tensor, new values: nothing computed for the old values may be reused
+    assert torch.equal(nearest_keys(z, keys, 2), reference(z, keys, 2))
+    assert not torch.equal(nearest_keys(z, keys, 2), before)

@@ -1,0 +1,210 @@
+"""Exact nearest-key search: the one place where inputs meet codebooks (key learning, lookups, the index cache,
+evaluation).
+
+Distance: squared Euclidean, ranked by score(z, key) = ||key||^2 - 2 z.key (||z||^2 is the same for every key of
+a head, so it cannot change the ranking), computed as one dot product of [z, 1] with [-2 key, ||key||^2].
+
+Tie rule: among keys at equal score the LOWEST key index wins, for top-1 and top-k alike, and the k results are
+in (score, index) order. A key that `allowed` masks scores +inf, so it ranks after every allowed key: where a
+codebook has fewer than k allowed keys, the remaining places go to masked keys, lowest index first.
+
+Shapes: z (B, C, d_k) inputs, keys (C, K, d_k) codebooks, allowed (C, K) bool; results (B, C, k) int64.
+
+Scores are never materialised for all keys and samples at once: a tile of (heads, K, samples) lives in one
+buffer, allocated once per call and reused for every tile, sized to stay in cache on the CPU. The tiles of a
+call depend on the shapes of z and keys only, never on k or the mask, so searches of the same z for top-1, for
+top-m candidates or under a mask rank keys by bit-identical scores (what candidate reuse at evaluation relies
+on). The full search of the pairs candidates cannot answer runs on smaller tiles: there, exactness relies on
+the matrix kernel giving a score the same bits whatever else is in its tile (it does on the CPU's MKL kernels;
+tests/test_keysearch.py and the DKVB reuse tests check answers against full searches).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+# Floats in one score tile. CPU: 4 MiB, reduced while still in cache (against 1, 2 and 8 MiB at the paper's
+# sizes: 1 MiB lost to per-call cost, 2 and 8 MiB were within noise). GPU: large tiles, so that one kernel
+# launch does plenty of work.
+TILE_FLOATS = {"cpu": 2**20, "cuda": 2**26}
+# Top-1 reduces a tile in two steps: the minimum of each block of this many keys (a vectorised pass over the
+# tile), then the first minimum inside the winning block only.
+KEY_BLOCK = 64
+# Top-k ranks only the k blocks with the smallest minima; smaller blocks leave fewer scores to rank but more
+# minima to choose from: 32 was fastest at K=4096, k=16 (against 8, 16 and 64).
+TOPK_KEY_BLOCK = 32
+
+
+def _tile_shape(num_heads: int, num_keys: int, num_samples: int, device: torch.device) -> tuple[int, int]:
+    """(heads, samples) of one score tile: at least 256 samples for the CPU's matrix kernel unless the heads
+    alone fill the budget."""
+    budget = TILE_FLOATS["cpu" if device.type == "cpu" else "cuda"]
+    heads = max(1, min(num_heads, budget // (num_keys * 256)))
+    samples = max(1, min(num_samples, budget // (heads * num_keys)))
+    return heads, samples
+
+
+def augmented_keys(keys: torch.Tensor) -> torch.Tensor:
+    """(C, K, d_k) -> (C, K, d_k + 1): [-2 key, ||key||^2], so that a dot product with [z, 1] is the score."""
+    c, k, d = keys.shape
+    out = torch.empty(c, k, d + 1, dtype=keys.dtype, device=keys.device)
+    torch.mul(keys, -2.0, out=out[..., :d])
+    # one pass, no (C, K, d_k) temporary: key learning makes new keys every batch, so this runs every batch
+    out[..., d] = torch.einsum("ckd,ckd->ck", keys, keys)
+    return out
+
+
+# The augmented copy of the last frozen keys searched: evaluation and the index cache search the same keys batch
+# after batch, and at K=4096, C=256 the copy is 63 MB. Held by a weak reference and checked against the keys'
+# version counter, so changed or freed keys are never served.
+_augmented_cache: tuple = (None, -1, None)
+
+
+def _augmented(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """augmented_keys(keys) in `dtype`, reused while `keys` lives unchanged (views are not cached)."""
+    global _augmented_cache
+    ref, version, ka = _augmented_cache
+    if ref is not None and ref() is keys and keys._version == version and ka.dtype == dtype:
+        return ka
+    ka = augmented_keys(keys.to(dtype))
+    if keys._base is None:
+        _augmented_cache = (weakref.ref(keys), keys._version, ka)
+    return ka
+
+
+def _key_block(num_keys: int, largest: int = KEY_BLOCK) -> int:
+    """Keys per block of the two-step reductions (0: K has no fitting divisor; reduce whole rows)."""
+    return next((s for s in (64, 32, 16, 8) if s <= largest and num_keys % s == 0 and num_keys > s), 0)
+
+
+def _first_min(tile: torch.Tensor) -> torch.Tensor:
+    """(h, K, b) scores -> (h, b) index of the first (lowest-index) minimum over K."""
+    h, num_keys, b = tile.shape
+    kb = _key_block(num_keys)
+    if not kb:
+        return tile.argmin(1)  # argmin returns the first minimal index (documented, CPU and CUDA)
+    blocks = tile.view(h, num_keys // kb, kb, b)
+    # The first block holding the minimum holds the first minimal key; inside it, the first minimal position.
+    block = blocks.amin(2).argmin(1)  # (h, b)
+    hi = torch.arange(h, device=tile.device).view(h, 1)
+    bi = torch.arange(b, device=tile.device).view(1, b)
+    pos = blocks[hi, block, :, bi].argmin(-1)  # (h, b, kb) -> (h, b)
+    return block * kb + pos
+
+
+def _first_k_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., n) scores -> (..., k) positions of the k smallest, in (score, position) order."""
+    take = min(k + 1, rows.shape[-1])
+    vals, idx = rows.topk(take, dim=-1, largest=False, sorted=True)
+    # topk breaks ties arbitrarily. Within the chosen k: order by position, then stable by score.
+    sel, order = idx[..., :k].sort(-1)
+    out = sel.gather(-1, vals[..., :k].gather(-1, order).sort(dim=-1, stable=True).indices)
+    if take > k:
+        # Where the (k+1)-th score equals the k-th, which tied keys make the cut is topk's choice: those
+        # (rare) rows are sorted in full, stably, so the lowest positions win.
+        tied = vals[..., k] == vals[..., k - 1]
+        if bool(tied.any()):
+            out[tied] = rows[tied].sort(dim=-1, stable=True).indices[:, :k]
+    return out
+
+
+def _first_k(tile: torch.Tensor, k: int) -> torch.Tensor:
+    """(h, K, b) scores -> (h, b, k) indices of the k smallest, in (score, index) order."""
+    h, num_keys, b = tile.shape
+    rows = tile.transpose(1, 2)  # (h, b, K)
+    kb = _key_block(num_keys, TOPK_KEY_BLOCK)
+    if not kb or 2 * k * kb > num_keys:
+        return _first_k_rows(rows, k)
+    # The k blocks with the smallest minima hold k scores <= the k-th of those minima, and every other block
+    # scores above it unless its minimum ties: so, barring such a tie, the k nearest keys lie in those k
+    # blocks, and only they are ranked (an eighth of the row at K=4096, k=16).
+    blocks = tile.view(h, num_keys // kb, kb, b)
+    minima = blocks.amin(2).transpose(1, 2)  # (h, b, blocks)
+    bv, chosen = minima.topk(k + 1, dim=-1, largest=False, sorted=True)
+    chosen = chosen[..., :k].sort(-1).values  # ascending: gathered keys come in index order
+    hi = torch.arange(h, device=tile.device).view(h, 1, 1)
+    bi = torch.arange(b, device=tile.device).view(1, b, 1)
+    vals = blocks[hi, chosen, :, bi].reshape(h, b, k * kb)  # (h, b, k, kb) -> (h, b, k * kb)
+    keys = (chosen.unsqueeze(-1) * kb + torch.arange(kb, device=tile.device)).reshape(h, b, k * kb)
+    out = keys.gather(-1, _first_k_rows(vals, k))
+    tied = bv[..., k] == bv[..., k - 1]  # a block left out may hold a score equal to the cut: rank the row whole
+    if bool(tied.any()):
+        out[tied] = rows[tied].sort(dim=-1, stable=True).indices[:, :k]
+    return out
+
+
+@torch.no_grad()
+def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, d_k), keys (C, K, d_k) -> (B, C, k) int64 indices of each head's k nearest allowed keys, exact,
+    in (score, index) order; ties go to the lowest index. `allowed` (C, K) bool masks keys (see module doc)."""
+    n, c, d = z.shape
+    num_keys = keys.shape[1]
+    if not 1 <= k <= num_keys:
+        raise ValueError(f"nearest_keys: k must lie in [1, {num_keys}] (the keys per codebook), got {k}")
+    out = torch.empty(n, c, k, dtype=torch.long, device=z.device)
+    if n == 0:
+        return out
+    ka = _augmented(keys, z.dtype)
+    blocked = None if allowed is None or bool(allowed.all()) else ~allowed
+    heads, samples = _tile_shape(c, num_keys, n, z.device)
+    tile_buf = torch.empty(heads * num_keys * samples, dtype=z.dtype, device=z.device)
+    z_buf = torch.empty(c * (d + 1) * samples, dtype=z.dtype, device=z.device)
+    for s0 in range(0, n, samples):
+        b = min(samples, n - s0)
+        # [z, 1] of the block's samples for every head at once, head-major; the front of the buffer, so that
+        # every block, a partial last one too, is laid out (and multiplied) alike.
+        za = z_buf[: c * (d + 1) * b].view(c, d + 1, b)
+        za[:, :d].copy_(z[s0:s0 + b].permute(1, 2, 0))
+        za[:, d].fill_(1.0)
+        for h0 in range(0, c, heads):
+            h = min(heads, c - h0)
+            tile = tile_buf[: h * num_keys * b].view(h, num_keys, b)
+            torch.bmm(ka[h0:h0 + h], za[h0:h0 + h], out=tile)
+            if blocked is not None:
+                tile.masked_fill_(blocked[h0:h0 + h].unsqueeze(-1), float("inf"))
+            if k == 1:
+                out[s0:s0 + b, h0:h0 + h, 0] = _first_min(tile).t()
+            else:
+                out[s0:s0 + b, h0:h0 + h] = _first_k(tile, k).transpose(0, 1)
+    return out
+
+
+def candidate_dtype(num_keys: int) -> torch.dtype:
+    """The smallest integer type that holds a key index (candidates are kept for whole evaluation sets)."""
+    return torch.int16 if num_keys <= 2**15 else torch.int32
+
+
+@torch.no_grad()
+def answer_from_candidates(cand: torch.Tensor, z: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                           allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """What `nearest_keys(z, keys, k, allowed)` returns, read off each (input, codebook)'s m nearest keys
+    `cand` (B, C, m) (nearest_keys(z, keys, m) without a mask): the first k allowed candidates, in order.
+
+    Exact: any allowed key nearer than the first allowed candidate would itself be a candidate. Pairs with
+    fewer than k allowed candidates are searched in full, under the mask, codebook by codebook.
+    """
+    n, c, m = cand.shape
+    if k > m:
+        raise ValueError(f"answer_from_candidates: k ({k}) exceeds the {m} candidates kept")
+    cand = cand.long()
+    if allowed is None:
+        return cand[..., :k].clone()
+    heads = torch.arange(c, device=cand.device).view(1, c, 1)
+    ok = allowed[heads, cand]  # (B, C, m)
+    if k == 1:
+        first = ok.to(torch.int8).argmax(-1, keepdim=True)  # first allowed (argmax: first maximal index)
+        out = cand.gather(-1, first)
+        short = ~ok.any(-1)
+    else:
+        order = (~ok).to(torch.int8).sort(dim=-1, stable=True).indices[..., :k]  # allowed first, in distance order
+        out = cand.gather(-1, order)
+        short = ok.sum(-1) < k
+    if bool(short.any()):
+        rows, cols = short.nonzero(as_tuple=True)
+        for head in torch.unique(cols).tolist():
+            r = rows[cols == head]
+            out[r, head] = nearest_keys(z[r, head:head + 1], keys[head:head + 1], k,
+                                        allowed[head:head + 1])[:, 0]
+    return out
