@@ -19,8 +19,8 @@ def test_ci_runs_exactly_the_readmes_test_command():
     assert len(commands) == 2 and all("\n" not in c for c in commands)  # two commands, one line each
     run = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert run[-1] == commands[1]
-    # it installs what the tests need first: PostgreSQL only when missing, psycopg2 with the dev extra
-    assert commands[1].startswith("(dpkg -s postgresql >/dev/null 2>&1 || (apt-get update && ")
+    # it installs what the tests need first: PostgreSQL and Chromium only when missing, psycopg2 with the dev extra
+    assert commands[1].startswith("(dpkg -s postgresql chromium >/dev/null 2>&1 || (apt-get update && ")
     assert 'pip install -e ".[dev]"' in commands[1]
 
 
