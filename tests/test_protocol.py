@@ -178,7 +178,7 @@ def test_selection_on_test_and_future_inputs_are_said_in_the_table_the_report_an
     out = capsys.readouterr().out
     assert "selected on TEST data (test/average_accuracy, asked for by name)" in out
 
-    assert main(["report", "mixed", "--storage", str(storage)]) == 0  # ranks on the sweep's own metric
+    assert main(["report", "mixed", "--storage", str(storage), "--out", str(tmp_path / "report")]) == 0  # ranks on the sweep's own metric
     markdown = capsys.readouterr().out
     assert "selected on TEST data" in markdown and "**Future inputs**" in markdown
     _, (head, trials) = markdown_tables(markdown)

@@ -207,7 +207,7 @@ def test_two_metrics_select_a_pareto_set_in_the_table_the_report_and_on_the_pare
     assert main(["status", "two", *args]) == 0  # the same table, from the sweep's saved state
     assert _config_table(capsys.readouterr().out) == (header, rows)
 
-    assert main(["report", "two", "--storage", str(tmp_path / "runs")]) == 0
+    assert main(["report", "two", "--storage", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     markdown = capsys.readouterr().out
     (head, configs), (fhead, front), _ = markdown_tables(markdown)
     assert "by the Pareto set of val/average_accuracy (max), val/forgetting (min)" in markdown

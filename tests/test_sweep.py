@@ -229,7 +229,7 @@ def test_extend_runs_only_the_new_points_under_the_same_parent_and_every_command
     assert [row[board["columns"].index("n")] for row in board["data"]] == [3]  # replaced, not appended to
     assert main(["status", "g", *args]) == 0
     assert capsys.readouterr().out.count("DONE") == 3
-    assert main(["report", "g", "--storage", str(storage)]) == 0
+    assert main(["report", "g", "--storage", str(storage), "--out", str(tmp_path / "report")]) == 0
     (ghead, groups), (head, rows) = markdown_tables(capsys.readouterr().out)
     assert [g[ghead.index("n")] for g in groups] == ["3"] and len(rows) == 3
     assert main(extend) == 2
