@@ -245,9 +245,10 @@ def bottleneck_bytes(num_codebooks: int, num_keys: int, key_dim: int, value_dim:
 def row_words(table: torch.Tensor) -> torch.Tensor:
     """(rows, d) table -> the same memory as (rows, d') 8-byte integers when each row's bytes split into them.
 
-    Gathering and writing back rows is most of the sparse step at paper size (65,536 random rows of 10 floats),
-    and torch's index_select / index_copy_ cost per element: moving a row as 5 words instead of 10 floats
-    halves that. Integer copies move the bits unchanged (any NaN payload included), so results are identical.
+    Gathering and writing back rows is the largest part of the sparse step at paper size (65,536 random rows
+    of 10 floats), and torch's index_select / index_copy_ loop per element: as 5 words instead of 10 floats a
+    row is half the elements. Integer copies move the bits unchanged (any NaN payload included), so the
+    results are identical.
     """
     ratio = 8 // table.element_size()
     if (ratio > 1 and table.is_contiguous() and table.shape[-1] % ratio == 0
