@@ -9,9 +9,12 @@ gradient clipping at norm 1.0. Rows:
   dense        clorch's KeyValueBottleneck through plain autograd (lookup + dense value gradient + SGD)
   sparse       clorch's lookup, then sparse_sgd_step (reads and writes only the selected value rows)
   index cache  sparse_sgd_step alone, on indices looked up once beforehand
+  reference    reference_sparse_sgd_step alone (the step as it was before issue 13's tuning), timed in turns with
+               the index cache row, on the same indices, so that their ratio is measured under the same load
 
 plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings, 40 shuffled batches) through
-the runner's stage loop (workloads.runner.train_stage) and the DKVB learner's observe step (usage counters included).
+the runner's stage loop (workloads.runner.train_stage) and the DKVB learner's observe step (usage counters included),
+with sparse_sgd_step and, in turns, with the reference step.
 Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
 when the package is not installed).
 
@@ -24,12 +27,15 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.nn.functional as F
-from timing import median_time  # bench/timing.py (scripts run from bench/)
+from timing import alternating_median_times, median_time  # bench/timing.py (scripts run from bench/)
 from torch import nn
 
-from workloads.bottleneck import KeyValueBottleneck, learn_keys, sparse_sgd_step
+import workloads.learners.dkvb as dkvb_module
+from workloads.bottleneck import KeyValueBottleneck, learn_keys, sparse_sgd_step, table_rows
 from workloads.config import parse_run_config
 from workloads.data.streams import Stage
 from workloads.learners.base import LearnerContext
@@ -62,6 +68,43 @@ def autograd_step(model: Callable[[torch.Tensor], torch.Tensor], params: list[nn
     loss.backward()
     nn.utils.clip_grad_norm_(params, CLIP)
     opt.step()
+
+
+def reference_sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr: float,
+                               grad_clip: float | None, label_smoothing: float) -> float:
+    """workloads.bottleneck.sparse_sgd_step as it was before issue 13's tuning, kept to time the tuned one against.
+
+    The same arithmetic in the same order (the tuned step gives bit-identical values); it differs in moving rows
+    as float32 elements, grouping by a != mask + nonzero, and picking row ids with advanced indexing.
+    """
+    b, c, k = idx.shape
+    num_keys, d_v = values.shape[1], values.shape[2]
+    n = b * c * k
+    flat = table_rows(idx, num_keys)
+    table = values.view(-1, d_v)
+    selected = table.index_select(0, flat)
+    logp = selected.view(b, c * k, d_v).mean(1).log_softmax(-1)
+    target = torch.full_like(logp, label_smoothing / d_v)
+    target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device))
+    loss = -(target * logp).sum(-1).mean()
+    dlogits = (logp.exp() - target) / n
+    ordered, perm = torch.sort(flat.int() if values.shape[0] * num_keys < 2**31 else flat)
+    first = torch.ones(n, dtype=torch.bool, device=flat.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    starts = first.nonzero().view(-1)
+    rows = ordered[starts].long()
+    crow = torch.cat([starts, torch.tensor([n], device=flat.device)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hits = torch.sparse_csr_tensor(crow, perm // (c * k), torch.ones(n, dtype=values.dtype, device=flat.device),
+                                       size=(len(rows), b))
+    grad = hits @ dlogits
+    step = torch.tensor(lr, device=grad.device)
+    if grad_clip is not None:
+        step = step * (grad_clip / (grad.norm() + 1e-6)).clamp(max=1.0)
+    current = selected.index_select(0, perm.index_select(0, starts))
+    table.index_copy_(0, rows, current.sub_(grad.mul_(step)))
+    return float(loss)
 
 
 def build_package(s: Sizes, pool: torch.Tensor) -> nn.Module | None:
@@ -142,9 +185,24 @@ def main() -> None:
         sparse_sgd_step(values.data, idx, y, LR, CLIP, SMOOTHING)
 
     rows["clorch sparse update (lookup + sparse step)"] = median_time(sparse, args.warmup, args.repeats)
-    idx = cache[: s.batch]
-    rows["clorch index cache (sparse step only)"] = median_time(
-        lambda: sparse_sgd_step(values.data, idx, y, LR, CLIP, SMOOTHING), args.warmup, args.repeats)
+    # Each step on its own copy of the values, so that both always see the same kind of table.
+    step_batches = [cache[i:i + s.batch] for i in range(0, s.stage - s.batch + 1, s.batch)]
+    tables = {"tuned": values.data.clone(), "reference": values.data.clone()}
+    turn = {"tuned": 0, "reference": 0}
+
+    def cached(name: str, fn: Callable[..., float]) -> Callable[[], float]:
+        def step() -> float:  # a new batch each call, as in an epoch: its rows are not left in the caches
+            turn[name] += 1
+            i = turn[name] % len(step_batches)
+            return fn(tables[name], step_batches[i], labels[i * s.batch:(i + 1) * s.batch], LR, CLIP, SMOOTHING)
+        return step
+
+    paired = alternating_median_times({"tuned": cached("tuned", sparse_sgd_step),
+                                       "reference": cached("reference", reference_sparse_sgd_step)},
+                                      args.warmup, args.repeats)
+    rows["clorch index cache (sparse step only)"] = paired["tuned"]
+    rows["clorch index cache, reference step (before tuning)"] = paired["reference"]
+    assert torch.equal(tables["tuned"], tables["reference"]), "the tuned step must give the reference's values"
 
     # The epoch goes through the runner's stage loop and the DKVB learner (index cache, usage counters, sparse
     # step), as in a run; the stage's lookup is done once here, outside the timed epochs.
@@ -154,7 +212,21 @@ def main() -> None:
     learner.stage_inputs = lambda _: stage_idx
     learner.begin_stage(stage)
     one_epoch = parse_run_config({"preset": "dkvb_paper_model", "train": {"epochs": 1}})
-    epoch_s = median_time(lambda: train_stage(learner, stage, one_epoch, 1), args.warmup, args.repeats)
+    tuned_step = dkvb_module.sparse_sgd_step
+
+    def epoch_with(step: Callable[..., float]) -> Callable[[], float]:
+        def epoch() -> float:
+            dkvb_module.sparse_sgd_step = step  # the learner looks the step up in its module at each call
+            try:
+                return train_stage(learner, stage, one_epoch, 1)
+            finally:
+                dkvb_module.sparse_sgd_step = tuned_step
+        return epoch
+
+    epochs = alternating_median_times({"tuned": epoch_with(tuned_step),
+                                       "reference": epoch_with(reference_sparse_sgd_step)},
+                                      args.warmup, args.repeats)
+    epoch_s = epochs["tuned"]
 
     base = next(iter(rows.values()))
     width = max(map(len, rows))
@@ -165,6 +237,9 @@ def main() -> None:
     verdict = "under" if epoch_s < EPOCH_BUDGET_S else "NOT under"
     print(f"\none CIFAR-10 stage epoch with the index cache ({s.stage} embeddings, {batches} batches of "
           f"{s.batch}): {epoch_s:.4f} s, {verdict} {EPOCH_BUDGET_S} s")
+    print(f"the same epoch with the reference step, timed in turns: {epochs['reference']:.4f} s "
+          f"({epochs['reference'] / epoch_s:.2f}x the tuned epoch's time); sparse step alone: "
+          f"{paired['reference'] / paired['tuned']:.2f}x")
 
 
 if __name__ == "__main__":

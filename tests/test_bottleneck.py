@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DIGITS_DKVB, digits_config
-from workloads.bottleneck import KeyValueBottleneck, learn_keys, random_projection, sparse_sgd_step
+from workloads.bottleneck import KeyValueBottleneck, learn_keys, random_projection, row_words, sparse_sgd_step
 from workloads.learners import LearnerContext, build_learner
 from workloads.config import parse_run_config
 from workloads.runner import run_stream
@@ -122,6 +122,25 @@ def test_sparse_step_clips_like_clip_grad_norm():
     expected = dense.detach() - 0.5 * dense.grad
     sparse_sgd_step(values, idx, y, lr=0.5, grad_clip=0.01, label_smoothing=0.0)
     assert torch.allclose(values, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("value_dim", [3, 10])
+def test_rows_moved_as_words_keep_every_bit(value_dim):
+    # sparse_sgd_step gathers and writes back value rows through row_words: an even row of float32 goes as
+    # int64 words, an odd one element by element; both must move the exact bits, NaN payloads included.
+    torch.manual_seed(0)
+    table = torch.randn(50, value_dim)
+    table.view(torch.int32)[7, 0] = 0x7FA00001  # a signalling NaN with a payload
+    table[8, 1] = -0.0
+    words = row_words(table)
+    assert words.dtype == (torch.int64 if value_dim % 2 == 0 else torch.float32)
+    rows = torch.tensor([7, 8, 3, 7])
+    gathered = words.index_select(0, rows).view(table.dtype)
+    assert torch.equal(gathered.view(torch.int32), table.view(torch.int32)[rows])
+    target = torch.zeros(50, value_dim)
+    row_words(target).index_copy_(0, rows[:3], gathered[:3].view(words.dtype))
+    assert torch.equal(target.view(torch.int32)[rows[:3]], table.view(torch.int32)[rows[:3]])
+    assert not target[[0, 1, 2]].any()  # rows not written stay as they were
 
 
 def test_unused_keys_are_masked_at_evaluation_and_pruning_keeps_predictions():
