@@ -106,7 +106,8 @@ def test_mlflow_runs_are_named_by_their_swept_values_and_the_parent_compares_the
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(r.info.run_name for r in children) == ["dkvb K=16", "dkvb K=32"]
-    assert all(r.data.tags["clorch.trial_id"] in r.info.run_name or r.data.tags["clorch.trial_id"] for r in children)
+    # the trial id moved from the name to a tag
+    assert sorted(r.data.tags["clorch.trial_id"].rpartition("_")[2] for r in children) == ["00000", "00001"]
     for child in children:  # the data each trained on, as MLflow dataset inputs
         (used,) = client.get_run(child.info.run_id).inputs.dataset_inputs
         assert used.dataset.name == "digits" and len(used.dataset.digest) == 16
@@ -117,16 +118,18 @@ def test_mlflow_runs_are_named_by_their_swept_values_and_the_parent_compares_the
 
 
 @pytest.mark.slow
-def test_report_orders_by_any_metric_in_its_own_direction_and_names_unknown_ones(finished_sweep):
+def test_report_orders_by_any_metric_in_its_own_direction_and_names_unknown_ones(finished_sweep, tmp_path,
+                                                                                 monkeypatch):
     from orchestrator.report import write_report
 
     name, storage = finished_sweep
+    monkeypatch.chdir(tmp_path)  # the default folder is ./clorch_report/NAME
     markdown = write_report(name, storage, metric="test/forgetting")  # no mode: forgetting's own, min
     assert "by test/forgetting (min)" in markdown and "selected on TEST data (test/forgetting, asked for" in markdown
     _, (head, rows) = markdown_tables(markdown)
     values = [float(r[head.index("test/forgetting")]) for r in rows]
     assert values == sorted(values)
-    assert (storage / ".clorch" / name / "report" / "leaderboard.csv").exists()  # the default out_dir
+    assert (tmp_path / "clorch_report" / name / "leaderboard.csv").exists()  # the default out_dir, a visible one
     with pytest.raises(ConfigError, match="no_such_metric.*val/average_accuracy"):
         write_report(name, storage, metric="no_such_metric")
     with pytest.raises(ConfigError, match="no sweep of that name.*tiny"):
