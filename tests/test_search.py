@@ -213,7 +213,7 @@ def test_two_metrics_select_a_pareto_set_in_the_table_the_report_and_on_the_pare
     assert "by the Pareto set of val/average_accuracy (max), val/forgetting (min)" in markdown
     assert sorted(float(r[fhead.index("train.lr")]) for r in front) == [1e-5, 0.03]
     assert [r[head.index("pareto")] for r in configs].count("yes") == 2
-    with open(tmp_path / "runs" / ".clorch" / "two" / "report" / "leaderboard.csv") as f:
+    with open(tmp_path / "report" / "leaderboard.csv") as f:
         assert sorted((float(r["train.lr"]), r["pareto"]) for r in csv.DictReader(f)) == \
             [(1e-5, "True"), (0.03, "True"), (0.3, "False")]
 
