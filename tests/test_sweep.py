@@ -600,8 +600,10 @@ def test_a_sweep_resumed_from_moved_storage_continues_its_runs_in_the_store_it_i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store, down", [("sqlite", "mlflow server"), ("postgresql", "mlflow server"),
-                                         ("postgresql", "database")], ids=["sqlite", "postgresql", "postgresql-down"])
+# A PostgreSQL-backed server killed mid-sweep is tests/test_chaos.py's outage; here the SQLite-backed server, and
+# the PostgreSQL database under a live server
+@pytest.mark.parametrize("store, down", [("sqlite", "mlflow server"), ("postgresql", "database")],
+                         ids=["sqlite", "postgresql-down"])
 def test_an_mlflow_server_down_mid_sweep_loses_no_stage_and_logs_none_twice(ray_local, tmp_path, caplog, store, down,
                                                                             mlflow_server, request):
     """A sweep logging to an `mlflow server` over SQLite or over PostgreSQL, the server (or, behind it, the
