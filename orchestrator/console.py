@@ -1,6 +1,7 @@
 """What a sweep prints while it runs, in clorch's words: one line per finished stage of each trial, one per trial
 that fails. Tune's own progress output is off (`verbose=0`); `clorch status NAME` prints the same lines for a
-sweep running in another shell."""
+sweep running in another shell. The one module outside the CLI that prints: it stands in for Tune's console
+reporter, which prints to the driver's stdout too, and its lines must not depend on how logging is set up."""
 from __future__ import annotations
 
 import math
