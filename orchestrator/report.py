@@ -76,12 +76,15 @@ def write_report(name: str, storage: Path, out_dir: Path | None = None,
         writer.writeheader()
         writer.writerows(rows)
     columns = [*scores, *(f"test/{m}" for m in SUMMARY_METRICS if f"test/{m}" not in scores)]
+    plots = []  # (trial, its plot) for the HTML page
     with open(out_dir / TRIALS_FILE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "trial", "state", "stages_completed", "stages_total", *columns, *keys,
                          "future_inputs", "plot"])
         for i, t in enumerate(trials, 1):
             plot = _plot(t, keys, out_dir / f"{t.trial}.png")
+            if plot:
+                plots.append((t, plot))
             writer.writerow([i if t.state == "done" else "", t.trial, t.state, t.stages, t.total_stages or "",
                              *(t.metrics.get(c, "") for c in columns), *(t.params.get(k, "") for k in keys),
                              t.future_inputs, plot.name if plot else ""])
@@ -126,8 +129,7 @@ def write_report(name: str, storage: Path, out_dir: Path | None = None,
               f"({', '.join(f.name for f in figures) or 'none: no finished trial'}), one plot per trial "
               f"(`<trial>.png`) and all of it on one page ({HTML_FILE}) in {out_dir}"]
     markdown = "\n".join(lines) + "\n"
-    _write_html(out_dir / HTML_FILE, name, markdown, figures,
-                [(t, out_dir / f"{t.trial}.png") for t in trials if (out_dir / f"{t.trial}.png").exists()])
+    _write_html(out_dir / HTML_FILE, name, markdown, figures, plots)
     return markdown
 
 
@@ -145,7 +147,7 @@ def comparison_figures(groups: list, axis: str, out_dir: Path) -> list[Path]:
         return []
     import statistics
 
-    fig = _figure(figsize=(10, 4.8))
+    fig = agg_figure(figsize=(10, 4.8))
     ax = fig.subplots()
     for g in groups:
         length = min(len(t.seen) for t in g.trials if t.seen)
@@ -165,7 +167,7 @@ def comparison_figures(groups: list, axis: str, out_dir: Path) -> list[Path]:
     seen_path = out_dir / "seen_by_stage.png"
     fig.savefig(seen_path, dpi=100, bbox_inches="tight")
 
-    fig = _figure(figsize=(10, 4.8))
+    fig = agg_figure(figsize=(10, 4.8))
     ax = fig.subplots()
     for g in groups:
         (acc, acc_std), (fgt, fgt_std) = g.stats("test/average_accuracy"), g.stats("test/forgetting")
@@ -186,8 +188,9 @@ def _legend_outside(ax) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
 
 
-def _figure(**kwargs):
-    # A bare Figure on the Agg canvas: no pyplot state, no global backend switch in the caller's process.
+def agg_figure(**kwargs):
+    """A matplotlib Figure on the Agg canvas: no pyplot state, no global backend switch in the caller's process
+    (the report's figures and the MLflow heatmaps and histograms alike)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -255,7 +258,7 @@ def _plot(t: TrialSummary, keys: list[str], path: Path) -> Path | None:
         return None
     import textwrap
 
-    fig = _figure(figsize=(11, 3.8))
+    fig = agg_figure(figsize=(11, 3.8))
     left, right = fig.subplots(1, 2, sharey=True)
     left.plot(range(1, len(t.seen) + 1), t.seen, marker="o")
     axis = t.axis  # on a domain stream every stage is a domain, every class in each

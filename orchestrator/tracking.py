@@ -736,13 +736,9 @@ def _best_effort(what: str, fn, *args) -> None:
 
 
 def _figure(**kwargs):
-    """A matplotlib figure on the Agg canvas, without touching pyplot's global state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from orchestrator.report import agg_figure  # the one helper; report.py imports no Ray
 
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
+    return agg_figure(**kwargs)
 
 
 MAX_TAG = 5000  # characters of a tag value kept (every MLflow store takes this many)
