@@ -359,9 +359,10 @@ def cmd_status(args) -> int:
     results = [*restore_tuner(args.name, target.storage).get_results(),
                *(r for part in sweep_parts(target.storage, args.name)[1:] for r in part_results(part))]
     tune_options = sweep_info(target.storage, args.name)["tune"]
+    from orchestrator import leaderboard as lb
     from orchestrator.console import stage_line
 
-    selection = tune_options["metric"] if isinstance(tune_options["metric"], str) else tune_options["metric"][0]
+    selection = lb.selection_metrics(tune_options["metric"])[0]  # the first of several, as the sweep's console
     for r in results:  # each trial's latest stage, as the sweep's own console printed it
         if (r.metrics or {}).get("stage") is not None:
             trial_id = r.metrics.get("trial_id") or Path(r.path).name
