@@ -156,8 +156,12 @@ def test_a_sweep_survives_killed_trials_a_lost_node_an_mlflow_outage_and_a_kille
     assert len(results) == len(SEEDS) * len(KEYS)
     for trial, rows in results.items():
         stages = [r["stage"] for r in rows]
-        # every stage reported; a stage cut short by a kill may have been reported again by the next attempt
-        assert set(stages) == set(range(STAGES)) and stages[-1] == STAGES - 1, (trial, stages)
+        # Every trial ran to its last stage. Tune's result.json is not the record of every stage: Ray writes it in
+        # the driver's staging folder and copies that folder to storage file by file, so a driver killed in the
+        # middle of a copy can leave a newer experiment state (the checkpoint of stage s) beside a result.json
+        # without stage s's line (seen once: stages [0, 1, 3, 4]). clorch's record is MLflow, logged before Tune
+        # registers the checkpoint: every stage exactly once there is checked below.
+        assert stages[-1] == STAGES - 1, (trial, stages)
     client, parents, children = runs_of(server.uri, "chaos")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["clorch.trial_id"] for c in children) == sorted(results)  # one run per trial
