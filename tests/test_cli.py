@@ -96,33 +96,7 @@ def test_ui_refuses_a_port_in_use(tmp_path, capsys):
     assert f"--port: 127.0.0.1:{port} is already in use" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_ui_takes_its_mlflow_server_down_on_sigterm(tmp_path):
-    import signal
-    import socket
-    import time
-    import urllib.request
-
-    port = _free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port),
-                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and ui.poll() is None, "the MLflow UI did not come up"
-                time.sleep(1)
-        ui.send_signal(signal.SIGTERM)
-        assert ui.wait(timeout=60) == 0
-        with socket.socket() as probe:  # nothing listens there any more: the server went down with clorch
-            assert probe.connect_ex(("127.0.0.1", port)) != 0
-    finally:
-        if ui.poll() is None:
-            ui.kill()
+# `clorch ui` served and ended by SIGTERM: tests/test_quoted_commands.py, which runs the README's `clorch ui`
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the plan below is a CPU machine's")

@@ -38,10 +38,14 @@ def sweep_args(tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp_path, capsys):
-    uri, args = sweep_args(tmp_path)
+def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp_path, capsys, monkeypatch):
+    """The README's quickstart commands verbatim, in a fresh working folder: the sweep on its defaults
+    (./clorch_runs, sqlite:///mlflow.db), then `clorch status` and `clorch report` (tests/test_quoted_commands.py)."""
+    (tmp_path / "search_spaces").symlink_to(Path(QUICKSTART).parent)
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"
     mlflow.set_tracking_uri(uri)
-    assert main(["sweep", QUICKSTART, "--name", "qs", *args]) == 0
+    assert main(["sweep", "search_spaces/quickstart.yaml"]) == 0
     out = capsys.readouterr().out
     assert out.count("DONE") == 4
     # the console: clorch's line per trial per stage, Tune's tables, and at most a handful of other lines
@@ -51,9 +55,9 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
     assert len(stages) == 4 * 5
     tune_table = "╭│├╰+|"  # Tune's tables (in ASCII where the output is no terminal)
     others = [line for line in running if line.strip() and line not in stages and line[0] not in tune_table
-              and not line.startswith(("[clorch]", "sweep qs:"))]
+              and not line.startswith(("[clorch]", "sweep quickstart:"))]
     assert len(others) <= 3, others
-    client, parents, children = runs_of(uri, "qs")
+    client, parents, children = runs_of(uri, "quickstart")
     assert len(parents) == 1 and len(children) == 4
     for child in children:
         assert child.info.status == "FINISHED"
@@ -78,10 +82,14 @@ def test_quickstart_sweep_tracks_one_parent_and_a_child_per_trial(ray_local, tmp
     assert final.bottleneck.values.abs().sum() > 0 and final.bottleneck.num_keys in (128, 256)
     assert parents[0].data.tags["protocol.selection"] == "validation"
     assert parents[0].data.tags["protocol.selection_metric"] == "val/average_accuracy"
-    assert main(["status", "qs", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 0
+    assert main(["status", "quickstart"]) == 0
     status = capsys.readouterr().out
     assert status.count("DONE") == 4
     assert sorted(re.findall(r"seed=[01]: stage 5/5", status)) == ["seed=0: stage 5/5"] * 2 + ["seed=1: stage 5/5"] * 2
+    assert main(["report", "quickstart"]) == 0
+    folder = tmp_path / "clorch_report" / "quickstart"
+    assert f"report written to {folder}/" in capsys.readouterr().out
+    assert (folder / "report.html").stat().st_size > 0
 
 
 FAILING = """
