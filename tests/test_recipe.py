@@ -131,3 +131,13 @@ def test_dytox_with_augmentation_cosine_and_mixup_resumed_after_stage_2_matches_
     plain = []
     run_stream(_recipe_run(stages=[[0, 1]], augment=None), on_stage_end=lambda i, m, s: plain.append(m["loss"]))
     assert plain[0] != losses[0]  # the augmentation did reach the model
+
+
+@pytest.mark.parametrize("raw", [
+    {"preset": "dytox_tiny", "train": {"augment": DIGITS_AUGMENT, "schedule": "cosine", "warmup_epochs": 5}},
+    {"data": {"source": "cifar10"}, "backbone": {"name": "small_cnn"}, "learner": {"name": "finetune"},
+     "train": {"augment": {}, "lr_scale_batch": 512, "precision": "bf16"}},
+])
+def test_learners_that_train_their_backbone_take_the_recipe(raw):
+    train = parse_run_config(raw).train
+    assert train.augment is not None and (train.schedule == "cosine" or train.lr_scale_batch == 512)
