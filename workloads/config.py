@@ -93,6 +93,26 @@ class BackboneConfig:
 
 
 @dataclass
+class NormalizeConfig:
+    """Per-channel mean and std of a normalisation: x -> (x - mean) / std on images in [0, 1]."""
+
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class AugmentConfig:
+    """Per-batch image augmentation of learners that train their backbone (workloads.transforms); the defaults
+    are DyTox's CIFAR recipe. Evaluation inputs get the normalisation only."""
+
+    crop_padding: int | None = 4  # random crop of the image's own size after zero padding; null: no crop
+    flip: bool = True  # random horizontal flip, p = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # a timm RandAugment policy string; null: none
+    color_jitter: float | None = None  # brightness = contrast = saturation jitter; not with rand_augment (timm)
+    normalize: str | NormalizeConfig | None = "cifar100"  # a named set (transforms.NORMALIZE), mean/std, or null
+
+
+@dataclass
 class TrainConfig:
     """How each stage is trained: the same for every learner."""
 
@@ -106,6 +126,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_batch_size: int = 1024
     task_free: bool = False  # one pass over one stream of batches; the learner is never told where stages end
+    augment: AugmentConfig | None = None  # image learners that train their backbone: per-batch augmentation
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: timm's, per stage, stepped per epoch
+    warmup_epochs: int = 0  # cosine: linear warm-up from warmup_lr over the first epochs of each stage
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0  # cosine: the lr the schedule decays to
+    lr_scale_batch: int | None = None  # lr (and finetune lrs) x batch_size / lr_scale_batch; null: as given
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA GPUs with bf16, else fp32
 
 
 @dataclass
@@ -264,6 +291,7 @@ def check_run_config(config: RunConfig) -> None:
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip: the largest gradient norm must be > 0 (null: no clipping), "
                           f"got {t.grad_clip}")
+    check_recipe(config)
     if config.rehearsal.memory_size < 0:
         raise ConfigError(f"rehearsal.memory_size: must be >= 0 (0 = no memory), got {config.rehearsal.memory_size}")
     if config.rehearsal.replay_ratio < 0:
@@ -295,6 +323,49 @@ def check_run_config(config: RunConfig) -> None:
                           f"accepted: {', '.join(sorted(BACKBONES))}")
     if hasattr(config.learner, "check"):
         config.learner.check()
+
+
+def check_recipe(config: RunConfig) -> None:
+    """train.augment, the schedule, lr scaling: their ranges and the learners and inputs they need."""
+    t = config.train
+    if t.augment is not None:
+        from workloads.learners import LEARNERS  # the registry imports learners, which import this module
+        from workloads.transforms import check_augment
+
+        learner = LEARNERS.get(getattr(config.learner, "name", None))
+        if learner is not None and not learner.trains_backbone:
+            raise ConfigError(f"train.augment: {config.learner.name} learns on embeddings from the frozen feature "
+                              "cache, which never holds augmented inputs; accepted with augment: learners that "
+                              "train their backbone (finetune, dytox), or train.augment: null")
+        if config.data.source in ("toy2d",):
+            raise ConfigError(f"train.augment: augments images; data.source {config.data.source} gives vectors")
+        check_augment(t.augment)
+    if t.schedule == "constant":
+        for key in ("warmup_epochs", "warmup_lr", "min_lr"):
+            if getattr(t, key):
+                raise ConfigError(f"train.{key}: belongs to train.schedule: cosine (this run's schedule is "
+                                  f"constant); accepted: 0, or train.schedule: cosine")
+    else:
+        if not 0 <= t.warmup_epochs <= t.epochs:
+            raise ConfigError(f"train.warmup_epochs: must lie in [0, train.epochs = {t.epochs}], got {t.warmup_epochs}")
+        for key in ("warmup_lr", "min_lr"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+        if t.task_free:
+            raise ConfigError("train.schedule: cosine restarts at every stage, a boundary task-free training has "
+                              "none of; accepted with task_free: train.schedule: constant")
+    if t.lr_scale_batch is not None:
+        if t.lr_scale_batch <= 0:
+            raise ConfigError(f"train.lr_scale_batch: the reference batch must be a positive integer, "
+                              f"got {t.lr_scale_batch}")
+        if t.batch_size is None:
+            raise ConfigError("train.lr_scale_batch: scales the lr by train.batch_size, which is null (full batch); "
+                              "set train.batch_size or drop lr_scale_batch")
+
+
+def scaled_lr(train: TrainConfig, lr: float) -> float:
+    """`lr` scaled linearly with the global batch (train.lr_scale_batch: lr x batch_size / reference)."""
+    return lr if train.lr_scale_batch is None else lr * train.batch_size / train.lr_scale_batch
 
 
 def check_stream(config: RunConfig) -> None:

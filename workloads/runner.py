@@ -17,7 +17,7 @@ import torch
 
 from workloads import metrics
 from workloads.backbones import build_backbone
-from workloads.config import ConfigError, RunConfig, to_dict
+from workloads.config import ConfigError, RunConfig, scaled_lr, to_dict
 from workloads.data.sources import LabelledData, load_source, source_shape
 from workloads.features import FeatureStore
 from workloads.data.shifts import stage_shifts
@@ -27,6 +27,7 @@ from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
 from workloads.distributed import shard_epoch, sum_across, world
 from workloads.progress import ProgressLog
 from workloads.rehearsal import Replay
+from workloads import transforms
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,31 @@ def prepare(config: RunConfig) -> PreparedStream:
         stream = make_stage_stream(parts, num_classes, d.validation, config.seed)
         x_train = stream[0].x_train
     stream = blur(stream, d.blurry, config.seed)  # any stream kind: a domain's samples reach its neighbours too
+    if config.train.augment is not None:
+        normalize_stream(stream, config, backbone)
     ctx = LearnerContext(num_classes=num_classes, input_dim=backbone.output_dim, train=config.train,
                          seed=config.seed, device=device, features=store,
                          backbone=None if store else backbone, rehearsal=config.rehearsal,
                          input_shape=tuple(x_train.shape[1:]))
     return PreparedStream(stream, ctx, tuple(shape))
+
+
+def normalize_stream(stream: Stream, config: RunConfig, backbone) -> None:
+    """train.augment: every stage's images normalised in place, what both evaluation and (augmented, per
+    batch) training see. Only images as the source gives them: a pretrained backbone's transform resizes and
+    normalises on its own."""
+    if hasattr(backbone, "image_transform"):
+        raise ConfigError(f"train.augment: augments the source's images; backbone {config.backbone.name} resizes "
+                          "and normalises them itself; accepted with augment: backbone.name identity or small_cnn")
+    x = stream[0].x_train
+    transforms.Augment(config.train.augment, tuple(x.shape[1:]))  # refuses non-images, mismatched channels
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise ConfigError(f"train.augment: needs images in [0, 1] (uint8 sources are divided by 255); "
+                          f"data.source {config.data.source} gives values in [{float(x.min()):g}, {float(x.max()):g}]")
+    for s in stream:
+        s.x_train, s.x_test = (transforms.normalize(config.train.augment, v) for v in (s.x_train, s.x_test))
+        if s.x_val is not None:
+            s.x_val = transforms.normalize(config.train.augment, s.x_val)
 
 
 def stage_parts(config: RunConfig, data: LabelledData, backbone=None, store: FeatureStore | None = None
@@ -304,6 +325,10 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     returns the last epoch's mean loss."""
     t = config.train
     device = learner.ctx.device
+    # the recipe (workloads.transforms): per-batch augmentation, the stage's lr schedule, mixed precision
+    augment = None if t.augment is None else transforms.Augment(t.augment, learner.ctx.input_shape)
+    schedule = transforms.cosine_schedule(learner.optimizer, t, t.epochs)
+    precision = transforms.resolve_precision(t.precision, device)
     inputs = learner.stage_inputs(stage.x_train.to(device))
     labels = stage.y_train.to(device)
     n = len(labels)
@@ -315,17 +340,22 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     for epoch in range(t.epochs):
         # float32 sums, as a float32 tensor summed them before: the reported loss keeps its last bits
         loss_sum, samples = np.float32(0), np.float32(0)
-        for full, (x, y) in shard_epoch((inputs, labels), batch, gen):
+        for b, (full, (x, y)) in enumerate(shard_epoch((inputs, labels), batch, gen)):
             if replay is not None:
                 drawn = replay.draw(len(full), gen)
                 if drawn is not None:
                     x, y = torch.cat([x, drawn[0][rank::size]]), torch.cat([y, drawn[1][rank::size]])
                 if epoch == 0 and replay.online:  # every process offers the full batch: one global memory
                     replay.offer(stage.x_train[full], inputs[full.to(device)], stage.y_train[full], gen)
-            loss_sum += np.float32(learner.observe(x, y) * len(y))
+            if augment is not None:  # the raw images of the whole batch, replayed ones included
+                x = augment(x, transforms.augment_seed(config.seed, stage.index, epoch, b, rank))
+            with transforms.autocast(precision, device):
+                loss_sum += np.float32(learner.observe(transforms.to_device(x, device), y) * len(y))
             samples += np.float32(len(y))
         total = sum_across(torch.tensor([loss_sum, samples], dtype=torch.float32))
         mean_loss = float(total[0] / total[1].clamp(min=1))
+        if schedule is not None:
+            schedule.step(epoch)  # as DyTox's main.py: epoch e > 0 trains at the schedule's lr of e - 1
         progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
                  last=epoch + 1 == t.epochs)
     return mean_loss
@@ -357,6 +387,12 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
     prepared = prepared or prepare(config)
     stream, ctx = prepared.stream, prepared.context
     learner = build_learner(config.learner, ctx).to(ctx.device)
+    if ctx.device.type == "cuda" and len(ctx.input_shape) == 3:
+        learner.to(memory_format=torch.channels_last)  # convolutions over the channels-last batches to_device makes
+    if config.train.lr_scale_batch is not None:
+        lrs = {"train.lr": config.train.lr, "learner.finetune_lr": getattr(config.learner, "finetune_lr", None)}
+        log.info("effective lr (x batch %d / %d): %s", config.train.batch_size, config.train.lr_scale_batch,
+                 ", ".join(f"{k} {v:g} -> {scaled_lr(config.train, v):g}" for k, v in lrs.items() if v is not None))
     stages = [list(s.classes) for s in stream]
     split_names = [name for name in metrics.SPLITS if name == "test" or stream.has_validation]
     splits = {name: SplitScores() for name in split_names}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workloads.config import RehearsalConfig, TrainConfig
+from workloads.config import RehearsalConfig, TrainConfig, scaled_lr
 from workloads.distributed import batch_mean_gradients
 from workloads.rehearsal import RehearsalMemory
 
@@ -117,9 +117,10 @@ class Learner(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
-        """`train.optimizer` over the trainable parameters, at `train.lr` unless `lr` is given."""
+        """`train.optimizer` over the trainable parameters, at `train.lr` unless `lr` is given (either scaled
+        with the batch where train.lr_scale_batch says so)."""
         t = self.ctx.train
-        params, lr = self.trainable_parameters(), t.lr if lr is None else lr
+        params, lr = self.trainable_parameters(), scaled_lr(t, t.lr if lr is None else lr)
         # foreach: one fused call per step instead of a Python loop over tensors (the CPU default is the loop)
         if t.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay, foreach=True)

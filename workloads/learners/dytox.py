@@ -20,8 +20,9 @@ from torch import nn
 
 from workloads.config import ConfigError
 from workloads.data.streams import stage_seed
-from workloads.distributed import shard_batches, sum_across
+from workloads.distributed import shard_batches, sum_across, world
 from workloads.learners.base import Learner
+from workloads import transforms
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +263,19 @@ class DyTox(Learner):
         x, y = self.memory.x, self.memory.y
         gen = torch.Generator().manual_seed(stage_seed(self.ctx.seed, stage_index, "finetune"))
         batch = len(y) if t.batch_size is None else min(t.batch_size, len(y))
+        # the official recipe: the training augmentation, a constant lr (no schedule), the run's precision
+        augment = None if t.augment is None else transforms.Augment(t.augment, self.ctx.input_shape)
+        precision = transforms.resolve_precision(t.precision, device)
         self.train()
         for epoch in range(o.finetune_epochs):
             total = torch.zeros(2)
-            for _, mine in shard_batches(len(y), batch, gen):
-                xb, target = x[mine].to(device), F.one_hot(self.column_of(y[mine]), len(self.columns)).float().to(device)
-                loss = F.binary_cross_entropy_with_logits(self.seen_logits(self.embeddings(xb)), target)
+            for b, (_, mine) in enumerate(shard_batches(len(y), batch, gen)):
+                xb, target = x[mine], F.one_hot(self.column_of(y[mine]), len(self.columns)).float().to(device)
+                if augment is not None:
+                    xb = augment(xb, transforms.augment_seed(self.ctx.seed, stage_index, epoch, b, world()[0], 1))
+                with transforms.autocast(precision, device):
+                    loss = F.binary_cross_entropy_with_logits(self.seen_logits(self.embeddings(
+                        transforms.to_device(xb, device))), target)
                 self.step(loss, len(mine))
                 total += torch.tensor([float(loss.detach()) * len(mine), len(mine)])
         sum_across(total)
