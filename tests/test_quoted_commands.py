@@ -73,6 +73,7 @@ HOW = {
     "python bench/artifact_size.py": ("here", ["--stages 1 --classes 10", TOY]),
     "python bench/bottleneck_step.py": ("here", ["--small --repeats 1 --warmup 0 --package-repeats 1", TOY]),
     "python bench/dytox_task_attention.py": ("here", ["--batch 2 --tokens 1 2 --repeats 1", TOY]),
+    "python bench/dytox_step.py": ("here", ["--steps 1 --batch 4", TOY]),
     "python bench/encode_throughput.py": ("here", ["--batches 1 --batch-size 2", TOY]),
     "python bench/feature_cache.py": ("here", ["--n 1 --images 100", TOY]),
     "python bench/key_search.py": ("here", ["--small", TOY]),
