@@ -114,25 +114,29 @@ def test_mixup_trains_on_mixed_batches():
     assert mixed.test.accuracy_matrix[0][0] > 0.8  # ...and still learned the first stage
 
 
-@pytest.mark.slow
-def test_tiny_dytox_beats_finetuning_without_memory_on_digits():
-    dytox = run_stream(_tiny()).metrics["test/average_accuracy"]
-    finetune = run_stream(parse_run_config({
-        "data": {"source": "digits", "classes_per_stage": 2}, "backbone": {"name": "small_cnn"},
-        "learner": {"name": "finetune"},
-        "train": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 30}})).metrics["test/average_accuracy"]
-    assert dytox > finetune + 0.3, (dytox, finetune)
-
-
 @pytest.mark.parametrize("raw, message", [
     ({"backbone": {"name": "small_cnn"}}, "dytox is its own image encoder; set backbone.name: identity"),
     ({"data": {"source": "toy2d"}}, "dytox needs images"),
     ({"learner": {"name": "dytox", "patch_size": 3}}, "learner.patch_size: 3 must divide the image size 8x8"),
     ({"learner": {"name": "dytox", "embed_dim": 30, "heads": 4}}, "must be divisible by learner.heads"),
+    ({"learner": {"name": "dytox", "drop_path": 1.0}}, r"learner.drop_path: must be in \[0, 1\), got 1.0"),
+    ({"learner": {"name": "dytox", "mixup_smoothing": -0.1}}, r"learner.mixup_smoothing: must be in \[0, 1\)"),
+    ({"learner": {"name": "dytox", "sab": "msa"}}, "learner.sab"),
+    ({"learner": {"name": "dytox", "kd_reduction": "sum"}}, "learner.kd_reduction"),
 ])
 def test_bad_dytox_settings_say_what_to_change(raw, message):
     with pytest.raises(ConfigError, match=message):
         run_stream(_tiny(**raw))
+
+
+def test_gpsa_on_non_square_images_says_to_use_mhsa():
+    config = parse_run_config({"preset": "dytox_tiny"})
+    ctx = LearnerContext(num_classes=10, input_dim=128, train=config.train, seed=0, device=torch.device("cpu"),
+                         input_shape=(1, 8, 16))
+    with pytest.raises(ConfigError, match="learner.sab: gpsa needs square images .* got 8x16; use sab: mhsa"):
+        build_learner(config.learner, ctx)
+    assert build_learner(parse_run_config({"preset": "dytox_tiny", "learner": {"name": "dytox", "sab": "mhsa"}})
+                         .learner, ctx) is not None
 
 
 def test_task_attention_in_one_pass_equals_one_token_at_a_time():
@@ -284,6 +288,7 @@ def test_mixup_runs_in_balanced_fine_tuning_too(monkeypatch):
 
 @pytest.mark.slow
 def test_tiny_gpsa_dytox_beats_finetuning_without_memory_on_digits():
+    # 15 epochs instead of the preset's 30 keep it near 15 s; GPSA is the default, named here all the same
     dytox = run_stream(_tiny(learner={"name": "dytox", "sab": "gpsa"}, train={"epochs": 15}))
     finetune = run_stream(parse_run_config({
         "data": {"source": "digits", "classes_per_stage": 2}, "backbone": {"name": "small_cnn"},
