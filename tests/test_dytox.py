@@ -288,7 +288,7 @@ def test_mixup_runs_in_balanced_fine_tuning_too(monkeypatch):
 
 @pytest.mark.slow
 def test_tiny_gpsa_dytox_beats_finetuning_without_memory_on_digits():
-    # 15 epochs instead of the preset's 30 keep it near 15 s; GPSA is the default, named here all the same
+    # 15 epochs instead of the preset's 30 keep both runs under 30 s; GPSA is the default, named here all the same
     dytox = run_stream(_tiny(learner={"name": "dytox", "sab": "gpsa"}, train={"epochs": 15}))
     finetune = run_stream(parse_run_config({
         "data": {"source": "digits", "classes_per_stage": 2}, "backbone": {"name": "small_cnn"},
