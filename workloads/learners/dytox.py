@@ -163,7 +163,8 @@ class TaskAttentionBlock(nn.Module):
 
     def one_token_at_a_time(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """The paper's definition, literally: for each token, z = [token, patches], the query from the token.
-        Same result as `forward`, T passes instead of one (the reference of tests and bench/)."""
+        Same result as `forward` without stochastic depth (drop_path 0, or evaluation), T passes instead of one
+        (the reference of tests and bench/)."""
         (B, N, D), h = patches.shape, self.heads
         out = []
         for token in tokens:
