@@ -6,6 +6,11 @@ distillation from a frozen copy of the model after stage t-1 (weight alpha = old
 a divergence head on the newest embedding (the stage's classes + one "old" class, weight lambda, dropped at
 test time), old tokens and classifiers frozen. After each stage from the second on: a balanced fine-tuning
 phase on the rehearsal memory with the self-attention blocks frozen. `mixup: true` gives DyTox+.
+
+The defaults follow the official code (github.com/arthurdouillard/dytox: continual/convit.py, dytox.py, engine.py,
+main.py): GPSA self-attention blocks (ConViT), stochastic depth rising linearly over the blocks, a fresh task
+token per stage, distillation averaged over batch x old classes, MixUp with label smoothing in training and
+fine-tuning alike. Each deviation the project had before is an option.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.models.convit import Block as ConViTBlock
 from torch import nn
 
 from workloads.config import ConfigError
@@ -41,8 +48,25 @@ class DyToxOptions:
     kd_temperature: float = 1.0  # distillation: KL divergence between softened old-class distributions
     finetune_epochs: int = 20  # balanced fine-tuning on the memory after each stage from the second on
     finetune_lr: float | None = None  # None: train.lr
-    mixup: bool = False  # DyTox+: MixUp on every training batch (inputs and targets)
+    mixup: bool = False  # DyTox+: MixUp on every training and fine-tuning batch (inputs and targets)
     mixup_alpha: float = 0.8  # mixing weights ~ Beta(alpha, alpha)
+    # label smoothing of the targets MixUp mixes (timm's Mixup: off = s / seen classes, on = 1 - s + off), as
+    # the official code does through its --smoothing 0.1; only with mixup (plain DyTox trains on hard targets)
+    mixup_smoothing: float = 0.1
+    # self-attention blocks: "gpsa", ConViT's gated positional self-attention (the official CIFAR model: all
+    # its self-attention blocks), locally initialised with `locality_strength`; "mhsa", plain multi-head
+    # self-attention (what this project ran before)
+    sab: Literal["gpsa", "mhsa"] = "gpsa"
+    locality_strength: float = 1.0  # GPSA: how sharply each head's initial positional attention focuses
+    # stochastic depth: the rate rises linearly from 0 at the first self-attention block to `drop_path` at the
+    # task-attention block (official: linspace over all depth + 1 blocks, --drop-path 0.1); off at evaluation
+    drop_path: float = 0.1
+    # the task token each stage adds: "fresh", drawn from a truncated normal (std 0.02) as the official code
+    # does; "copy", a copy of the previous stage's token
+    new_token: Literal["fresh", "copy"] = "fresh"
+    # distillation's KL divergence: "mean" (official: F.kl_div reduction="mean", the sum over batch x old
+    # classes divided by both), or "batchmean" (divided by the batch only: old classes times larger)
+    kd_reduction: Literal["mean", "batchmean"] = "mean"
 
     def check(self) -> None:
         for key in ("embed_dim", "depth", "heads", "patch_size"):
@@ -57,6 +81,12 @@ class DyToxOptions:
                 raise ConfigError(f"learner.{key}: must be > 0, got {getattr(self, key)}")
         if self.div_weight < 0:
             raise ConfigError(f"learner.div_weight: must be >= 0, got {self.div_weight}")
+        if not 0 <= self.mixup_smoothing < 1:
+            raise ConfigError(f"learner.mixup_smoothing: must be in [0, 1), got {self.mixup_smoothing}")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"learner.drop_path: must be in [0, 1), got {self.drop_path}")
+        if self.locality_strength <= 0:
+            raise ConfigError(f"learner.locality_strength: must be > 0, got {self.locality_strength}")
         if self.finetune_lr is not None and self.finetune_lr <= 0:
             raise ConfigError(f"learner.finetune_lr: must be > 0 (null: train.lr), got {self.finetune_lr}")
 
@@ -65,19 +95,39 @@ def _mlp(dim: int, ratio: float) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, int(dim * ratio)), nn.GELU(), nn.Linear(int(dim * ratio), dim))
 
 
-class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block: x + SA(LN(x)), then + MLP(LN(.))."""
+def _drop_path(rate: float) -> nn.Module:
+    return DropPath(rate) if rate > 0 else nn.Identity()
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + SA(LN(x)), then + MLP(LN(.)), each branch under stochastic depth."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.mlp = _mlp(dim, mlp_ratio)
+        self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(h, h, h, need_weights=False)[0])
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def gpsa_block(dim: int, heads: int, mlp_ratio: float, drop_path: float, locality_strength: float) -> nn.Module:
+    """timm's ConViT block with gated positional self-attention, initialised as the official model: no q/k/v
+    bias, truncated-normal (std 0.02) weights and zero biases, then GPSA's local init (v = identity, each head's
+    positional attention centred on one neighbour offset). Needs a square grid of patches."""
+    block = ConViTBlock(dim, heads, mlp_ratio, qkv_bias=False, drop_path=drop_path, norm_layer=nn.LayerNorm,
+                        use_gpsa=True, locality_strength=locality_strength)
+    for m in block.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    block.attn.local_init()
+    return block
 
 
 class TaskAttentionBlock(nn.Module):
@@ -87,12 +137,16 @@ class TaskAttentionBlock(nn.Module):
     over the patches are shared work, its score with itself is its own.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = _mlp(dim, mlp_ratio)
+        self.drop_path = _drop_path(drop_path)
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, D): each (sample, token) pair dropped on its own,
+        return self.drop_path(h.flatten(0, 1)).view_as(h)  # as when each token runs through the block alone
 
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:  # (T, D), (B, N, D) -> (B, T, D)
         (B, N, D), T, h = patches.shape, len(tokens), self.heads
@@ -105,12 +159,13 @@ class TaskAttentionBlock(nn.Module):
         shared = torch.einsum("htd,bhnd->bhtn", q, k) * scale  # (B, h, T, N)
         a = torch.cat([own, shared], -1).softmax(-1)
         out = a[..., :1] * v_self + a[..., 1:] @ v  # (B, h, T, d)
-        c = tokens + self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-        return c + self.mlp(self.norm2(c))
+        c = tokens + self._drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))  # (B, T, D)
+        return c + self._drop(self.mlp(self.norm2(c)))
 
     def one_token_at_a_time(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """The paper's definition, literally: for each token, z = [token, patches], the query from the token.
-        Same result as `forward`, T passes instead of one (the reference of tests and bench/)."""
+        Same result as `forward` without stochastic depth (drop_path 0, or evaluation), T passes instead of one
+        (the reference of tests and bench/)."""
         (B, N, D), h = patches.shape, self.heads
         out = []
         for token in tokens:
@@ -121,6 +176,27 @@ class TaskAttentionBlock(nn.Module):
             c = token + self.proj((a @ v).transpose(1, 2).reshape(B, 1, D))
             out.append(c + self.mlp(self.norm2(c)))
         return torch.cat(out, 1)  # (B, T, D)
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                 reduction: str = "mean") -> torch.Tensor:
+    """KL(teacher || student) of the old classes' softmax at `temperature`, times T^2. (B, old) logits each.
+    "mean": sum of p_t (log p_t - log p_s) over batch x old classes, divided by B x old (the official code);
+    "batchmean": divided by B only."""
+    T = temperature
+    log_s, log_t = F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1)
+    kl = (log_t.exp() * (log_t - log_s)).sum()  # written out: F.kl_div's "mean" is deprecated (to mean batchmean)
+    return kl / (teacher.numel() if reduction == "mean" else len(teacher)) * T * T
+
+
+def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float, smoothing: float):
+    """timm's batch MixUp as the official code runs it: targets (B, K) smoothed (off = s / K, on = 1 - s + off),
+    one lam ~ Beta(alpha, alpha) drawn from torch's global generator (so a seeded run replays), and each
+    sample mixed with the batch reversed. Returns (mixed x, mixed targets)."""
+    K = targets.shape[1]
+    targets = targets * (1 - smoothing) + smoothing / K
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    return lam * x + (1 - lam) * x.flip(0), lam * targets + (1 - lam) * targets.flip(0)
 
 
 def _classifier(dim: int, outputs: int) -> nn.Module:
@@ -146,11 +222,17 @@ class DyTox(Learner):
         channels, height, width = ctx.input_shape
         if height % o.patch_size or width % o.patch_size:
             raise ConfigError(f"learner.patch_size: {o.patch_size} must divide the image size {height}x{width}")
+        if o.sab == "gpsa" and height != width:
+            raise ConfigError(f"learner.sab: gpsa needs square images (a square grid of patches), got "
+                              f"{height}x{width}; use sab: mhsa")
         D = o.embed_dim
         self.tokenizer = nn.Conv2d(channels, D, o.patch_size, stride=o.patch_size)
         self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, (height // o.patch_size) * (width // o.patch_size), D), std=0.02))
-        self.blocks = nn.Sequential(*[SelfAttentionBlock(D, o.heads, o.mlp_ratio) for _ in range(o.depth)])
-        self.tab = TaskAttentionBlock(D, o.heads, o.mlp_ratio)
+        rates = torch.linspace(0, o.drop_path, o.depth + 1).tolist()  # the last one: the task-attention block's
+        self.blocks = nn.Sequential(*[
+            gpsa_block(D, o.heads, o.mlp_ratio, rate, o.locality_strength) if o.sab == "gpsa"
+            else SelfAttentionBlock(D, o.heads, o.mlp_ratio, rate) for rate in rates[:-1]])
+        self.tab = TaskAttentionBlock(D, o.heads, o.mlp_ratio, rates[-1])
         self.task_tokens = nn.ParameterList()
         self.heads = nn.ModuleList()  # one classifier per stage
         self.div_head: nn.Module | None = None  # from the second stage on; replaced each stage
@@ -191,9 +273,10 @@ class DyTox(Learner):
         return self.embeddings(x).flatten(1)  # every task's embedding, (B, T * D)
 
     def expand(self, classes: list[int]) -> None:
-        """A new stage: one task token (a copy of the last), its classifier, a fresh divergence head."""
+        """A new stage: one task token (fresh, or a copy of the last: `new_token`), its classifier, a fresh
+        divergence head."""
         D, device = self.options.embed_dim, self.pos.device
-        if len(self.task_tokens):
+        if len(self.task_tokens) and self.options.new_token == "copy":
             token = self.task_tokens[-1].detach().clone()
         else:
             token = nn.init.trunc_normal_(torch.zeros(1, D), std=0.02).to(device)
@@ -219,28 +302,23 @@ class DyTox(Learner):
         col = self.column_of(y)
         seen, new = len(self.columns), len(self.stage_classes[-1])
         old = seen - new
-        targets = [F.one_hot(col, seen).float()]
-        if self.div_head is not None:  # the stage's classes, and "old" for every earlier class
-            targets.append(F.one_hot(torch.where(col >= old, col - old, new), new + 1).float())
+        target = F.one_hot(col, seen).float()  # (B, seen)
         if o.mixup:
-            lam = float(torch.distributions.Beta(o.mixup_alpha, o.mixup_alpha).sample())
-            perm = torch.randperm(len(y), device=y.device)
-            x = lam * x + (1 - lam) * x[perm]
-            targets = [lam * t + (1 - lam) * t[perm] for t in targets]
+            x, target = mixup(x, target, o.mixup_alpha, o.mixup_smoothing)
         e = self.embeddings(x)
         z = self.seen_logits(e)
-        loss = F.binary_cross_entropy_with_logits(z, targets[0])
+        loss = F.binary_cross_entropy_with_logits(z, target)
         teacher = self.__dict__["teacher"]
         if teacher is not None and old:
             alpha = old / seen
             with torch.no_grad():
                 z_old = teacher.seen_logits(teacher.embeddings(x))  # (B, old)
-            T = o.kd_temperature
-            kd = F.kl_div(F.log_softmax(z[:, :old] / T, 1), F.log_softmax(z_old / T, 1), log_target=True,
-                          reduction="batchmean") * T * T
-            loss = (1 - alpha) * loss + alpha * kd
+            loss = (1 - alpha) * loss + alpha * distillation(z[:, :old], z_old, o.kd_temperature, o.kd_reduction)
         if self.div_head is not None:
-            loss = loss + o.div_weight * F.binary_cross_entropy_with_logits(self.div_head(e[:, -1]), targets[1])
+            # the stage's classes, then "old" holding every earlier class's target mass (as the official code
+            # builds its mixed divergence targets)
+            div_target = torch.cat([target[:, old:], target[:, :old].sum(1, keepdim=True)], 1)  # (B, new + 1)
+            loss = loss + o.div_weight * F.binary_cross_entropy_with_logits(self.div_head(e[:, -1]), div_target)
         self.step(loss, len(y))
         return float(loss.detach())
 
@@ -253,7 +331,8 @@ class DyTox(Learner):
 
     def balanced_finetune(self, stage_index: int) -> None:
         """Train tokens, task attention and classifiers on the memory (its per-class quota keeps it balanced),
-        the self-attention blocks frozen; classification loss only."""
+        the self-attention blocks frozen (and in eval mode: no stochastic depth there, as in the official
+        code); classification loss only, on MixUp batches when `mixup` is on."""
         o, t, device = self.options, self.ctx.train, self.ctx.device
         self.requires_grad_(True)
         for part in self.encoder_modules():
@@ -267,15 +346,18 @@ class DyTox(Learner):
         augment = None if t.augment is None else transforms.Augment(t.augment, self.ctx.input_shape)
         precision = transforms.resolve_precision(t.precision, device)
         self.train()
+        self.blocks.eval()
         for epoch in range(o.finetune_epochs):
             total = torch.zeros(2)
             for b, (_, mine) in enumerate(shard_batches(len(y), batch, gen)):
                 xb, target = x[mine], F.one_hot(self.column_of(y[mine]), len(self.columns)).float().to(device)
                 if augment is not None:
                     xb = augment(xb, transforms.augment_seed(self.ctx.seed, stage_index, epoch, b, world()[0], 1))
+                xb = transforms.to_device(xb, device)
+                if o.mixup:
+                    xb, target = mixup(xb, target, o.mixup_alpha, o.mixup_smoothing)
                 with transforms.autocast(precision, device):
-                    loss = F.binary_cross_entropy_with_logits(self.seen_logits(self.embeddings(
-                        transforms.to_device(xb, device))), target)
+                    loss = F.binary_cross_entropy_with_logits(self.seen_logits(self.embeddings(xb)), target)
                 self.step(loss, len(mine))
                 total += torch.tensor([float(loss.detach()) * len(mine), len(mine)])
         sum_across(total)
