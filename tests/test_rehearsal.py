@@ -167,7 +167,7 @@ def _check_copies(rank: int, init_file: str, differ: bool, out: str) -> None:
     x = torch.arange(8, dtype=torch.float32)[:, None] + (1.0 if differ and rank == 1 else 0.0)
     memory.end_stage(x, torch.tensor([0, 1] * 4), [0, 1], lambda v: v, gen)
     try:
-        memory.check_global()
+        memory.check_across()
         verdict = "same"
     except RuntimeError:
         verdict = "differ"

@@ -52,7 +52,8 @@ class Learner(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         r = ctx.rehearsal
         # the runner fills it and mixes it into batches (workloads.rehearsal); learners may read it
-        self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes) if r.memory_size else None
+        self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes, r.distributed) \
+            if r.memory_size else None
 
     @classmethod
     def check(cls, options, num_classes: int) -> None:
