@@ -129,7 +129,7 @@ def shard_owned(tensors: tuple[torch.Tensor, ...], owners: torch.Tensor, batch: 
     """shard_batches over an epoch of len(owners) samples of which this process holds some: owners[i] is -1 for a
     sample every process holds (taken by position in its batch, as shard_epoch does) and otherwise the rank of
     the one process that holds it (e.g. its own rehearsal memory); `tensors` hold this process's samples, in the
-    order of their epoch index. Yields (full batch, this process's epoch indices in it, its rows of each tensor)."""
+    order of their epoch index. Yields (full batch, this process's rows of each tensor)."""
     rank, size = world()
     held = (owners < 0) | (owners == rank)
     local = held.cumsum(0) - 1  # epoch index -> row of `tensors`, where held
@@ -138,7 +138,7 @@ def shard_owned(tensors: tuple[torch.Tensor, ...], owners: torch.Tensor, batch: 
         owner = owners[full]
         mine = full[torch.where(owner < 0, torch.arange(len(full)) % size == rank, owner == rank)]
         rows = local[mine].to(device)
-        yield full, mine, tuple(t[rows] for t in tensors)
+        yield full, tuple(t[rows] for t in tensors)
 
 
 def _aligned(view: torch.Tensor) -> torch.Tensor:

@@ -321,25 +321,22 @@ def epoch_batches(stage, inputs: torch.Tensor, labels: torch.Tensor, batch_size:
     total = len(tensors[0]) if owners is None else len(owners)
     batch = total if batch_size is None else min(batch_size, total)
 
-    def offer(rows: torch.Tensor, gen: torch.Generator) -> None:
-        rows = rows[rows < n]  # the stage's own samples, not the memory's joined to them
+    def offer(full: torch.Tensor, gen: torch.Generator) -> None:
+        rows = full[full < n]  # the stage's own samples, not the memory's joined to them
+        if distributed:  # worker r's memory takes rows r::size of the stage's data, as at a stage's end
+            rows = rows[rows % size == rank]
         replay.offer(stage.x_train[rows], inputs[rows.to(inputs.device)], stage.y_train[rows], gen)
 
     def epoch(gen: torch.Generator, first: bool):
         online = first and replay is not None and replay.online
-        if owners is not None:
-            for _, mine, (x, y) in shard_owned(tensors, owners, batch, gen):
-                if online:  # a distributed memory takes the samples its worker trains on
-                    offer(mine, gen)
-                yield x, y
-            return
-        for full, (x, y) in shard_epoch(tensors, batch, gen):
+        batches = shard_epoch(tensors, batch, gen) if owners is None else shard_owned(tensors, owners, batch, gen)
+        for full, (x, y) in batches:
             if replay is not None and not join:
                 drawn = replay.draw(len(full), gen)
                 if drawn is not None:
                     x, y = torch.cat([x, drawn[0]]), torch.cat([y, drawn[1]])
-            if online:  # a global memory: every process offers the full batch; a distributed one, its own rows
-                offer(full[rank::size] if distributed else full, gen)
+            if online:  # every process walks the full batch: one global memory, or each its own rows
+                offer(full, gen)
             yield x, y
     return epoch
 
