@@ -1,7 +1,23 @@
 """Rehearsal: a replay memory with one global budget, a per-class quota, and three ways to choose what stays.
 
-Budget: `memory_size` samples in all, never per worker. Data-parallel workers each hold the same full memory:
-they walk the same full batches with the same seeds, and herding's picks are broadcast from rank 0.
+Budget: `memory_size` samples in all, never per worker. Global (the default), data-parallel workers each hold
+the same full memory: they walk the same full batches with the same seeds, and herding's picks are broadcast
+from rank 0. Distributed (rehearsal.distributed, DyTox's erratum: its paper's numbers used it), worker r holds a
+memory of its own, memory_size // workers samples chosen (by the same rules) from rows r::workers of each
+stage's training data only, replays only from it (draws and reservoir offers with a generator of its own), and
+the workers check only that together they keep the budget. One worker's distributed memory is the global one.
+A checkpoint carries every worker's memory (gathered into one slot per rank); on resume worker r loads slot r,
+and one process (a model rebuilt for prediction, or a resume on one worker) their union.
+Replay (rehearsal.mode):
+  mix   each batch of new samples gets replay_ratio as many drawn from the memory (uniformly, with replacement);
+  join  the memory joins the stage's training data and each epoch walks both, shuffled together, in batches of
+        train.batch_size: ceil((stage + memory) / batch) steps (the official DyTox code's way: its memory is
+        concatenated to the stage's data set); replay_ratio does not apply (a non-default one is refused), nor
+        does train.task_free (no stage start to join at). The memory joined is the memory as
+        it stands at the stage's start (after reservoir's cut below); reservoir still takes the stage's samples
+        online in the first epoch, for the later stages. Distributed, the epoch walks the stage's data and every
+        worker's memory: each worker takes its share of a batch's stage samples and that batch's samples of its
+        own memory, so every worker takes the same number of steps.
 Quota: memory_size // classes seen (a stage's classes count from its start) per class; when the classes held
 are cut to it depends on the selection (below).
 Selection:
@@ -327,7 +343,7 @@ class Replay:
     def joined(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The memory's learner-ready inputs and labels as they stand now (rehearsal.mode: join); None if empty."""
         n = len(self.memory)
-        return None if n == 0 else (self.inputs[:n].clone(), self.memory.y.to(self.device))
+        return None if n == 0 else (self.inputs[:n], self.memory.y.to(self.device))
 
     def _store(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         if self.inputs is None:
