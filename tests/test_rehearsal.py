@@ -268,6 +268,18 @@ def test_join_settings_that_cannot_work_name_the_keys(rehearsal, train, message)
         parse_run_config({"rehearsal": {"memory_size": 10, **rehearsal}, "train": train})
 
 
+def _toy2d_memory(mode: str, selection: str, epochs: int):
+    """toy2d (no scikit-learn to import in each worker) in 4 stages, a distributed memory of 40."""
+    return parse_run_config({
+        "data": {"source": "toy2d", "stages": [[0, 4], [1, 5], [2, 6], [3, 7]]},
+        "learner": {"name": "mlp", "hidden": 16},
+        "train": {"epochs": epochs, "batch_size": 32, "optimizer": "sgd", "lr": 0.3},
+        "rehearsal": {"memory_size": 40, "selection": selection, "mode": mode, "distributed": True}})
+
+
+RUNS = (("join", "reservoir", 2), ("mix", "herding", 1))
+
+
 def _two_workers(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -283,9 +295,8 @@ def _two_workers(rank: int, init_file: str, out: str) -> None:
 
     runner.build_learner = wrapped
     report = {}
-    for mode, selection, epochs in (("join", "reservoir", 2), ("mix", "herding", 1)):
-        config = digits_config({"name": "mlp", "hidden": 32}, epochs=epochs, batch_size=64, rehearsal={
-            "memory_size": 60, "selection": selection, "mode": mode, "distributed": True})
+    for mode, selection, epochs in RUNS:
+        config = _toy2d_memory(mode, selection, epochs)
         states, ends, own, reported = [], [], [], []
         batches.clear()
         full = run_stream(config, on_stage_end=lambda i, m, s: (
@@ -311,11 +322,8 @@ def test_distributed_memories_hold_a_share_each_from_their_own_shard_and_resume(
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_two_workers, args=(os.path.join(out, "init"), out), nprocs=2)
         ranks = [torch.load(os.path.join(out, f"rank{r}"), weights_only=True) for r in range(2)]
-    config = digits_config({"name": "mlp", "hidden": 32}, epochs=2, batch_size=64,
-                           rehearsal={"memory_size": 60, "selection": "reservoir", "mode": "join",
-                                      "distributed": True})
-    stream = prepare(config).stream
-    for mode in ("join", "mix"):
+    stream = prepare(_toy2d_memory(*RUNS[0])).stream
+    for mode, _, epochs in RUNS:
         runs = [r[mode] for r in ranks]
         assert runs[0]["matrix"] == runs[1]["matrix"]  # one model, trained on both workers' shards
         assert all(r["resumed"] == r["matrix"] for r in runs)  # join: each worker resumed with its own memory
@@ -323,20 +331,21 @@ def test_distributed_memories_hold_a_share_each_from_their_own_shard_and_resume(
         assert runs[0]["reported"] == [sum(len(r["own"][i]["y"]) for r in runs) for i in range(len(stream))]
         for rank, run in enumerate(runs):
             for mine in run["own"]:
-                assert len(mine["y"]) <= 30 and mine["size"] == 30  # memory_size // workers each
+                assert len(mine["y"]) <= 20 and mine["size"] == 20  # memory_size // workers each
             last = run["own"][-1]
+            assert len(last["y"]) == 16  # 8 classes x 2
             shard = torch.cat([s.x_train[rank::2] for s in stream])
             other = torch.cat([s.x_train[1 - rank::2] for s in stream])
             # every sample this worker holds comes from its own shard of the stages' data, none from the other's
             assert all((shard == row).all(1).any() and not (other == row).all(1).any() for row in last["x"])
         slots = runs[0]["state"]["learner"]["memory"]["workers"]
         assert [torch.equal(slot["x"], run["own"][1]["x"]) for slot, run in zip(slots, runs)] == [True, True]
-        if mode == "join":  # over both workers, each epoch walks the stage's data and both memories once
-            for i, stage in enumerate(stream):
-                seen = torch.cat([r["labels"][i] for r in runs])
-                quota = 30 // (2 * (i + 1))  # reservoir cuts each worker's old classes at the stage's start
+        for i, stage in enumerate(stream):  # over both workers, each epoch walks the stage's data once...
+            seen = torch.cat([r["labels"][i] for r in runs])
+            assert set(seen.tolist()) == set(c for s in stream[:i + 1] for c in s.classes)
+            if mode == "join":  # ...and both memories (reservoir cuts old classes at the stage's start)
+                quota = 20 // (2 * (i + 1))
                 held = sum(int(torch.bincount(r["own"][i - 1]["y"]).clamp(max=quota).sum()) for r in runs) if i else 0
-                assert len(seen) == 2 * (len(stage.y_train) + held)
-                assert set(seen.tolist()) == set(c for s in stream[:i + 1] for c in s.classes)
-    merged = rebuild_learner(config, ranks[0]["join"]["state"]).memory  # one process takes the union
+                assert len(seen) == epochs * (len(stage.y_train) + held)
+    merged = rebuild_learner(_toy2d_memory(*RUNS[0]), ranks[0]["join"]["state"]).memory  # one process: the union
     assert len(merged) == sum(len(runner_memory(ranks[0]["join"]["state"], r)["y"]) for r in range(2))
