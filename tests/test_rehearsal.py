@@ -349,3 +349,43 @@ def test_distributed_memories_hold_a_share_each_from_their_own_shard_and_resume(
                 assert len(seen) == epochs * (len(stage.y_train) + held)
     merged = rebuild_learner(_toy2d_memory(*RUNS[0]), ranks[0]["join"]["state"]).memory  # one process: the union
     assert len(merged) == sum(len(runner_memory(ranks[0]["join"]["state"], r)["y"]) for r in range(2))
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_two_workers_split_each_joined_batch_between_them(monkeypatch, distributed):
+    """Without processes: each rank's view of the epoch (world() patched), put together, is the whole epoch."""
+    import types
+
+    import workloads.distributed
+    import workloads.rehearsal
+    import workloads.runner as runner
+    from workloads.runner import epoch_batches
+
+    x = torch.arange(10, dtype=torch.float32)[:, None]
+    stage = types.SimpleNamespace(x_train=x, y_train=torch.arange(10) % 2)
+    replays = []
+    for rank in range(2):
+        for module in (workloads.distributed, workloads.rehearsal, runner):
+            monkeypatch.setattr(module, "world", lambda rank=rank: (rank, 2))
+        memory = RehearsalMemory(6, "random", num_classes=4, distributed=distributed)
+        gen = torch.Generator().manual_seed(0)
+        memory.begin_stage([2, 3], gen)
+        y = torch.tensor([2, 3] * 6)
+        memory.end_stage(torch.arange(100, 112, dtype=torch.float32)[:, None] + 100 * rank, y, [2, 3],
+                         lambda v: v, gen)
+        replays.append(Replay(memory, lambda v: v, 1.0, torch.device("cpu"), join=True))
+    if not distributed:
+        replays[1] = replays[0]  # one global memory: every worker holds the same
+    monkeypatch.setattr(runner, "gather", lambda n: [len(r.memory) for r in replays])
+    views = []
+    for rank in range(2):
+        for module in (workloads.distributed, workloads.rehearsal, runner):
+            monkeypatch.setattr(module, "world", lambda rank=rank: (rank, 2))
+        epoch = epoch_batches(stage, x, stage.y_train, 4, replays[rank])
+        views.append([b[0][:, 0].tolist() for b in epoch(torch.Generator().manual_seed(1), False)])
+    memories = [r.memory.x[:, 0].tolist() for r in (replays if distributed else replays[:1])]
+    everything = sorted(x[:, 0].tolist() + sum(memories, []))
+    assert len(views[0]) == len(views[1]) == -(-len(everything) // 4)  # the same steps on both workers
+    assert sorted(sum(views[0] + views[1], [])) == everything  # each sample in one worker's share, once
+    if distributed:  # a worker replays only its own memory
+        assert all(v < 10 or v in memories[rank] for rank in range(2) for b in views[rank] for v in b)
