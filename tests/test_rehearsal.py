@@ -315,7 +315,6 @@ def runner_memory(state: dict, rank: int) -> dict:
     return state["learner"]["memory"]["workers"][rank]
 
 
-@pytest.mark.slow
 def test_distributed_memories_hold_a_share_each_from_their_own_shard_and_resume():
     from workloads.runner import prepare
 
