@@ -167,7 +167,7 @@ def _check_copies(rank: int, init_file: str, differ: bool, out: str) -> None:
     x = torch.arange(8, dtype=torch.float32)[:, None] + (1.0 if differ and rank == 1 else 0.0)
     memory.end_stage(x, torch.tensor([0, 1] * 4), [0, 1], lambda v: v, gen)
     try:
-        memory.check_global()
+        memory.check_across()
         verdict = "same"
     except RuntimeError:
         verdict = "differ"
@@ -182,3 +182,209 @@ def test_workers_notice_when_their_memories_are_not_one_global_memory(differ):
         mp.spawn(_check_copies, args=(os.path.join(out, "init"), differ, out), nprocs=2)
         verdicts = {open(os.path.join(out, f"rank{r}")).read() for r in range(2)}
     assert verdicts == {"differ" if differ else "same"}
+
+
+def _observed(monkeypatch) -> list[torch.Tensor]:
+    """Labels of every batch the run's learner observes, in order (the learner's observe wrapped)."""
+    import workloads.runner as runner
+
+    batches, build = [], runner.build_learner
+
+    def wrapped(*args):
+        learner = build(*args)
+        observe = learner.observe
+        learner.observe = lambda x, y: (batches.append(y.cpu()), observe(x, y))[1]
+        return learner
+
+    monkeypatch.setattr(runner, "build_learner", wrapped)
+    return batches
+
+
+@pytest.mark.parametrize("selection", ["random", "reservoir"])
+def test_join_walks_the_stage_and_the_memory_together_once_per_epoch(monkeypatch, selection):
+    from workloads.runner import prepare
+
+    batches = _observed(monkeypatch)
+    config = digits_config({"name": "mlp", "hidden": 32}, epochs=2, batch_size=64,
+                           rehearsal={"memory_size": 60, "selection": selection, "mode": "join"})
+    prepared = prepare(config)
+    ends, held = [], []  # observe calls so far, and the memory's labels, at each stage's end
+    run_stream(config, prepared=prepared,
+               on_stage_end=lambda i, m, s: (ends.append(len(batches)), held.append(s["learner"]["memory"]["y"])))
+    start, memory = 0, torch.zeros(0, dtype=torch.long)
+    for stage, end, after in zip(prepared.stream, ends, held):
+        if selection == "reservoir":  # the memory as it stands at the stage's start: old classes cut to the quota
+            quota = 60 // (2 * (stage.index + 1))
+            memory = torch.cat([memory[memory == c][:quota] for c in torch.unique(memory).tolist()] or [memory])
+        n, m = len(stage.y_train), len(memory)
+        steps = end - start
+        assert steps == 2 * -(-(n + m) // 64)  # ceil((stage data + memory) / batch) steps per epoch
+        seen = torch.cat(batches[start:end])
+        # every stage sample and every memory sample once per epoch: old classes' labels reach stage 2 on
+        expected = torch.cat([stage.y_train, memory]).repeat(2)
+        assert torch.equal(torch.bincount(seen, minlength=10), torch.bincount(expected, minlength=10))
+        start, memory = end, after
+    assert len(memory) == 60  # reservoir still fills online (the stage's own samples), random picks at the end
+
+
+def test_mix_keeps_its_steps_and_draws_replay_into_each_batch(monkeypatch):
+    from workloads.runner import prepare
+
+    batches = _observed(monkeypatch)
+    config = digits_config({"name": "mlp", "hidden": 32}, epochs=1, batch_size=64,
+                           rehearsal={"memory_size": 60, "replay_ratio": 0.5})
+    prepared = prepare(config)
+    ends = []
+    run_stream(config, prepared=prepared, on_stage_end=lambda i, m, s: ends.append(len(batches)))
+    n = len(prepared.stream[1].y_train)
+    stage2 = batches[ends[0]:ends[1]]
+    assert len(stage2) == -(-n // 64) and len(stage2[0]) == 64 + 32  # 32 replayed per 64 new
+    assert set(torch.cat(stage2).tolist()) >= set(prepared.stream[0].classes)
+
+
+@pytest.mark.parametrize("mode, selection", [("mix", "herding"), ("join", "reservoir")])
+def test_a_distributed_memory_on_one_worker_is_the_global_memory(mode, selection):
+    rehearsal = {"memory_size": 60, "selection": selection, "mode": mode}
+    runs = {}
+    for distributed in (False, True):
+        states = []
+        config = digits_config({"name": "mlp", "hidden": 32}, epochs=3,
+                               rehearsal={**rehearsal, "distributed": distributed})
+        runs[distributed] = run_stream(config, on_stage_end=lambda i, m, s: states.append(s)), states[-1]
+    (plain, plain_state), (own, own_state) = runs[False], runs[True]
+    assert own.test.accuracy_matrix == plain.test.accuracy_matrix
+    slots = own_state["learner"]["memory"]["workers"]  # one slot per worker
+    assert len(slots) == 1 and torch.equal(slots[0]["x"], plain_state["learner"]["memory"]["x"])
+
+
+@pytest.mark.parametrize("rehearsal, train, message", [
+    ({"mode": "join", "replay_ratio": 0.5}, {}, r"rehearsal.replay_ratio: 0.5 applies to rehearsal.mode: mix only"),
+    ({"mode": "blend"}, {}, r"rehearsal.mode: got 'blend'; accepted: one of 'mix', 'join'"),
+    ({"mode": "join", "selection": "reservoir"}, {"task_free": True, "epochs": 1},
+     r"train.task_free: rehearsal.mode: join joins the memory to a stage's data at the stage's start"),
+])
+def test_join_settings_that_cannot_work_name_the_keys(rehearsal, train, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config({"rehearsal": {"memory_size": 10, **rehearsal}, "train": train})
+
+
+def _toy2d_memory(mode: str, selection: str, epochs: int):
+    """toy2d (no scikit-learn to import in each worker) in 4 stages, a distributed memory of 40."""
+    return parse_run_config({
+        "data": {"source": "toy2d", "stages": [[0, 4], [1, 5], [2, 6], [3, 7]]},
+        "learner": {"name": "mlp", "hidden": 16},
+        "train": {"epochs": epochs, "batch_size": 32, "optimizer": "sgd", "lr": 0.3},
+        "rehearsal": {"memory_size": 40, "selection": selection, "mode": mode, "distributed": True}})
+
+
+RUNS = (("join", "reservoir", 2), ("mix", "herding", 1))
+
+
+def _two_workers(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    import workloads.runner as runner
+
+    batches, build = [], runner.build_learner
+
+    def wrapped(*args):
+        learner = build(*args)
+        observe = learner.observe
+        learner.observe = lambda x, y: (batches.append(y.clone()), observe(x, y))[1]
+        return learner
+
+    runner.build_learner = wrapped
+    report = {}
+    for mode, selection, epochs in RUNS:
+        config = _toy2d_memory(mode, selection, epochs)
+        states, ends, own, reported = [], [], [], []
+        batches.clear()
+        full = run_stream(config, on_stage_end=lambda i, m, s: (
+            states.append(s), ends.append(len(batches)), own.append(runner_memory(s, rank)),
+            reported.append(m["memory_size"])))
+        resumed = run_stream(config, resume_state=states[1]) if mode == "join" else full
+        report[mode] = {"matrix": full.test.accuracy_matrix, "resumed": resumed.test.accuracy_matrix,
+                        "ends": ends, "labels": [torch.cat(batches[a:b]) for a, b in zip([0] + ends, ends)],
+                        "own": own, "state": states[1], "reported": reported}
+    torch.save(report, os.path.join(out, f"rank{rank}"))
+    dist.destroy_process_group()
+
+
+def runner_memory(state: dict, rank: int) -> dict:
+    """This worker's slot of a distributed memory's checkpoint state."""
+    return state["learner"]["memory"]["workers"][rank]
+
+
+def test_distributed_memories_hold_a_share_each_from_their_own_shard_and_resume():
+    from workloads.runner import prepare
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_two_workers, args=(os.path.join(out, "init"), out), nprocs=2)
+        ranks = [torch.load(os.path.join(out, f"rank{r}"), weights_only=True) for r in range(2)]
+    stream = prepare(_toy2d_memory(*RUNS[0])).stream
+    for mode, _, epochs in RUNS:
+        runs = [r[mode] for r in ranks]
+        assert runs[0]["matrix"] == runs[1]["matrix"]  # one model, trained on both workers' shards
+        assert all(r["resumed"] == r["matrix"] for r in runs)  # join: each worker resumed with its own memory
+        assert runs[0]["ends"] == runs[1]["ends"]  # both took the same number of steps
+        assert runs[0]["reported"] == [sum(len(r["own"][i]["y"]) for r in runs) for i in range(len(stream))]
+        for rank, run in enumerate(runs):
+            for mine in run["own"]:
+                assert len(mine["y"]) <= 20 and mine["size"] == 20  # memory_size // workers each
+            last = run["own"][-1]
+            assert len(last["y"]) == 16  # 8 classes x 2
+            shard = torch.cat([s.x_train[rank::2] for s in stream])
+            other = torch.cat([s.x_train[1 - rank::2] for s in stream])
+            # every sample this worker holds comes from its own shard of the stages' data, none from the other's
+            assert all((shard == row).all(1).any() and not (other == row).all(1).any() for row in last["x"])
+        slots = runs[0]["state"]["learner"]["memory"]["workers"]
+        assert [torch.equal(slot["x"], run["own"][1]["x"]) for slot, run in zip(slots, runs)] == [True, True]
+        for i, stage in enumerate(stream):  # over both workers, each epoch walks the stage's data once...
+            seen = torch.cat([r["labels"][i] for r in runs])
+            assert set(seen.tolist()) == set(c for s in stream[:i + 1] for c in s.classes)
+            if mode == "join":  # ...and both memories (reservoir cuts old classes at the stage's start)
+                quota = 20 // (2 * (i + 1))
+                held = sum(int(torch.bincount(r["own"][i - 1]["y"]).clamp(max=quota).sum()) for r in runs) if i else 0
+                assert len(seen) == epochs * (len(stage.y_train) + held)
+    merged = rebuild_learner(_toy2d_memory(*RUNS[0]), ranks[0]["join"]["state"]).memory  # one process: the union
+    assert len(merged) == sum(len(runner_memory(ranks[0]["join"]["state"], r)["y"]) for r in range(2))
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_two_workers_split_each_joined_batch_between_them(monkeypatch, distributed):
+    """Without processes: each rank's view of the epoch (world() patched), put together, is the whole epoch."""
+    import types
+
+    import workloads.distributed
+    import workloads.rehearsal
+    import workloads.runner as runner
+    from workloads.runner import epoch_batches
+
+    x = torch.arange(10, dtype=torch.float32)[:, None]
+    stage = types.SimpleNamespace(x_train=x, y_train=torch.arange(10) % 2)
+    replays = []
+    for rank in range(2):
+        for module in (workloads.distributed, workloads.rehearsal, runner):
+            monkeypatch.setattr(module, "world", lambda rank=rank: (rank, 2))
+        memory = RehearsalMemory(6, "random", num_classes=4, distributed=distributed)
+        gen = torch.Generator().manual_seed(0)
+        memory.begin_stage([2, 3], gen)
+        y = torch.tensor([2, 3] * 6)
+        memory.end_stage(torch.arange(100, 112, dtype=torch.float32)[:, None] + 100 * rank, y, [2, 3],
+                         lambda v: v, gen)
+        replays.append(Replay(memory, lambda v: v, 1.0, torch.device("cpu"), join=True))
+    if not distributed:
+        replays[1] = replays[0]  # one global memory: every worker holds the same
+    monkeypatch.setattr(runner, "gather", lambda n: [len(r.memory) for r in replays])
+    views = []
+    for rank in range(2):
+        for module in (workloads.distributed, workloads.rehearsal, runner):
+            monkeypatch.setattr(module, "world", lambda rank=rank: (rank, 2))
+        epoch = epoch_batches(stage, x, stage.y_train, 4, replays[rank])
+        views.append([b[0][:, 0].tolist() for b in epoch(torch.Generator().manual_seed(1), False)])
+    memories = [r.memory.x[:, 0].tolist() for r in (replays if distributed else replays[:1])]
+    everything = sorted(x[:, 0].tolist() + sum(memories, []))
+    assert len(views[0]) == len(views[1]) == -(-len(everything) // 4)  # the same steps on both workers
+    assert sorted(sum(views[0] + views[1], [])) == everything  # each sample in one worker's share, once
+    if distributed:  # a worker replays only its own memory
+        assert all(v < 10 or v in memories[rank] for rank in range(2) for b in views[rank] for v in b)

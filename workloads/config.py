@@ -141,7 +141,13 @@ class RehearsalConfig:
 
     memory_size: int = 0  # one global budget in samples, whatever the number of data-parallel workers
     selection: Literal["random", "reservoir", "herding"] = "random"
-    replay_ratio: float = 1.0  # replayed samples drawn from the memory per new sample in each batch
+    # mix: replayed samples drawn into each batch, replay_ratio per new sample; join: the memory joins the
+    # stage's data and one epoch walks both shuffled together (the official DyTox code's way)
+    mode: Literal["mix", "join"] = "mix"
+    replay_ratio: float = 1.0  # mode mix: replayed samples drawn from the memory per new sample in each batch
+    # true: one memory per data-parallel worker, memory_size // workers each, chosen from the worker's own shard
+    # (DyTox's erratum: its paper's numbers used such a distributed memory); false: one global memory
+    distributed: bool = False
 
 
 @dataclass
@@ -296,6 +302,10 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError(f"rehearsal.memory_size: must be >= 0 (0 = no memory), got {config.rehearsal.memory_size}")
     if config.rehearsal.replay_ratio < 0:
         raise ConfigError(f"rehearsal.replay_ratio: must be >= 0, got {config.rehearsal.replay_ratio}")
+    if config.rehearsal.mode == "join" and config.rehearsal.replay_ratio != RehearsalConfig.replay_ratio:
+        raise ConfigError(f"rehearsal.replay_ratio: {config.rehearsal.replay_ratio} applies to rehearsal.mode: mix "
+                          "only; with rehearsal.mode: join the memory joins the stage's data, each epoch walks it "
+                          "once (drop replay_ratio, or use rehearsal.mode: mix)")
     if not 0 <= config.data.validation < 1:
         raise ConfigError(f"data.validation: the held-out fraction must lie in [0, 1) (0 = no validation set), "
                           f"got {config.data.validation}")
@@ -423,6 +433,9 @@ def check_stream_mode(config: RunConfig) -> None:
     if config.train.epochs != 1:
         raise ConfigError(f"train.task_free: the stream is seen once, so train.epochs must be 1, "
                           f"got {config.train.epochs}")
+    if config.rehearsal.mode == "join":
+        raise ConfigError("train.task_free: rehearsal.mode: join joins the memory to a stage's data at the stage's "
+                          "start, a boundary task-free training has none of; accepted: rehearsal.mode: mix")
     if config.rehearsal.memory_size and config.rehearsal.selection != "reservoir":
         raise ConfigError(f"train.task_free: rehearsal.selection {config.rehearsal.selection!r} chooses at stage "
                           "ends, which task-free training has none of; accepted: rehearsal.selection: reservoir")

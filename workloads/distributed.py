@@ -56,6 +56,15 @@ def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather(obj) -> list:
+    """Every process's picklable `obj`, in rank order ([obj] for one process)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def same_across(tensor: torch.Tensor) -> bool:
     """Whether every process holds the same 1-d float64 `tensor` (e.g. a digest); True for one process."""
     if world()[1] == 1:
@@ -114,6 +123,22 @@ def shard_epoch(tensors: tuple[torch.Tensor, ...], batch: int, generator: torch.
             count = len(range(rank, min(batch, n - start), size))
             yield order[start:start + batch], tuple(_aligned(r[taken:taken + count]) for r in rows)
             taken += count
+
+
+def shard_owned(tensors: tuple[torch.Tensor, ...], owners: torch.Tensor, batch: int, generator: torch.Generator):
+    """shard_batches over an epoch of len(owners) samples of which this process holds some: owners[i] is -1 for a
+    sample every process holds (taken by position in its batch, as shard_epoch does) and otherwise the rank of
+    the one process that holds it (e.g. its own rehearsal memory); `tensors` hold this process's samples, in the
+    order of their epoch index. Yields (full batch, this process's rows of each tensor)."""
+    rank, size = world()
+    held = (owners < 0) | (owners == rank)
+    local = held.cumsum(0) - 1  # epoch index -> row of `tensors`, where held
+    device = tensors[0].device
+    for full, _ in shard_batches(len(owners), batch, generator):
+        owner = owners[full]
+        mine = full[torch.where(owner < 0, torch.arange(len(full)) % size == rank, owner == rank)]
+        rows = local[mine].to(device)
+        yield full, tuple(t[rows] for t in tensors)
 
 
 def _aligned(view: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from workloads.data.shifts import stage_shifts
 from workloads.data.streams import (Stream, blur, domain_slices, make_stage_stream, make_stream, stage_classes,
                                     stage_seed)
 from workloads.learners import LEARNERS, Learner, LearnerContext, build_learner
-from workloads.distributed import shard_epoch, sum_across, world
+from workloads.distributed import gather, shard_epoch, shard_owned, sum_across, world
 from workloads.progress import ProgressLog
 from workloads.rehearsal import Replay
 from workloads import transforms
@@ -320,9 +320,51 @@ def evaluate(learner, stream: Stream, split: str, batch_size: int, seen: int | N
     return row, metrics.class_accuracies(preds[:n], y[:n], stream.num_classes)
 
 
+def epoch_batches(stage, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int | None,
+                  replay: Replay | None) -> Callable[[torch.Generator, bool], Any]:
+    """How the stage's epochs form their batches: returns `epoch(generator, first)`, which yields this process's
+    (x, y) of each batch of one epoch. Without a memory, or with rehearsal.mode: mix, the stage's data is
+    shuffled into batches of `batch_size` and each gets its replayed samples; with join, the memory (as it stands
+    now, at the stage's start) joins the data: ceil((stage + memory) / batch_size) batches. In the `first` epoch
+    an online memory (reservoir) is offered each batch's stage samples."""
+    n = len(labels)
+    rank, size = world()  # data-parallel processes each take every size-th sample of a batch (and of replay)
+    join = replay is not None and replay.join
+    distributed = replay is not None and replay.memory.distributed
+    tensors, owners = (inputs, labels), None
+    if join:
+        memory = replay.joined()
+        if memory is not None:
+            tensors = (torch.cat([inputs, memory[0]]), torch.cat([labels, memory[1]]))
+        if distributed:  # the epoch walks the stage and every worker's memory; each worker holds only its own
+            sizes = gather(0 if memory is None else len(memory[1]))
+            owners = torch.cat([torch.full((n,), -1)] + [torch.full((m,), r) for r, m in enumerate(sizes)])
+    total = len(tensors[0]) if owners is None else len(owners)
+    batch = total if batch_size is None else min(batch_size, total)
+
+    def offer(full: torch.Tensor, gen: torch.Generator) -> None:
+        rows = full[full < n]  # the stage's own samples, not the memory's joined to them
+        if distributed:  # worker r's memory takes rows r::size of the stage's data, as at a stage's end
+            rows = rows[rows % size == rank]
+        replay.offer(stage.x_train[rows], inputs[rows.to(inputs.device)], stage.y_train[rows], gen)
+
+    def epoch(gen: torch.Generator, first: bool):
+        online = first and replay is not None and replay.online
+        batches = shard_epoch(tensors, batch, gen) if owners is None else shard_owned(tensors, owners, batch, gen)
+        for full, (x, y) in batches:
+            if replay is not None and not join:
+                drawn = replay.draw(len(full), gen)
+                if drawn is not None:
+                    x, y = torch.cat([x, drawn[0]]), torch.cat([y, drawn[1]])
+            if online:  # every process walks the full batch: one global memory, or each its own rows
+                offer(full, gen)
+            yield x, y
+    return epoch
+
+
 def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Replay | None = None) -> float:
-    """Run `train.epochs` passes over the stage's training data, replayed samples mixed into each batch;
-    returns the last epoch's mean loss."""
+    """Run `train.epochs` passes over the stage's training data, with the memory's samples mixed into each
+    batch or joined to the data (rehearsal.mode); returns the last epoch's mean loss."""
     t = config.train
     device = learner.ctx.device
     # the recipe (workloads.transforms): per-batch augmentation, the stage's lr schedule, mixed precision
@@ -331,22 +373,15 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     precision = transforms.resolve_precision(t.precision, device)
     inputs = learner.stage_inputs(stage.x_train.to(device))
     labels = stage.y_train.to(device)
-    n = len(labels)
-    batch = n if t.batch_size is None else min(t.batch_size, n)
+    batches = epoch_batches(stage, inputs, labels, t.batch_size, replay)
+    rank = world()[0]
     gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index))
     progress = ProgressLog(log)
     mean_loss = float("nan")
-    rank, size = world()  # data-parallel processes each take every size-th sample of a batch (and of replay)
     for epoch in range(t.epochs):
         # float32 sums, as a float32 tensor summed them before: the reported loss keeps its last bits
         loss_sum, samples = np.float32(0), np.float32(0)
-        for b, (full, (x, y)) in enumerate(shard_epoch((inputs, labels), batch, gen)):
-            if replay is not None:
-                drawn = replay.draw(len(full), gen)
-                if drawn is not None:
-                    x, y = torch.cat([x, drawn[0][rank::size]]), torch.cat([y, drawn[1][rank::size]])
-                if epoch == 0 and replay.online:  # every process offers the full batch: one global memory
-                    replay.offer(stage.x_train[full], inputs[full.to(device)], stage.y_train[full], gen)
+        for b, (x, y) in enumerate(batches(gen, epoch == 0)):
             if augment is not None:  # the raw images of the whole batch, replayed ones included
                 x = augment(x, transforms.augment_seed(config.seed, stage.index, epoch, b, rank))
             with transforms.autocast(precision, device):
@@ -429,14 +464,18 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
             memory_gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index, "memory"))
             if not task_free:  # task-free: classes join the (reservoir) memory as the batches show them
                 memory.begin_stage(arriving_classes(stage), memory_gen)
+            rank, workers = world()
+            # a distributed memory on several workers draws for itself: the batches' generator must stay alike
+            own = torch.Generator().manual_seed(stage_seed(config.seed, stage.index, "replay") ^ rank) \
+                if memory.distributed and workers > 1 else None
             replay = Replay(memory, learner.stage_inputs, config.rehearsal.replay_ratio, ctx.device,
-                            announce=task_free)
+                            announce=task_free, join=config.rehearsal.mode == "join", generator=own)
         loss = train_stage(learner, stage, config, len(stream), replay)
         if memory is not None:
             if not task_free:
                 memory.end_stage(stage.x_train, stage.y_train, arriving_classes(stage),
                                  lambda x: batched_features(learner, x, config.train.eval_batch_size), memory_gen)
-            memory.check_global()
+            held = memory.check_across()
         if not task_free:
             learner.end_stage(stage, is_last=stage.index == len(stream) - 1)
         stage_metrics = {"stage": stage.index, "num_stages": len(stream), "classes": list(stage.classes),
@@ -456,7 +495,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
         seconds.append(time.perf_counter() - t0)
         stage_metrics["seconds"] = seconds[-1]
         if memory is not None:
-            stage_metrics["memory_size"] = len(memory)  # the effective size: quotas round down
+            stage_metrics["memory_size"] = held  # the effective size (quotas round down), over all workers
         if on_stage_end is not None:
             # A snapshot: later stages must not change what the callback was handed.
             state = copy.deepcopy({"next_stage": stage.index + 1, "learner": learner.state(),

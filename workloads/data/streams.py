@@ -19,7 +19,7 @@ from workloads.data.orders import CLASS_ORDERS, SEEDED_ORDER
 
 # Each purpose draws from its own seed, far apart, so that their random streams never correlate.
 SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40,
-                 "domains": 4 << 40, "blurry": 5 << 40, "augment": 6 << 40}
+                 "domains": 4 << 40, "blurry": 5 << 40, "augment": 6 << 40, "replay": 7 << 40}
 
 
 def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:

@@ -32,7 +32,7 @@ class Learner(nn.Module):
     """Base class: subclasses build their model and override `observe` where the plain step does not fit.
 
     Call order, driven by the runner: setup (once, fresh runs only) -> for each stage: begin_stage,
-    stage_inputs, observe per batch (replayed samples from `memory` mixed in), end_stage -> predict for
+    stage_inputs, observe per batch (samples of `memory` mixed in or joined, rehearsal.mode), end_stage -> predict for
     evaluation, on what eval_inputs made of every stage's evaluation inputs (once per run and split). `state` / `load_state` round-trip everything a resume needs, the memory included.
     Task-free (train.task_free): begin_online once, then stage_inputs and observe only; no stage is handed
     over, so stage_inputs must be a pure function of its inputs.
@@ -52,7 +52,8 @@ class Learner(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         r = ctx.rehearsal
         # the runner fills it and mixes it into batches (workloads.rehearsal); learners may read it
-        self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes) if r.memory_size else None
+        self.memory = RehearsalMemory(r.memory_size, r.selection, ctx.num_classes, r.distributed) \
+            if r.memory_size else None
 
     @classmethod
     def check(cls, options, num_classes: int) -> None:
