@@ -157,12 +157,36 @@ def test_the_cifar100_50_stage_preset_runs_end_to_end_on_a_cifar100_release(tmp_
     config = parse_run_config({"preset": "dytox_cifar100_50", "data": {"root": str(tmp_path), "download": False},
                                "learner": {"name": "dytox", "embed_dim": 24, "depth": 1, "heads": 2,
                                            "finetune_epochs": 1},
-                               "train": {"epochs": 1}})
+                               "train": {"epochs": 1, "warmup_epochs": 0}})
     states = []
     result = run_stream(config, on_stage_end=lambda i, m, s: states.append(m["memory_size"]))
-    assert len(result.test.accuracy_matrix) == 50 and result.stages[1] == [2, 3]
+    assert len(result.test.accuracy_matrix) == 50 and result.stages[:2] == [[87, 0], [52, 58]]  # DER's order
     # 2 training images per class, one held out for validation, the other kept
     assert max(states) <= 2000 and states[-1] == 100
+
+
+@pytest.mark.parametrize("stages", [10, 20, 50])
+def test_the_cifar100_presets_carry_the_official_recipe(stages):
+    """main.py and options/model/cifar_dytox.yaml of the official code: lr 5e-4 and fine-tuning lr 5e-5, each x
+    batch 128 x 2 GPUs / 512; cosine with 5 warm-up epochs from 1e-6 to 1e-5; memory 2000 joined to the stage's
+    data, split over the GPUs; DER's class order; GPSA blocks, drop-path 0.1, the augmentation of build_transform."""
+    from workloads.config import scaled_lr
+    from workloads.data.orders import CLASS_ORDERS
+
+    config = parse_run_config({"preset": f"dytox_cifar100_{stages}"})
+    t, o, r = config.train, config.learner, config.rehearsal
+    assert scaled_lr(t, t.lr) == pytest.approx(2.5e-4) and scaled_lr(t, o.finetune_lr) == pytest.approx(2.5e-5)
+    assert (t.batch_size, t.epochs, t.optimizer, t.weight_decay) == (256, 500, "adamw", 1e-6)
+    assert (t.schedule, t.warmup_epochs, t.warmup_lr, t.min_lr) == ("cosine", 5, 1e-6, 1e-5)
+    assert (t.augment.crop_padding, t.augment.flip, t.augment.rand_augment, t.augment.normalize) == \
+        (4, True, "rand-m9-mstd0.5-inc1", "cifar100")
+    assert (r.memory_size, r.selection, r.mode, r.distributed) == (2000, "herding", "join", True)
+    assert CLASS_ORDERS[config.data.class_order][:4] == [87, 0, 52, 58]
+    assert (o.sab, o.drop_path, o.kd_reduction, o.new_token, o.finetune_epochs) == ("gpsa", 0.1, "mean", "fresh", 20)
+    # the learner's fine-tuning optimiser runs at the scaled rate
+    learner, _ = _learner(f"dytox_cifar100_{stages}", stages)
+    learner.expand(list(range(100 // stages)))
+    assert learner.make_optimizer(o.finetune_lr).param_groups[0]["lr"] == pytest.approx(2.5e-5)
 
 
 def test_distillation_averages_the_kl_divergence_over_batch_and_old_classes():
