@@ -320,3 +320,56 @@ def test_tiny_gpsa_dytox_beats_finetuning_without_memory_on_digits():
         "train": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 15}}))
     dytox, finetune = dytox.metrics["test/average_accuracy"], finetune.metrics["test/average_accuracy"]
     assert dytox > finetune + 0.3, (dytox, finetune)
+
+
+def _finetune_uneven_memories(rank: int, init_file: str, out: str) -> None:
+    """One of two gloo workers: a tiny DyTox whose distributed memory holds 10 samples on rank 0 and 6 on rank 1
+    (rank 1's rows are short of the quota), then its balanced fine-tuning; writes how many steps it took."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = parse_run_config({"preset": "dytox_tiny", "train": {"batch_size": 4},
+                               "learner": {"name": "dytox", "embed_dim": 8, "depth": 1, "heads": 2,
+                                           "finetune_epochs": 2},
+                               "rehearsal": {"memory_size": 20, "selection": "random", "distributed": True}})
+    ctx = LearnerContext(num_classes=4, input_dim=64, train=config.train, seed=0, device=torch.device("cpu"),
+                         rehearsal=config.rehearsal, input_shape=(1, 8, 8))
+    learner = build_learner(config.learner, ctx)
+    gen = torch.Generator().manual_seed(rank)
+    # quota 10 // 2 classes = 5 per class per worker, picked from the worker's own rows (every other one)
+    per_class = 10 if rank == 0 else 6
+    for i, classes in enumerate([[0, 1], [2, 3]]):
+        stage = Stage(i, tuple(classes), *[torch.empty(0)] * 4)
+        learner.begin_stage(stage)
+        if i == 0:
+            y = torch.tensor(classes).repeat_interleave(per_class)
+            learner.memory.begin_stage(classes, gen)
+            learner.memory.end_stage(torch.rand(len(y), 1, 8, 8, generator=gen), y, classes, lambda v: v.flatten(1), gen)
+    steps = []
+    step = learner.step
+    learner.step = lambda loss, batch: (steps.append(batch), step(loss, batch))[1]
+    learner.balanced_finetune(1)
+    torch.save({"memory": len(learner.memory), "steps": steps}, f"{out}/rank{rank}")
+    dist.destroy_process_group()
+
+
+def test_balanced_finetuning_keeps_two_workers_with_uneven_distributed_memories_in_step(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(_finetune_uneven_memories, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       join=False)
+    deadline = time.time() + 120
+    while not context.join(timeout=5):  # a worker left waiting in an all-reduce would hang: fail instead
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two workers did not finish their balanced fine-tuning (an all-reduce left unpaired)")
+    ranks = [torch.load(tmp_path / f"rank{r}", weights_only=True) for r in range(2)]
+    assert [r["memory"] for r in ranks] == [10, 6]
+    # the same number of batches on both (each all-reduce paired): both walk 6 samples, 2 epochs of batch 4
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 2 * 2
+    assert sum(ranks[0]["steps"]) == sum(ranks[1]["steps"]) == 2 * 6 // 2  # each its half of every batch

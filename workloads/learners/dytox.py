@@ -27,7 +27,7 @@ from torch import nn
 
 from workloads.config import ConfigError
 from workloads.data.streams import stage_seed
-from workloads.distributed import shard_batches, sum_across, world
+from workloads.distributed import gather, shard_batches, sum_across, world
 from workloads.learners.base import Learner
 from workloads import transforms
 
@@ -341,6 +341,14 @@ class DyTox(Learner):
         self.optimizer = self.make_optimizer(o.finetune_lr)
         x, y = self.memory.x, self.memory.y
         gen = torch.Generator().manual_seed(stage_seed(self.ctx.seed, stage_index, "finetune"))
+        if self.memory.distributed and world()[1] > 1:
+            # each worker walks its own memory; their gradient all-reduces pair up only if every worker takes as
+            # many batches, so where the memories differ in size (a class short of its quota in some worker's
+            # rows) each keeps a random subset of the smallest one's size
+            fewest = min(gather(len(y)))
+            if fewest < len(y):
+                keep = torch.randperm(len(y), generator=gen)[:fewest].sort().values
+                x, y = x[keep], y[keep]
         batch = len(y) if t.batch_size is None else min(t.batch_size, len(y))
         # the official recipe: the training augmentation, a constant lr (no schedule), the run's precision
         augment = None if t.augment is None else transforms.Augment(t.augment, self.ctx.input_shape)
