@@ -184,18 +184,25 @@ def test_workers_notice_when_their_memories_are_not_one_global_memory(differ):
     assert verdicts == {"differ" if differ else "same"}
 
 
-def _observed(monkeypatch) -> list[torch.Tensor]:
-    """Labels of every batch the run's learner observes, in order (the learner's observe wrapped)."""
-    import workloads.runner as runner
-
+def _recording_builder(runner):
+    """(labels, builder): a replacement for runner.build_learner whose learners append the labels of every batch
+    they observe, in order, to `labels`."""
     batches, build = [], runner.build_learner
 
     def wrapped(*args):
         learner = build(*args)
         observe = learner.observe
-        learner.observe = lambda x, y: (batches.append(y.cpu()), observe(x, y))[1]
+        learner.observe = lambda x, y: (batches.append(y.clone().cpu()), observe(x, y))[1]
         return learner
 
+    return batches, wrapped
+
+
+def _observed(monkeypatch) -> list[torch.Tensor]:
+    """Labels of every batch the run's learner observes, in order (the learner's observe wrapped)."""
+    import workloads.runner as runner
+
+    batches, wrapped = _recording_builder(runner)
     monkeypatch.setattr(runner, "build_learner", wrapped)
     return batches
 
@@ -285,15 +292,7 @@ def _two_workers(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     import workloads.runner as runner
 
-    batches, build = [], runner.build_learner
-
-    def wrapped(*args):
-        learner = build(*args)
-        observe = learner.observe
-        learner.observe = lambda x, y: (batches.append(y.clone()), observe(x, y))[1]
-        return learner
-
-    runner.build_learner = wrapped
+    batches, runner.build_learner = _recording_builder(runner)
     report = {}
     for mode, selection, epochs in RUNS:
         config = _toy2d_memory(mode, selection, epochs)
