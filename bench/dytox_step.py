@@ -45,7 +45,7 @@ def main() -> None:
     recipe.optimizer = recipe.make_optimizer()  # its own, over its own parameters
     if cuda:
         recipe.to(memory_format=torch.channels_last)
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision("auto", device, images=True)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,), device=device)
     x_plain = x.to(device)

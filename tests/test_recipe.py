@@ -141,3 +141,14 @@ def test_dytox_with_augmentation_cosine_and_mixup_resumed_after_stage_2_matches_
 def test_learners_that_train_their_backbone_take_the_recipe(raw):
     train = parse_run_config(raw).train
     assert train.augment is not None and (train.schedule == "cosine" or train.lr_scale_batch == 512)
+
+
+def test_auto_precision_is_fp32_on_cpus_and_for_learners_on_embeddings():
+    from workloads.transforms import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu, images=True) == "fp32"  # CPU results stay those of fp32, to the bit
+    assert resolve_precision("auto", cuda, images=False) == "fp32"  # a DKVB's values: never autocast unasked
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    assert resolve_precision("auto", cuda, images=True) == expected
+    assert resolve_precision("bf16", cpu, images=False) == "bf16"  # asked for by name: any learner

@@ -132,7 +132,7 @@ class TrainConfig:
     warmup_lr: float = 0.0
     min_lr: float = 0.0  # cosine: the lr the schedule decays to
     lr_scale_batch: int | None = None  # lr (and finetune lrs) x batch_size / lr_scale_batch; null: as given
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA GPUs with bf16, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast for image learners on CUDA GPUs with bf16, else fp32
 
 
 @dataclass

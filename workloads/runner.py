@@ -370,7 +370,8 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     # the recipe (workloads.transforms): per-batch augmentation, the stage's lr schedule, mixed precision
     augment = None if t.augment is None else transforms.Augment(t.augment, learner.ctx.input_shape)
     schedule = transforms.cosine_schedule(learner.optimizer, t, t.epochs)
-    precision = transforms.resolve_precision(t.precision, device)
+    precision = transforms.resolve_precision(t.precision, device,
+                                             learner.trains_backbone and len(learner.ctx.input_shape) == 3)
     inputs = learner.stage_inputs(stage.x_train.to(device))
     labels = stage.y_train.to(device)
     batches = epoch_batches(stage, inputs, labels, t.batch_size, replay)

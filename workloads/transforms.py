@@ -162,13 +162,15 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`fp32` or `bf16`: auto is bf16 on a CUDA GPU that has it, fp32 elsewhere (the CPU's results unchanged)."""
+def resolve_precision(precision: str, device: torch.device, images: bool) -> str:
+    """`fp32` or `bf16`: auto is bf16 for a learner that trains on images (`images`: its own encoder, the image
+    path) on a CUDA GPU that has it, fp32 elsewhere: on CPUs, and for learners on embeddings (a DKVB's values),
+    whose results stay those of fp32."""
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if precision == "bf16" and not bf16_ok:
         raise ConfigError("train.precision: bf16, but this GPU has no bfloat16; accepted here: auto or fp32")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+        return "bf16" if images and device.type == "cuda" and bf16_ok else "fp32"
     return precision
 
 

@@ -352,7 +352,7 @@ class DyTox(Learner):
         batch = len(y) if t.batch_size is None else min(t.batch_size, len(y))
         # the official recipe: the training augmentation, a constant lr (no schedule), the run's precision
         augment = None if t.augment is None else transforms.Augment(t.augment, self.ctx.input_shape)
-        precision = transforms.resolve_precision(t.precision, device)
+        precision = transforms.resolve_precision(t.precision, device, images=True)
         self.train()
         self.blocks.eval()
         for epoch in range(o.finetune_epochs):
