@@ -303,7 +303,8 @@ def test_mixup_runs_in_balanced_fine_tuning_too(monkeypatch):
     learner, stream = _learner("dytox_tiny", 5, mixup=True, finetune_epochs=2)
     learner.begin_stage(stream[0])
     learner.begin_stage(stream[1])
-    learner.memory = SimpleNamespace(x=torch.rand(40, 1, 8, 8), y=torch.arange(4).repeat(10))  # 10 per class
+    learner.memory = SimpleNamespace(x=torch.rand(40, 1, 8, 8), y=torch.arange(4).repeat(10),
+                                     distributed=False)  # 10 per class
     learner.balanced_finetune(1)
     # 2 epochs of 40 memory samples in batches of 32: 4 mixed batches, over the 4 seen classes
     assert len(mixed) == 4 and torch.equal(sum(mixed), torch.full((4,), 20.0))
