@@ -309,9 +309,10 @@ class MLflowTracking(tune.Callback):
                 **({"clorch.restart_of": restart_of} if restart_of else {})}
         # named by what the trial sweeps (the id is a tag): the runs page tells DKVB from DyTox at a glance
         run = self.client.create_run(experiment_id, run_name=trial_label(trial.config), tags=tags)
-        params = flatten(to_dict(resolve(trial.config)))
+        config = resolve(trial.config)
+        params = flatten(to_dict(config))
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        _best_effort("the trial's data set", self._log_dataset, run.info.run_id, resolve(trial.config))
+        _best_effort("the trial's data set", self._log_dataset, run.info.run_id, config)
         return run.info.run_id
 
     def _log_dataset(self, run_id: str, config) -> None:
