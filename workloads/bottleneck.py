@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from workloads import keysearch
+from workloads import keysearch, sparse_step
 from workloads.progress import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,16 @@ class KeyValueBottleneck(nn.Module):
         self._pending_entries += idx.numel()
         if self._pending_entries >= PENDING_SELECTIONS:
             self.flush_usage()
+
+    def sgd_step(self, idx: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float | None,
+                 label_smoothing: float) -> float:
+        """One sparse_sgd_step of the vote decoder's loss on the values, its selections idx (B, C, k) counted in
+        `usage`: by the compiled CPU step as it goes, else deferred (count_usage)."""
+        usage = self._buffers["usage"]
+        if sparse_step.supports(self.values, idx) and usage.is_contiguous():
+            return sparse_step.sparse_sgd_step(self.values.data, idx, y, lr, grad_clip, label_smoothing, usage)
+        self.count_usage(idx)
+        return torch_sparse_sgd_step(self.values.data, idx.long(), y, lr, grad_clip, label_smoothing)
 
     def flush_usage(self) -> None:
         """Add the selections count_usage deferred to `usage`."""
@@ -295,11 +305,23 @@ def row_words(table: torch.Tensor) -> torch.Tensor:
 
 def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr: float,
                     grad_clip: float | None, label_smoothing: float) -> float:
-    """One SGD step of the voting decoder's loss that reads and writes only the value rows idx selects.
+    """One SGD step of the voting decoder's loss that reads and writes only the value rows idx selects; returns
+    the batch's mean loss.
 
     Exact for SGD without momentum or weight decay: the dense gradient is zero outside those rows, so its norm
-    (for clipping) and the update agree with the plain autograd path. values: (C, K, d_v), idx: (B, C, k).
+    (for clipping) and the update agree with the plain autograd path. values: (C, K, d_v), idx: (B, C, k) int32
+    or int64, y: (B,). A float32 table on the CPU takes the compiled step (workloads.sparse_step), anything else
+    (a GPU, float64) torch_sparse_sgd_step; the two agree to float32 rounding.
     """
+    if sparse_step.supports(values, idx):
+        return sparse_step.sparse_sgd_step(values, idx, y, lr, grad_clip, label_smoothing)
+    return torch_sparse_sgd_step(values, idx.long(), y, lr, grad_clip, label_smoothing)
+
+
+def torch_sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr: float,
+                          grad_clip: float | None, label_smoothing: float) -> float:
+    """sparse_sgd_step in torch operations, for any device: the selected rows gathered, grouped by row (a sort
+    and a CSR product) and written back once each. idx: (B, C, k) int64."""
     b, c, k = idx.shape
     num_keys, d_v = values.shape[1], values.shape[2]
     n = b * c * k
@@ -310,7 +332,7 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
     selected = gathered.view(values.dtype)  # (n, d_v)
     logp = selected.view(b, c * k, d_v).mean(1).log_softmax(-1)  # vote decoder, (B, d_v)
     target = torch.full_like(logp, label_smoothing / d_v)
-    target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device))
+    target.scatter_add_(1, y.view(-1, 1), torch.full_like(logp[:, :1], 1.0 - label_smoothing))
     loss = -(target * logp).sum(-1).mean()  # = F.cross_entropy(logits, y, label_smoothing=...)
     dlogits = (logp.exp() - target) / n  # the gradient reaching each of a sample's c * k selected values
     # Group entries by value row: `hits` (rows x samples) counts how often each sample selected each row.

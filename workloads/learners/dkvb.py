@@ -8,7 +8,7 @@ from typing import Literal
 import psutil
 import torch
 
-from workloads.bottleneck import KeyValueBottleneck, bottleneck_bytes, learn_keys, sparse_sgd_step
+from workloads.bottleneck import KeyValueBottleneck, bottleneck_bytes, learn_keys
 from workloads.config import ConfigError, KeyInitData
 from workloads.decoders import build_decoder
 from workloads.distributed import sum_across, world
@@ -193,15 +193,15 @@ class DKVB(Learner):
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.train()
         if self.index_cache:
-            idx = x.long()
+            idx = x  # int32 rows of the cache: the compiled step reads them as they are
         else:
             with torch.no_grad():
                 idx = self.bottleneck.lookup(self.bottleneck.project(x))
-        self.bottleneck.count_usage(x if self.index_cache else idx)  # x: the cached int32 rows, not copied again
         if self.sparse_update and world()[1] == 1:  # several processes: the dense path averages gradients
             t = self.ctx.train
-            return sparse_sgd_step(self.bottleneck.values.data, idx, y, t.lr, t.grad_clip, t.label_smoothing)
-        logits = self.decoder(self.bottleneck.fetch(idx) if self.index_cache else self.bottleneck(x))
+            return self.bottleneck.sgd_step(idx, y, t.lr, t.grad_clip, t.label_smoothing)
+        self.bottleneck.count_usage(idx)  # with the index cache: the cached int32 rows, not copied again
+        logits = self.decoder(self.bottleneck.fetch(idx.long()) if self.index_cache else self.bottleneck(x))
         loss = self.loss(logits, y)
         self.step(loss, len(y))
         return float(loss.detach())
