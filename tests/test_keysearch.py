@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from workloads import keysearch
 from workloads.keysearch import answer_from_candidates, nearest_keys
 
 
@@ -43,6 +44,16 @@ def test_search_matches_brute_force_on_continuous_inputs(k):
     gen = torch.Generator().manual_seed(1)
     z, keys = torch.randn(500, 4, 8, generator=gen), torch.randn(4, 512, 8, generator=gen)
     assert torch.equal(nearest_keys(z, keys, k), reference(z, keys, k))
+
+
+@pytest.mark.parametrize("num_keys", [4096, 100])  # key blocks of 64, and no block size that divides K
+def test_both_top1_reductions_pick_the_first_minimum(num_keys):
+    # the compiled one (float32 on the CPU) and the torch one (any other device or dtype)
+    gen = torch.Generator().manual_seed(num_keys)
+    tile = torch.randint(0, 5, (3, num_keys, 70), generator=gen).float()  # ties everywhere
+    expected = tile.double().sort(dim=1, stable=True).indices[:, 0]
+    assert torch.equal(keysearch._first_min(tile), expected)
+    assert torch.equal(keysearch._first_min(tile.double()), expected)
 
 
 def test_duplicate_keys_go_to_the_lowest_index_and_masked_keys_come_last():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import torch
 
 # Floats in one score tile. CPU: 4 MiB, reduced while still in cache (against 1, 2 and 8 MiB at the paper's
@@ -78,9 +79,44 @@ def _key_block(num_keys: int, largest: int = KEY_BLOCK) -> int:
     return next((s for s in (64, 32, 16, 8) if s <= largest and num_keys % s == 0 and num_keys > s), 0)
 
 
+_compiled_first_min = None  # made on first use (numba)
+
+
+def _first_min_compiled():
+    """A compiled top-1 reduction for float32 CPU tiles: one pass over the tile in memory order, a strict < so
+    the first minimum stays (2-3x faster than the two-step reduction below at the paper's tile sizes)."""
+    global _compiled_first_min
+    if _compiled_first_min is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True, boundscheck=False)
+        def first_min(tile, out):
+            # tile (h, K, b) float32 -> out (h, b) int64: per column the first index of its minimum (a NaN score,
+            # which finite inputs and keys never give, is never picked after key 0, where torch's argmin picks it)
+            h, num_keys, b = tile.shape
+            best = np.empty(b, tile.dtype)
+            for i in range(h):
+                t, o = tile[i], out[i]
+                best[:] = t[0]
+                o[:] = 0
+                for key in range(1, num_keys):
+                    row = t[key]
+                    for s in range(b):
+                        if row[s] < best[s]:
+                            best[s] = row[s]
+                            o[s] = key
+
+        _compiled_first_min = first_min
+    return _compiled_first_min
+
+
 def _first_min(tile: torch.Tensor) -> torch.Tensor:
     """(h, K, b) scores -> (h, b) index of the first (lowest-index) minimum over K."""
     h, num_keys, b = tile.shape
+    if tile.device.type == "cpu" and tile.dtype == torch.float32 and tile.is_contiguous():
+        out = torch.empty(h, b, dtype=torch.long)
+        _first_min_compiled()(tile.numpy(), out.numpy())
+        return out
     kb = _key_block(num_keys)
     if not kb:
         return tile.argmin(1)  # argmin returns the first minimal index (documented, CPU and CUDA)
