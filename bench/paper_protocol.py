@@ -9,7 +9,9 @@ each stage. Phases, each through clorch's public functions (a faster key search 
   load         synthetic embeddings of the real sizes drawn (or --npz read): measured whole
   key learning learn_keys(ema) for one epoch on --key-inputs projected inputs, scaled to 50,000 x 10 epochs
   lookup       the DKVB learner's stage_inputs (projection + nearest keys) on one stage's 10,000, x 5 stages
-  epochs       runner.train_stage for --epochs epochs on the index cache, scaled to 2000 x 5 stages
+  epochs       runner.train_stage for --epochs epochs on the index cache, scaled to 2000 x 5 stages; each epoch
+               is followed by one with the torch value step (the CPU's before the compiled one), whose time is
+               printed beside it as the reference measured under the same load
   candidates   the DKVB learner's eval_inputs on --eval-inputs test embeddings (their nearest keys, found once
                per run), scaled to 10,000
   evaluation   runner.evaluate on those candidates (each stage's unused-key mask answered from them, a full
@@ -37,6 +39,7 @@ import torch
 from bottleneck_step import PAPER, SMALL, autograd_step, build_package, paper_learner  # bench/ (run from bench/)
 from timing import median_time
 
+from workloads import sparse_step
 from workloads.bottleneck import KeyValueBottleneck, learn_keys
 from workloads.config import parse_run_config
 from workloads.data.streams import make_stream
@@ -121,10 +124,22 @@ def main() -> None:
     config = parse_run_config({"preset": "dkvb_paper_model", "data": {"validation": 0.0},
                                "learner": {"name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys,
                                            "key_dim": s.key_dim},
-                               "train": {"epochs": args.epochs}})
+                               "train": {"epochs": 1}})  # timed epoch by epoch below
     learner.stage_inputs = lambda x: idx  # timed above: train_stage reads the index cache from here
     learner.begin_stage(stage)
-    t_epochs, _ = timed(lambda: train_stage(learner, stage, config, n_stages))
+    # The value step as it runs (compiled on the CPU) and, in turns on the same learner, the torch step that was
+    # the CPU's before it (usage counted deferred): the same epochs, so their ratio is measured under one load.
+    # The values the torch turns train are the compiled turns' starting point and vice versa: the work per step
+    # does not depend on the values.
+    train_stage(learner, stage, config, n_stages)  # warm-up: the compiled step is compiled (or loaded) here
+    t_epochs = t_torch_epochs = 0.0
+    for _ in range(args.epochs):
+        t_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
+        supports, sparse_step.supports = sparse_step.supports, lambda *_: False
+        try:
+            t_torch_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
+        finally:
+            sparse_step.supports = supports
     learner.end_stage(stage, is_last=False)
     del learner.stage_inputs
     # as run_stream does: each test input's nearest candidate keys found once per run (learner.eval_inputs),
@@ -166,7 +181,9 @@ def main() -> None:
         print(f"{phase:<13} {what:<34} {sec:>9.3f} {full:>11.1f} {low_s} {ratio}")
     print(f"{'protocol':<13} {'sum of the phases':<34} {'':>9} {total:>11.1f} {floor:>9.2f} {total / floor:>7.1f}x")
     print(f"\nclorch: the full protocol in {total / 60:.1f} min (floor {floor / 60:.2f} min); one epoch "
-          f"{t_epochs / args.epochs:.3f} s")
+          f"{t_epochs / args.epochs:.3f} s, against {t_torch_epochs / args.epochs:.3f} s with the torch step in "
+          f"turns ({t_torch_epochs / t_epochs:.2f}x; its protocol "
+          f"{(total + (t_torch_epochs - t_epochs) * EPOCHS_PER_STAGE * n_stages / args.epochs) / 60:.1f} min)")
 
     # References: the same protocol's steps through other implementations, per-step time x steps
     name = "reference package (discrete-key-value-bottleneck-pytorch)"

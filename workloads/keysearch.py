@@ -84,7 +84,9 @@ _compiled_first_min = None  # made on first use (numba)
 
 def _first_min_compiled():
     """A compiled top-1 reduction for float32 CPU tiles: one pass over the tile in memory order, a strict < so
-    the first minimum stays (2-3x faster than the two-step reduction below at the paper's tile sizes)."""
+    the first minimum stays (2-3x faster than the two-step reduction below at the paper's tile sizes). On one
+    thread: split over two, it ran 4x slower, sharing the second core with torch's OpenMP threads, which keep
+    spinning for a while after the score product."""
     global _compiled_first_min
     if _compiled_first_min is None:
         import numba

@@ -19,27 +19,24 @@ Phases of one step (b samples, C codebooks, k keys each, d_v classes):
      gradient summed over its samples in sample order, then its row minus lr x clip scale x that gradient.
 Blocks are a fixed partition of the codebooks (BLOCKS of them), whatever the thread count, and their partial
 sums are added in block order: the result does not depend on how many threads ran the blocks. With more than
-one thread (torch's count), phases 1, 3 and 4 run contiguous runs of blocks on a thread pool (the compiled
-loops release the GIL).
+one thread (torch's count), phases 1, 3 and 4 run contiguous runs of blocks at once (workloads.compiled).
 
 numba compiles the loops at their first call in a process (about 2 s) and caches the machine code beside this
 file (or in numba's user cache where that is read-only), so later processes load them in well under a second.
 """
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from workloads import compiled
 
 # Codebooks are split into this many blocks; each block's partial sums are kept apart and added in order.
 BLOCKS = 8
 
 _kernels = None  # the compiled functions, made on first use (importing numba costs about half a second)
-_pool: ThreadPoolExecutor | None = None
-_pool_key = (0, 0)  # (threads, pid) the pool was made for: a forked child gets a pool of its own
 _workspace: dict = {}
 _lock = threading.Lock()
 _NO_COUNTS = np.zeros(0, np.int64)
@@ -195,26 +192,11 @@ def _buffers(b: int, c: int, k: int, d: int, num_keys: int, threads: int) -> dic
 
 
 def _in_parallel(fn, head: tuple, tail: tuple, blocks: int, threads: int, acc: np.ndarray | None = None) -> None:
-    """fn(*head, i0, i1, [acc[t],] *tail) for `threads` contiguous runs i0..i1-1 of the blocks: run 0 on this
-    thread, the others on the pool (the compiled loops release the GIL); run t gets acc[t] when acc is given."""
-    global _pool, _pool_key
+    """fn(*head, i0, i1, [acc[t],] *tail) for `threads` contiguous runs i0..i1-1 of the blocks, at once (run t
+    gets acc[t] when acc is given)."""
     runs = [blocks * t // threads for t in range(threads + 1)]
-
-    def call(t: int) -> None:
-        fn(*head, runs[t], runs[t + 1], *((acc[t],) if acc is not None else ()), *tail)
-
-    if threads == 1:
-        call(0)
-        return
-    if _pool is None or _pool_key != (threads, os.getpid()):
-        if _pool is not None and _pool_key[1] == os.getpid():
-            _pool.shutdown()
-        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="clorch-sparse-step")
-        _pool_key = (threads, os.getpid())
-    futures = [_pool.submit(call, t) for t in range(1, threads)]
-    call(0)
-    for f in futures:
-        f.result()
+    compiled.run_parts(lambda t: fn(*head, runs[t], runs[t + 1], *((acc[t],) if acc is not None else ()), *tail),
+                       threads)
 
 
 def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float | None,
@@ -231,7 +213,7 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
     counts = usage.view(-1).numpy() if usage is not None else _NO_COUNTS
     with _lock:  # one step at a time per process: the scratch arrays are shared
         blocks = min(BLOCKS, c)
-        threads = max(1, min(torch.get_num_threads(), blocks))
+        threads = min(compiled.threads(), blocks)
         ws = _buffers(b, c, k, d, num_keys, threads)
         edges, partials, dlogits, acc = ws["edges"], ws["partials"], ws["dlogits"], ws["acc"]
         keys = ws["keys"]
