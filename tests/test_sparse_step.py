@@ -95,3 +95,19 @@ def test_the_public_step_takes_the_compiled_path_on_the_cpu_and_torch_elsewhere(
     sparse_sgd_step(a, idx, y, 0.4, 1.0, 0.1)
     sparse_sgd_step(b, idx, y, 0.4, 1.0, 0.1)
     torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["key", "negative key", "label"])
+def test_an_index_out_of_range_is_refused_before_any_value_changes(bad):
+    values, idx, y = _batch(6)
+    idx, y = idx.clone(), y.clone()
+    if bad == "key":
+        idx[3, 2, 0] = values.shape[1]
+    elif bad == "negative key":
+        idx[0, 0, 0] = -1
+    else:
+        y[5] = values.shape[2]
+    table = values.clone()
+    with pytest.raises(IndexError, match="outside"):
+        sparse_step.sparse_sgd_step(table, idx, y, 0.5, 1.0, 0.1)
+    assert torch.equal(table, values)

@@ -22,7 +22,8 @@ def threads() -> int:
 
 
 def run_parts(part: Callable[[int], None], parts: int) -> None:
-    """part(0), ..., part(parts - 1), at once: part 0 on this thread, the others on the pool."""
+    """part(0), ..., part(parts - 1), at once: part 0 on this thread, the others on the pool; raises the first
+    error of a part once all have ended."""
     global _pool, _pool_key
     if parts <= 1:
         part(0)
@@ -33,6 +34,10 @@ def run_parts(part: Callable[[int], None], parts: int) -> None:
         _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="clorch-compiled")
         _pool_key = (parts, os.getpid())
     futures = [_pool.submit(part, t) for t in range(1, parts)]
-    part(0)
+    try:
+        part(0)
+    finally:  # every part has ended before this returns or raises: none still writes what the caller reuses
+        for f in futures:
+            f.exception()
     for f in futures:
-        f.result()
+        f.result()  # raises a part's error

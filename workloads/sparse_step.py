@@ -74,7 +74,10 @@ def _compile():
         for s in range(b):
             for h in range(edges[i0], edges[i1]):
                 for j in range(k):
-                    keys[h, s * k + j] = idx[s, h, j]
+                    key = idx[s, h, j]
+                    if key < 0 or key >= num_keys:  # before any value is read or written
+                        raise IndexError("sparse_sgd_step: a key index lies outside [0, K)")
+                    keys[h, s * k + j] = key
         for i in range(i0, i1):
             out = partials[i]
             out[:] = 0.0
@@ -101,6 +104,8 @@ def _compile():
         loss, squares = 0.0, 0.0
         logits = np.empty(d)
         for s in range(b):
+            if y[s] < 0 or y[s] >= d:
+                raise IndexError("sparse_sgd_step: a label lies outside [0, d_v)")
             for v in range(d):
                 total = 0.0
                 for i in range(nb):
@@ -224,7 +229,7 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
         # A row's gradient sums at most b * k of its codebook's b * k selections, so by Cauchy-Schwarz
         # norm^2 <= C * b * k^2 * sum(dlogits^2): where that bound (with a margin for rounding) cannot reach
         # max_norm the scale is 1 and the norm need not be computed (at the paper's sizes, never: dlogits are
-        # divided by b * C * k, so the bound is at most 2 / C).
+        # divided by b * C * k, so that bound on norm^2 is at most 2 / C).
         if grad_clip is not None and np.sqrt(c * b * k * k * squares) * (1 + 1e-4) + 1e-6 > grad_clip:
             norms = ws["norms"]
             _in_parallel(block_norm, (keys, k, dlogits, edges), (norms,), blocks, threads, acc)
