@@ -36,10 +36,10 @@ import time
 
 import numpy as np
 import torch
-from bottleneck_step import PAPER, SMALL, autograd_step, build_package, paper_learner  # bench/ (run from bench/)
+from bottleneck_step import (PAPER, SMALL, autograd_step, build_package,  # bench/ (run from bench/)
+                             paper_learner, torch_value_step)
 from timing import median_time
 
-from workloads import sparse_step
 from workloads.bottleneck import KeyValueBottleneck, learn_keys
 from workloads.config import parse_run_config
 from workloads.data.streams import make_stream
@@ -135,11 +135,8 @@ def main() -> None:
     t_epochs = t_torch_epochs = 0.0
     for _ in range(args.epochs):
         t_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
-        supports, sparse_step.supports = sparse_step.supports, lambda *_: False
-        try:
+        with torch_value_step():
             t_torch_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
-        finally:
-            sparse_step.supports = supports
     learner.end_stage(stage, is_last=False)
     del learner.stage_inputs
     # as run_stream does: each test input's nearest candidate keys found once per run (learner.eval_inputs),

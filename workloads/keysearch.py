@@ -20,6 +20,7 @@ tests/test_keysearch.py and the DKVB reuse tests check answers against full sear
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import numpy as np
@@ -79,37 +80,32 @@ def _key_block(num_keys: int, largest: int = KEY_BLOCK) -> int:
     return next((s for s in (64, 32, 16, 8) if s <= largest and num_keys % s == 0 and num_keys > s), 0)
 
 
-_compiled_first_min = None  # made on first use (numba)
-
-
+@functools.cache
 def _first_min_compiled():
     """A compiled top-1 reduction for float32 CPU tiles: one pass over the tile in memory order, a strict < so
     the first minimum stays (2-3x faster than the two-step reduction below at the paper's tile sizes). On one
     thread: split over two, it ran 4x slower, sharing the second core with torch's OpenMP threads, which keep
-    spinning for a while after the score product."""
-    global _compiled_first_min
-    if _compiled_first_min is None:
-        import numba
+    spinning for a while after the score product. Made at the first search of a process (numba)."""
+    import numba
 
-        @numba.njit(nogil=True, cache=True, boundscheck=False)
-        def first_min(tile, out):
-            # tile (h, K, b) float32 -> out (h, b) int64: per column the first index of its minimum (a NaN score,
-            # which finite inputs and keys never give, is never picked after key 0, where torch's argmin picks it)
-            h, num_keys, b = tile.shape
-            best = np.empty(b, tile.dtype)
-            for i in range(h):
-                t, o = tile[i], out[i]
-                best[:] = t[0]
-                o[:] = 0
-                for key in range(1, num_keys):
-                    row = t[key]
-                    for s in range(b):
-                        if row[s] < best[s]:
-                            best[s] = row[s]
-                            o[s] = key
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def first_min(tile, out):
+        # tile (h, K, b) float32 -> out (h, b) int64: per column the first index of its minimum (a NaN score,
+        # which finite inputs and keys never give, is never picked after key 0, where torch's argmin picks it)
+        h, num_keys, b = tile.shape
+        best = np.empty(b, tile.dtype)
+        for i in range(h):
+            t, o = tile[i], out[i]
+            best[:] = t[0]
+            o[:] = 0
+            for key in range(1, num_keys):
+                row = t[key]
+                for s in range(b):
+                    if row[s] < best[s]:
+                        best[s] = row[s]
+                        o[s] = key
 
-        _compiled_first_min = first_min
-    return _compiled_first_min
+    return first_min
 
 
 def _first_min(tile: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ file (or in numba's user cache where that is read-only), so later processes load
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -36,18 +37,15 @@ from workloads import compiled
 # Codebooks are split into this many blocks; each block's partial sums are kept apart and added in order.
 BLOCKS = 8
 
-_kernels = None  # the compiled functions, made on first use (importing numba costs about half a second)
 _workspace: dict = {}
 _lock = threading.Lock()
 _NO_COUNTS = np.zeros(0, np.int64)
 
 
+@functools.cache
 def _compile():
-    """The phases as numba functions (imported and jitted once per process). Each runs blocks i0..i1-1 of the
-    codebooks, block i being codebooks edges[i]..edges[i+1]-1."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
+    """The phases as numba functions, made at the first step of a process (importing numba costs about half a
+    second). Each runs blocks i0..i1-1 of the codebooks, block i being codebooks edges[i]..edges[i+1]-1."""
     import numba
 
     jit = numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -168,8 +166,7 @@ def _compile():
                 for e in range(len(sel)):
                     counts[sel[e]] += 1
 
-    _kernels = block_logits, vote_loss, block_norm, block_update
-    return _kernels
+    return block_logits, vote_loss, block_norm, block_update
 
 
 def supports(values: torch.Tensor, idx: torch.Tensor) -> bool:
