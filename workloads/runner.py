@@ -457,7 +457,7 @@ def run_stream(config: RunConfig, resume_state: dict | None = None,
     eval_inputs: dict[str, Any] = {}  # per split, made once per run: what a learner precomputes (None: nothing)
     for stage in stream[first:]:
         t0 = time.perf_counter()
-        torch.manual_seed(stage_seed(config.seed, stage.index))
+        torch.manual_seed(stage_seed(config.seed, stage.index, "torch"))
         if not task_free:
             learner.begin_stage(stage)
         replay = None

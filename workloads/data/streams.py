@@ -9,6 +9,7 @@ test data.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +18,20 @@ from workloads.config import ConfigError
 from workloads.data.orders import CLASS_ORDERS, SEEDED_ORDER
 
 
-# Each purpose draws from its own seed, far apart, so that their random streams never correlate.
-SEED_PURPOSES = {"batches": 0, "memory": 1 << 40, "finetune": 2 << 40, "validation": 3 << 40,
-                 "domains": 4 << 40, "blurry": 5 << 40, "augment": 6 << 40, "replay": 7 << 40}
+# The purposes a stage draws random numbers for; each has a stream of its own. "torch": the global generator
+# a stage starts from (what begin_stage initialises, dropout); "batches": the order of its batches.
+SEED_PURPOSES = ("torch", "batches", "memory", "replay", "finetune", "validation", "domains", "blurry", "augment")
 
 
 def stage_seed(seed: int, stage: int, purpose: str = "batches") -> int:
-    """Every stage draws from its own seeds, so a run resumed at a stage replays what an uninterrupted one does."""
-    return (seed * 1_000_003 + stage + SEED_PURPOSES[purpose]) % 2**64  # torch takes seeds below 2**64
+    """Every stage draws from its own seeds, so a run resumed at a stage replays what an uninterrupted one does.
+
+    The seed is a hash of (seed, stage, purpose), 63 bits, all of them mixed: torch's CPU generator keeps only
+    the low 32 bits of a seed, so seeds that differ only in their high bits would give one stream."""
+    if purpose not in SEED_PURPOSES:
+        raise ValueError(f"unknown seed purpose {purpose!r}; one of {', '.join(SEED_PURPOSES)}")
+    digest = hashlib.blake2b(f"{seed}/{stage}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
