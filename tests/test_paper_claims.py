@@ -20,7 +20,7 @@ def test_digits_dkvb_beats_mlp_by_far():
     dkvb = run_stream(digits_config(DIGITS_DKVB))
     mlp = run_stream(digits_config({"name": "mlp"}, lr=0.1))
     assert len(dkvb.test.accuracy_matrix) == 5
-    # keys learned on stage 1's inputs only (0.835 here; 0.97 when keys see every stage, transductively)
+    # keys learned on stage 1's inputs only (0.843 here; 0.976 when keys see every stage, transductively)
     assert dkvb.metrics["test/average_accuracy"] >= 0.8, dkvb.metrics
     assert mlp.metrics["test/average_accuracy"] <= 0.40, mlp.metrics
 
