@@ -212,16 +212,13 @@ def test_dkvb_variants_run_and_state_round_trips(options):
     # keys on every stage's inputs: 8 codebooks of keys learned on stage 1's two classes alone leave later
     # classes sharing keys, and this test is about decoders and state, not the key protocol (test_protocol.py)
     learner = {**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 32, "key_init_data": "stream", **options}
-    config = digits_config(learner, epochs=5)
+    # The small ReLU decoder on values that start at zero sits on a plateau for its first epochs (it learns its
+    # output bias first: R[i][i] = 0.5 after 5 epochs on every seed tried); with 20 it learns every stage.
+    config = digits_config(learner, epochs=20 if options.get("decoder") == "mlp" else 5)
     states = []
     result = run_stream(config, on_stage_end=lambda i, m, s: states.append(s))
     just_trained = [result.test.accuracy_matrix[i][i] for i in range(5)]
-    if options.get("decoder") == "mlp":
-        # Known weakness, not hidden: with values starting at zero, the small ReLU decoder at SGD lr 0.3 stops
-        # learning new stages after the first (R[i][i] near 0.5 from stage 2); it learns stage 1.
-        assert just_trained[0] > 0.8, just_trained
-    else:
-        assert sum(just_trained) / 5 > 0.7, just_trained  # every other variant learns the stage it trains on
+    assert sum(just_trained) / 5 > 0.7, just_trained  # every variant learns the stage it trains on
     # the last state (pruned, when prune is on) loads into a fresh learner and predicts the same
     prepared_result = run_stream(config, resume_state=states[-1])
     assert prepared_result.test.accuracy_matrix == result.test.accuracy_matrix
