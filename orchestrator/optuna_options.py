@@ -14,8 +14,10 @@ in SAMPLERS and PRUNERS, passed to Optuna's class of that name). Pruning steps a
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import importlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -188,7 +190,41 @@ def make_sampler(spec: dict, seed: int):
 
     options = {k: v for k, v in spec.items() if k != "name"}
     with _optuna_refusal("sampler"):
-        return getattr(optuna.samplers, SAMPLERS[spec["name"]].cls)(seed=seed, **options)
+        return picklable(getattr(optuna.samplers, SAMPLERS[spec["name"]].cls)(seed=seed, **options))
+
+
+# --- samplers that hold a lock ---------------------------------------------------------------------------------
+# Tune pickles the search with its sampler: into the Tuner's state when a sweep starts, and into every searcher
+# checkpoint. Optuna 5.1's genetic samplers (NSGA-II) keep a threading.Lock as an attribute, which pickle
+# refuses. Their class is registered with copyreg (which pickle and Ray's cloudpickle both consult) to pickle
+# without its locks and get fresh ones when unpickled: a lock guards a running process, it has no state to keep.
+_LOCKS = {"lock": threading.Lock, "rlock": threading.RLock}
+_LOCK_TYPES = {type(make()): kind for kind, make in _LOCKS.items()}
+
+
+def picklable(sampler):
+    """`sampler`, its class registered to pickle without the locks its attributes hold (where it holds any)."""
+    if any(type(v) in _LOCK_TYPES for v in vars(sampler).values()):
+        copyreg.pickle(type(sampler), _reduce_without_locks)
+    return sampler
+
+
+def _reduce_without_locks(obj):
+    state = obj.__getstate__()  # the class's own state: its __dict__, unless the class says otherwise
+    locks = {k: _LOCK_TYPES[type(v)] for k, v in state.items() if type(v) in _LOCK_TYPES}
+    return _with_fresh_locks, (type(obj), {k: v for k, v in state.items() if k not in locks}, locks)
+
+
+def _with_fresh_locks(cls, state: dict, locks: dict[str, str]):
+    copyreg.pickle(cls, _reduce_without_locks)  # a resumed driver pickles it again, at its next checkpoint
+    obj = cls.__new__(cls)
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+    for name, kind in locks.items():
+        setattr(obj, name, _LOCKS[kind]())
+    return obj
 
 
 def make_pruner(spec: dict):

@@ -88,6 +88,35 @@ def test_the_optuna_block_takes_names_or_mappings_and_seeds_the_sampler_from_the
     assert draws({"sampler": "random"}) == draws({"sampler": "random"})
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc", "nsga2"])
+def test_every_sampler_pickles_with_its_search_and_draws_on_where_it_left_off(tmp_path, sampler):
+    """Tune pickles the search, sampler included, into the Tuner's state and each searcher checkpoint (Optuna
+    5.1's NSGA-II holds a threading.Lock, which pickle refuses unless clorch registers it)."""
+    import pickle
+
+    import ray.cloudpickle
+    from ray import tune
+
+    from orchestrator.optuna_options import SAMPLERS
+    from orchestrator.sweep import _search
+
+    several = SAMPLERS[sampler].objectives == "several"
+    path = tmp_path / "e.yaml"
+    path.write_text("base: {seed: 3}\nsweep:\n  train.lr: {loguniform: [0.001, 1.0]}\n")
+    block = {"search": "optuna", "optuna": {"sampler": sampler},
+             "metric": [ACC, FORGET] if several else ACC, "mode": ["max", "min"] if several else "max"}
+    searcher = _search(parse_tune(block, load_experiment(path)))
+    searcher.set_search_properties(None, None, {"sweep": {"train.lr": tune.loguniform(0.001, 1.0)}})
+    for i in range(5):  # past the samplers' start-up trials, so the next draw reads the study
+        lr = searcher.suggest(str(i))["sweep"]["train.lr"]
+        searcher.on_trial_complete(str(i), {ACC: lr, FORGET: lr * lr})
+    copies = [loads(dumps(searcher)) for dumps, loads in ((pickle.dumps, pickle.loads),
+                                                          (ray.cloudpickle.dumps, ray.cloudpickle.loads))]
+    # the copies hold the whole state: the study and the sampler's generator, so they draw what it draws
+    draws = [s.suggest("next")["sweep"]["train.lr"] for s in [*copies, searcher]]
+    assert draws[0] == draws[1] == draws[2], draws
+
+
 PRUNED = """
 base:
   data: {source: digits, classes_per_stage: 2}
