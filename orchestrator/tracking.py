@@ -24,6 +24,7 @@ from workloads.metrics import DIRECTIONS, SPLITS, split_of
 log = logging.getLogger(__name__)
 
 RUN_MAP = "mlflow_runs.json"
+MATRIX_FILE = "accuracy_matrix.json"  # a trial run's matrices, {split: R}; a heatmap PNG per split beside it
 SUPERSEDED_BY = "clorch.superseded_by"  # tag of a trial's run that a restart from scratch replaced: the new run
 
 
@@ -337,7 +338,7 @@ class MLflowTracking(tune.Callback):
     # --- Tune hooks: each becomes one event, written to MLflow now or, while the store fails, queued ---------
     def setup(self, **info) -> None:
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        self.uploads.clear_spool()  # what a driver that died left queued; its models are checked at the end
+        self.uploads.clear_spool()  # what a dead driver left queued; its matrices and models are checked at the end
         self._send({"kind": "resume"}, force=True)  # a resume also replays what an outage left queued
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -360,7 +361,7 @@ class MLflowTracking(tune.Callback):
         self._send({"kind": "error", **_trial_record(trial), "error_file": getattr(trial, "error_file", None)})
 
     def on_experiment_end(self, trials, **info) -> None:
-        self.uploads.drain()  # every queued artifact first: the end checks which final models are missing
+        self.uploads.drain()  # every queued artifact first: the end checks which matrices and models are missing
         self._send({"kind": "end", "trials": [_trial_record(t) for t in trials]}, force=True)
         self.uploads.close()
         left = self._outbox()
@@ -509,17 +510,29 @@ class MLflowTracking(tune.Callback):
         from orchestrator.uploads import Upload
 
         run_id = self.child_run(trial)
-        result = trial.last_result or {}
-        matrices = {split: json.loads(result[f"{split}/accuracy_matrix"]) for split in SPLITS
-                    if f"{split}/accuracy_matrix" in result}
-        axis = result.get("protocol.axis") or "stage"
-        if matrices:
-            self.uploads.submit(Upload(f"the accuracy matrices of trial {trial.trial_id}",
-                                       lambda client: self.log_matrices(run_id, matrices, client, axis)),
-                                may_drop=False)
+        self._queue_matrices(trial, run_id)
         if self.options.log_model:
             self._queue_model(trial, run_id)
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _queue_matrices(self, trial, run_id: str, if_missing: bool = False) -> None:
+        """Queue the accuracy matrices of the trial's last result for its run; `if_missing`: only where the run
+        lacks one of their files (an upload that failed in an outage, or a killed driver left queued)."""
+        from orchestrator.uploads import Upload
+
+        result = trial.last_result or {}
+        matrices = {split: json.loads(result[f"{split}/accuracy_matrix"]) for split in SPLITS
+                    if f"{split}/accuracy_matrix" in result}
+        if not matrices:
+            return
+        axis = result.get("protocol.axis") or "stage"
+        files = {MATRIX_FILE, *(f"accuracy_matrix_{split}.png" for split in matrices)}
+
+        def upload(client) -> None:
+            if not if_missing or not files <= {a.path for a in client.list_artifacts(run_id)}:
+                self.log_matrices(run_id, matrices, client, axis)
+
+        self.uploads.submit(Upload(f"the accuracy matrices of trial {trial.trial_id}", upload), may_drop=False)
 
     def _queue_model(self, trial, run_id: str) -> None:
         """Queue the trial's final model for its run, from its last checkpoint (a Train run's for trials on
@@ -595,12 +608,14 @@ class MLflowTracking(tune.Callback):
 
     def _end(self, trials) -> None:
         parent = self.parent_run()
-        if self.options.log_model:  # a model whose upload failed, or that a killed driver left queued
-            runs = self._load_map()["trials"]
-            for trial in trials:
-                if trial.status == "TERMINATED" and trial.trial_id in runs:
+        # what an upload that failed (an outage) or a killed driver's queue left out: matrices and final models
+        runs = self._load_map()["trials"]
+        for trial in trials:
+            if trial.status == "TERMINATED" and trial.trial_id in runs:
+                self._queue_matrices(trial, runs[trial.trial_id], if_missing=True)
+                if self.options.log_model:
                     self._queue_model(trial, runs[trial.trial_id])
-            self.uploads.drain()
+        self.uploads.drain()
         trials = [*trials, *self._other_parts(trials)]  # the leaderboard and the status are the whole sweep's
         _best_effort("the sweep's leaderboard", self.log_leaderboard, parent, trials)
         # FINISHED only when every trial is: a trial that errored fails the sweep, one left unfinished (an
@@ -697,7 +712,7 @@ class MLflowTracking(tune.Callback):
         """The accuracy matrix of each split as JSON (`accuracy_matrix.json`: {split: R}) and as a heatmap
         PNG per split (`accuracy_matrix_<split>.png`), its axes labelled by `axis` (stage, or domain)."""
         client = client or self.client
-        client.log_dict(run_id, matrices, "accuracy_matrix.json")
+        client.log_dict(run_id, matrices, MATRIX_FILE)
         for split, matrix in matrices.items():
             from matplotlib.colors import PowerNorm
 

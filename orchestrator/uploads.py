@@ -8,8 +8,8 @@ folder first (`<sweep state>/uploads`), so that Tune may delete its own copy mea
 The queue is bounded, so a store slower than the sweep cannot grow it (or the spool) without end: past the bound,
 an upload that may be dropped (a stage's codebooks) is, with a warning; one that may not (a final model, an
 accuracy matrix) waits for room. Failures are warnings, as for every artifact: the metrics and run status go
-through the outbox (orchestrator.tracking), and final models are checked for and logged again at the sweep's
-end and on `clorch resume`.
+through the outbox (orchestrator.tracking), and accuracy matrices and final models are checked for and logged
+again at the sweep's end and on `clorch resume`.
 """
 from __future__ import annotations
 

@@ -16,12 +16,16 @@ from test_sweep import TWO_TRIALS, runs_of
 
 class HoldingProxy(http.server.ThreadingHTTPServer):
     """An HTTP proxy on 127.0.0.1 in front of an MLflow server that holds every artifact upload (PUT to
-    mlflow-artifacts) until `release` is set, and passes everything else straight through."""
+    mlflow-artifacts) until `release` is set, and passes everything else straight through. With `refuse_once`,
+    it holds nothing and instead answers 403 to the first upload whose path holds that text."""
 
     daemon_threads = True
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, refuse_once: str | None = None):
         self.target_port, self.release, self.held, self.timed_out = target_port, threading.Event(), 0, 0
+        self.refuse_once, self.refused = refuse_once, 0
+        if refuse_once:
+            self.release.set()
         super().__init__(("127.0.0.1", 0), _Forward)
 
     @property
@@ -36,7 +40,14 @@ class _Forward(http.server.BaseHTTPRequestHandler):
     def _forward(self) -> None:
         server: HoldingProxy = self.server  # type: ignore[assignment]
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.command == "PUT" and "mlflow-artifacts" in self.path:
+        if (self.command == "PUT" and server.refuse_once and server.refuse_once in self.path
+                and not server.refused):
+            server.refused += 1
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.command == "PUT" and "mlflow-artifacts" in self.path and not server.refuse_once:
             server.held += 1
             if not server.release.wait(timeout=28):  # just under clorch's MLflow request timeout (30 s)
                 server.timed_out += 1
@@ -107,4 +118,26 @@ def test_a_store_that_hangs_on_uploads_holds_up_no_result_and_every_artifact_lan
         assert not any((tmp_path / "runs" / ".clorch" / "u" / "uploads").glob("*"))  # the spool is emptied
     finally:
         proxy.release.set()
+        proxy.shutdown()
+
+
+@pytest.mark.slow
+def test_an_accuracy_matrix_the_store_refused_is_logged_at_the_sweeps_end(ray_local, tmp_path, mlflow_server):
+    """An artifact upload that fails is a warning; the run must not end without its matrices for it (as in an
+    outage, or a driver killed with the upload queued): the sweep's end logs what a finished run lacks."""
+    server = mlflow_server(f"sqlite:///{tmp_path / 'server.db'}")
+    proxy = HoldingProxy(server.port, refuse_once="accuracy_matrix.json")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    path = tmp_path / "refused.yaml"
+    path.write_text(TWO_TRIALS.replace("[0, 1]", "[0]")
+                    .replace("epochs: 20", "epochs: 1"))
+    try:
+        assert main(["sweep", str(path), "--name", "r", "--storage", str(tmp_path / "runs"),
+                     "--tracking-uri", proxy.uri]) == 0
+        assert proxy.refused == 1  # the trial's own upload of its matrices failed
+        client, (parent,), (child,) = runs_of(proxy.uri, "r")
+        assert child.info.status == "FINISHED"
+        files = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"accuracy_matrix.json", "accuracy_matrix_val.png", "accuracy_matrix_test.png"} <= files
+    finally:
         proxy.shutdown()
