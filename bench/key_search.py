@@ -9,7 +9,8 @@ training inputs and 10,000 test inputs. Rows (all measured in this run, on the s
   new top-16    the same, k=16 (the candidates DKVB keeps per evaluation input)
 
 floor = score FLOPs (2 N C K d_k) / the sgemm rate of a square matmul measured in the same run. Then one EMA
-key-learning epoch (batch 1024, extrapolated from a few batches) and a CIFAR-10 stage's fixed cost (look up the
+key-learning epoch (batch 1024, extrapolated from a few batches) with the old and new search, and with the EMA
+update before and after it summed only the selected keys' rows (dense_ema_update, the reference), and a CIFAR-10 stage's fixed cost (look up the
 stage's training inputs, then every test input under the unused-key mask) with and without candidate reuse.
 The machine may be shared: the ratios of one run are what to read, not the absolute times.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import timing  # bench/timing.py (scripts run from bench/)
 
-from workloads.bottleneck import _cluster_sums
+from workloads.bottleneck import _ema_batch, table_rows
 from workloads.keysearch import answer_from_candidates, candidate_dtype, nearest_keys
 
 
@@ -69,10 +70,25 @@ def sgemm_rate() -> float:
     return 2 * 2048**3 / median_time(lambda: a @ b, warmup=1, repeats=3)
 
 
-def ema_batch(search, z: torch.Tensor, keys: torch.Tensor) -> None:
-    """One mini-batch of workloads.bottleneck.learn_keys' EMA k-means, with `search` as the nearest-key search."""
-    sums, counts = _cluster_sums(z, search(z, keys)[..., 0], keys.shape[1])
-    keys.mul_(0.95).add_(sums / counts.clamp_min(1).unsqueeze(-1), alpha=0.05)
+def dense_ema_update(z: torch.Tensor, assign: torch.Tensor, count: torch.Tensor, sums: torch.Tensor,
+                     decay: float) -> torch.Tensor:
+    """learn_keys' EMA update before workloads.bottleneck._ema_batch (the named reference): the batch's sums a
+    dense (C, K, d_k) tensor made by torch's index_add_, added to every row of the decayed sums."""
+    c, num_keys, d = sums.shape
+    flat = table_rows(assign, num_keys)
+    batch = torch.zeros(c * num_keys, d).index_add_(0, flat, z.reshape(-1, d)).view_as(sums)
+    counts = torch.bincount(flat, minlength=c * num_keys).to(z.dtype).view_as(count)
+    count.mul_(decay).add_(counts, alpha=1 - decay)
+    sums.mul_(decay).add_(batch, alpha=1 - decay)
+    return counts
+
+
+def ema_batch(search, update, z: torch.Tensor, keys: torch.Tensor, count: torch.Tensor, sums: torch.Tensor):
+    """One mini-batch of workloads.bottleneck.learn_keys' EMA k-means: `search` finds the nearest keys, `update`
+    decays the counts and sums and adds the batch's, then the keys are the smoothed means, as learn_keys has them."""
+    update(z, search(z, keys)[..., 0], count, sums, 0.95)
+    total = count.sum(1, keepdim=True)
+    torch.div(sums, ((count + 1e-5) / (total + keys.shape[1] * 1e-5) * total).unsqueeze(-1), out=keys)
 
 
 def clustered(n: int, s: Sizes, centres: torch.Tensor, classes: range, gen: torch.Generator) -> torch.Tensor:
@@ -121,13 +137,18 @@ def main() -> None:
     # one EMA key-learning epoch: a few batches, extrapolated to the epoch's ceil(N / batch)
     batches = math.ceil(s.learn_inputs / s.batch)
     zb = torch.randn(s.batch, c, d, generator=gen)
-    epoch = {name: batches * median_time(lambda: ema_batch(search, zb, keys.clone()), warmup=1, repeats=2)
-             for name, search in (("baseline", baseline_nearest_keys), ("new", nearest_keys))}
-    print(f"\n| EMA key learning, one epoch ({s.learn_inputs} inputs, {batches} batches of {s.batch}) | s |")
-    print("|---|---:|")
+    variants = {"baseline (old search, dense update)": (baseline_nearest_keys, dense_ema_update),
+                "new search, dense update": (nearest_keys, dense_ema_update),
+                "new search, sparse update (learn_keys now)": (nearest_keys, _ema_batch)}
+    epoch = {name: batches * median_time(lambda: ema_batch(search, update, zb, keys.clone(), torch.ones(c, k),
+                                                           keys.clone()), warmup=1, repeats=2)
+             for name, (search, update) in variants.items()}
+    base = next(iter(epoch.values()))
+    print(f"\n| EMA key learning, one epoch ({s.learn_inputs} inputs, {batches} batches of {s.batch}) | s | "
+          "baseline / this |")
+    print("|---|---:|---:|")
     for name, sec in epoch.items():
-        print(f"| {name} | {sec:.2f} |")
-    print(f"| speedup | {epoch['baseline'] / epoch['new']:.1f}x |")
+        print(f"| {name} | {sec:.2f} | {base / sec:.1f}x |")
 
     # A stage's fixed cost: index the stage's training inputs, then look every test input up under the mask.
     # Keys drawn from stage 1's inputs (2 of 10 classes), the mask from what stage 1's training inputs selected:

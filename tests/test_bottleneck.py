@@ -70,6 +70,52 @@ def test_kmeans_and_ema_keys_quantise_better_than_random_and_leave_no_dead_keys(
         assert all(len(nearest[:, c].unique()) >= 14 for c in range(3)), method  # (almost) every key is used
 
 
+def _dense_ema_keys(z, num_keys, epochs, decay, batch_size, seed):
+    """learn_keys' EMA k-means as first written: every batch's sums a dense (C, K, d_k) tensor (zeros where no
+    input chose the key) added to every row of the decayed sums. The reference the sparse update must match."""
+    from workloads.bottleneck import _sample_rows, nearest_keys, table_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    keys = _sample_rows(z, num_keys, gen)
+    n, c, d = z.shape
+    ema_count, ema_sum = torch.ones(c, num_keys), keys.clone()
+    for _ in range(epochs):
+        hits = torch.zeros(c, num_keys)
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            batch = z[order[start:start + batch_size]]
+            flat = table_rows(nearest_keys(batch, keys)[..., 0], num_keys)
+            sums = torch.zeros(c * num_keys, d).index_add_(0, flat, batch.reshape(-1, d)).view(c, num_keys, d)
+            counts = torch.bincount(flat, minlength=c * num_keys).float().view(c, num_keys)
+            hits += counts
+            ema_count.mul_(decay).add_(counts, alpha=1 - decay)
+            ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
+            total = ema_count.sum(1, keepdim=True)
+            keys = ema_sum / ((ema_count + 1e-5) / (total + num_keys * 1e-5) * total).unsqueeze(-1)
+        dead = hits == 0
+        if dead.any():
+            fresh = _sample_rows(z, num_keys, gen)
+            keys = torch.where(dead.unsqueeze(-1), fresh, keys)
+            ema_sum = torch.where(dead.unsqueeze(-1), fresh, ema_sum)
+            ema_count = torch.where(dead, 1.0, ema_count)
+    return keys
+
+
+@pytest.mark.parametrize("num_keys,batch_size", [(64, 100), (512, 256)])  # few keys (all hit) and many (dead ones)
+def test_ema_keys_equal_the_dense_update_bit_for_bit(num_keys, batch_size):
+    z = torch.randn(1000, 6, 5, generator=torch.Generator().manual_seed(3))
+    keys = learn_keys(z, num_keys, "ema", epochs=3, decay=0.9, batch_size=batch_size, seed=2)
+    assert torch.equal(keys, _dense_ema_keys(z, num_keys, 3, 0.9, batch_size, seed=2))
+
+
+def test_compiled_row_sums_equal_index_add():
+    from workloads.bottleneck import _add_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows, src = torch.randint(50, (4000,), generator=gen), torch.randn(4000, 7, generator=gen) * 1e3
+    assert torch.equal(_add_rows(torch.zeros(50, 7), rows, src), torch.zeros(50, 7).index_add_(0, rows, src))
+
+
 def test_only_selected_values_change_in_training():
     learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64})
     x, y = torch.rand(16, 64), torch.randint(10, (16,))
