@@ -9,14 +9,18 @@ gradient clipping at norm 1.0. Rows:
   dense        clorch's KeyValueBottleneck through plain autograd (lookup + dense value gradient + SGD)
   sparse       clorch's lookup, then sparse_sgd_step (reads and writes only the selected value rows)
   index cache  sparse_sgd_step alone, on indices looked up once beforehand: on the CPU, the compiled step
-               (workloads/sparse_step.py)
+               (workloads/sparse_step.py), on the table clorch keeps (bottleneck.value_table: each row padded to
+               its own cache line)
+  unpadded     the same compiled step on a contiguous table (40-byte rows, half of them across two cache
+               lines), timed in turns with the index cache row
   torch step   torch_sparse_sgd_step alone (the step in torch operations, the CPU's step before the compiled
                one and still the GPU's), timed in turns with the index cache row, on the same indices, so that
                their ratio is measured under the same load
 
 plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings, 40 shuffled batches) through
 the runner's stage loop (workloads.runner.train_stage) and the DKVB learner's observe step (usage counters included),
-with sparse_sgd_step and, in turns, with the torch step.
+with sparse_sgd_step and, in turns, with the compiled step on unpadded rows and with the torch step (each on a
+learner of its own, the torch step's with the contiguous table it was written for).
 Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
 when the package is not installed).
 
@@ -36,7 +40,8 @@ from timing import alternating_median_times, median_time  # bench/timing.py (scr
 from torch import nn
 
 from workloads import sparse_step
-from workloads.bottleneck import KeyValueBottleneck, learn_keys, sparse_sgd_step, torch_sparse_sgd_step
+from workloads.bottleneck import (KeyValueBottleneck, learn_keys, sparse_sgd_step, torch_sparse_sgd_step,
+                                  value_table)
 from workloads.config import parse_run_config
 from workloads.data.streams import Stage
 from workloads.learners.base import LearnerContext
@@ -162,8 +167,9 @@ def main() -> None:
     rows["clorch sparse update (lookup + sparse step)"] = median_time(sparse, args.warmup, args.repeats)
     # Each step on its own copy of the values, so that both always see the same kind of table.
     step_batches = [cache[i:i + s.batch] for i in range(0, s.stage - s.batch + 1, s.batch)]
-    tables = {"compiled": values.data.clone(), "torch": values.data.clone()}
-    turn = {"compiled": 0, "torch": 0}
+    tables = {"compiled": value_table(values.data), "unpadded": values.data.contiguous(),
+              "torch": values.data.contiguous()}
+    turn = dict.fromkeys(tables, 0)
 
     def cached(name: str, fn: Callable[..., float]) -> Callable[[], float]:
         def step() -> float:  # a new batch each call, as in an epoch: its rows are not left in the caches
@@ -173,30 +179,38 @@ def main() -> None:
         return step
 
     paired = alternating_median_times({"compiled": cached("compiled", sparse_sgd_step),
+                                       "unpadded": cached("unpadded", sparse_sgd_step),
                                        "torch": cached("torch", torch_sparse_sgd_step)},
                                       args.warmup, args.repeats)
     rows["clorch index cache (sparse step only)"] = paired["compiled"]
+    rows["clorch index cache, unpadded rows"] = paired["unpadded"]
     rows["clorch index cache, torch step"] = paired["torch"]
     # the same steps on the same batches: the two tables must agree to float32 rounding (sums in other orders)
+    assert torch.equal(tables["compiled"], tables["unpadded"]), "padding the rows changed the values"
     drift = float((tables["compiled"] - tables["torch"]).abs().max())
     moved = float((tables["torch"] - values.data).abs().max())
     assert drift <= 1e-3 * moved, f"the compiled step's values drift from the torch step's: {drift:.3g} of {moved:.3g}"
 
     # The epoch goes through the runner's stage loop and the DKVB learner (index cache, usage counters, sparse
     # step), as in a run; the stage's lookup is done once here, outside the timed epochs.
-    learner = paper_learner(s, bottleneck)
-    stage_idx, stage_y = learner.stage_inputs(pool[: s.stage]), labels[: s.stage]
+    learners = {name: paper_learner(s, bottleneck) for name in ("compiled", "unpadded", "torch")}
+    stage_idx, stage_y = learners["compiled"].stage_inputs(pool[: s.stage]), labels[: s.stage]
     stage = Stage(0, tuple(range(s.value_dim)), pool[: s.stage], stage_y, pool[:0], stage_y[:0])
-    learner.stage_inputs = lambda _: stage_idx
-    learner.begin_stage(stage)
+    for name, learner in learners.items():
+        if name != "compiled":
+            learner.bottleneck.values.data = learner.bottleneck.values.data.contiguous()
+        learner.stage_inputs = lambda _: stage_idx
+        learner.begin_stage(stage)
     one_epoch = parse_run_config({"preset": "dkvb_paper_model", "train": {"epochs": 1}})
 
     def torch_epoch() -> float:
         with torch_value_step():
-            return train_stage(learner, stage, one_epoch, 1)
+            return train_stage(learners["torch"], stage, one_epoch, 1)
 
-    epochs = alternating_median_times({"compiled": lambda: train_stage(learner, stage, one_epoch, 1),
-                                       "torch": torch_epoch}, args.warmup, args.repeats)
+    epochs = alternating_median_times(
+        {"compiled": lambda: train_stage(learners["compiled"], stage, one_epoch, 1),
+         "unpadded": lambda: train_stage(learners["unpadded"], stage, one_epoch, 1), "torch": torch_epoch},
+        args.warmup, args.repeats)
     epoch_s = epochs["compiled"]
 
     base = next(iter(rows.values()))
@@ -208,10 +222,11 @@ def main() -> None:
     verdict = "under" if epoch_s < EPOCH_BUDGET_S else "NOT under"
     print(f"\none CIFAR-10 stage epoch with the index cache ({s.stage} embeddings, {batches} batches of "
           f"{s.batch}): {epoch_s:.4f} s, {verdict} {EPOCH_BUDGET_S} s")
-    print(f"the same epoch with the torch step, timed in turns: {epochs['torch']:.4f} s "
-          f"({epochs['torch'] / epoch_s:.2f}x the compiled step's epoch); sparse step alone: "
-          f"{paired['torch'] / paired['compiled']:.2f}x; the two steps' values agree to {drift:.1e} "
-          f"(rows moved by up to {moved:.1e})")
+    print(f"the same epoch timed in turns: unpadded rows {epochs['unpadded']:.4f} s "
+          f"({epochs['unpadded'] / epoch_s:.2f}x; step alone {paired['unpadded'] / paired['compiled']:.2f}x), "
+          f"torch step {epochs['torch']:.4f} s ({epochs['torch'] / epoch_s:.2f}x; step alone "
+          f"{paired['torch'] / paired['compiled']:.2f}x); the compiled and torch steps' values agree to "
+          f"{drift:.1e} (rows moved by up to {moved:.1e})")
 
 
 if __name__ == "__main__":

@@ -125,18 +125,21 @@ def main() -> None:
                                "learner": {"name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys,
                                            "key_dim": s.key_dim},
                                "train": {"epochs": 1}})  # timed epoch by epoch below
-    learner.stage_inputs = lambda x: idx  # timed above: train_stage reads the index cache from here
-    learner.begin_stage(stage)
-    # The value step as it runs (compiled on the CPU) and, in turns on the same learner, the torch step that was
-    # the CPU's before it (usage counted deferred): the same epochs, so their ratio is measured under one load.
-    # The values the torch turns train are the compiled turns' starting point and vice versa: the work per step
-    # does not depend on the values.
+    # The value step as it runs (compiled on the CPU, on cache-line rows: bottleneck.value_table) and, in turns,
+    # the torch step that was the CPU's before it (usage counted deferred), on a learner of its own with the
+    # contiguous table it was written for: the same epochs, so their ratio is measured under one load.
+    torch_learner = paper_learner(s, bottleneck)
+    torch_learner.bottleneck.values.data = torch_learner.bottleneck.values.data.contiguous()
+    for one in (learner, torch_learner):
+        one.stage_inputs = lambda x: idx  # timed above: train_stage reads the index cache from here
+        one.begin_stage(stage)
     train_stage(learner, stage, config, n_stages)  # warm-up: the compiled step is compiled (or loaded) here
     t_epochs = t_torch_epochs = 0.0
     for _ in range(args.epochs):
         t_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
         with torch_value_step():
-            t_torch_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
+            t_torch_epochs += timed(lambda: train_stage(torch_learner, stage, config, n_stages))[0]
+    del torch_learner
     learner.end_stage(stage, is_last=False)
     del learner.stage_inputs
     # as run_stream does: each test input's nearest candidate keys found once per run (learner.eval_inputs),

@@ -116,6 +116,24 @@ def test_compiled_row_sums_equal_index_add():
     assert torch.equal(_add_rows(torch.zeros(50, 7), rows, src), torch.zeros(50, 7).index_add_(0, rows, src))
 
 
+@pytest.mark.parametrize("d_v,row", [(10, 16), (5, 8), (4, 4), (16, 16), (20, 20)])
+def test_value_rows_start_cache_lines_and_state_dicts_hold_the_rows_alone(d_v, row):
+    b = KeyValueBottleneck(32, 4, 16, 3, d_v)
+    values = b.values.data
+    assert values.shape == (4, 16, d_v) and values.stride() == (16 * row, row, 1)
+    assert values.data_ptr() % 64 == 0  # the first row starts a line, so every padded row does
+    with torch.no_grad():
+        b.values.copy_(torch.randn(4, 16, d_v))
+    state = b.state_dict()
+    assert state["values"].is_contiguous() and torch.equal(state["values"], b.values)
+    other = KeyValueBottleneck(32, 4, 16, 3, d_v)
+    other.load_state_dict(state)
+    assert torch.equal(other.values, b.values) and other.values.stride() == values.stride()
+    b.usage[:, :9] = 1
+    b.prune()  # a new, smaller table: padded as well
+    assert b.values.shape == (4, 9, d_v) and b.values.stride() == (9 * row, row, 1)
+
+
 def test_only_selected_values_change_in_training():
     learner = _learner({**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64})
     x, y = torch.rand(16, 64), torch.randint(10, (16,))

@@ -35,6 +35,28 @@ def test_compiled_step_gives_the_torch_steps_values_and_loss(k, clip, dtype):
     assert torch.equal(compiled[untouched], values[untouched])  # rows no sample selected keep every bit
 
 
+@pytest.mark.parametrize("d", [5, 10])
+@pytest.mark.parametrize("k,clip", [(1, None), (3, 1e-3)])
+def test_rows_padded_to_cache_lines_give_the_contiguous_tables_values_bit_for_bit(d, k, clip):
+    from workloads.bottleneck import value_table
+
+    values, idx, y = _batch(6, k=k, d=d)
+    padded = value_table(values)
+    assert padded.stride(1) == {5: 8, 10: 16}[d] and torch.equal(padded, values)
+    for step in (sparse_step.sparse_sgd_step, torch_sparse_sgd_step):  # compiled, and torch (other devices')
+        contiguous, table = values.clone(), value_table(values)
+        usage, padded_usage = (torch.zeros(values.shape[:2], dtype=torch.long) for _ in range(2))
+        for _ in range(3):
+            extra = {"usage": usage} if step is sparse_step.sparse_sgd_step else {}
+            loss = step(contiguous, idx, y, 0.5, clip, 0.1, **extra)
+            extra = {"usage": padded_usage} if step is sparse_step.sparse_sgd_step else {}
+            assert step(table, idx, y, 0.5, clip, 0.1, **extra) == loss
+        assert not torch.equal(contiguous, values) and torch.equal(table, contiguous), step.__name__
+        assert torch.equal(usage, padded_usage)
+        rows = table.as_strided((*table.shape[:2], table.stride(1)), table.stride())  # each row with its padding
+        assert not rows[..., d:].any()  # the padding is never written
+
+
 def test_clipping_acts_where_the_norm_exceeds_the_limit_and_only_there():
     values, idx, y = _batch(1)
     # the gradient's norm, from the torch step with clipping off: lr 1 moves each row by its gradient

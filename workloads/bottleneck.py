@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Deferred key selections (count_usage) are added to the counters once this many are pending (64 MiB of int32).
 PENDING_SELECTIONS = 2**24
+# Bytes of a CPU cache line: a value row shorter than this is padded so that no row straddles two (value_table).
+CACHE_LINE = 64
 
 def random_projection(input_dim: int, num_codebooks: int, key_dim: int, gen: torch.Generator,
                       density: float | None = None) -> torch.Tensor:
@@ -56,6 +58,26 @@ def table_rows(idx: torch.Tensor, num_keys: int) -> torch.Tensor:
     return (idx + heads * num_keys).reshape(-1)
 
 
+def value_table(values: torch.Tensor) -> torch.Tensor:
+    """`values` (C, K, d_v) copied into a table whose rows start on CPU cache lines, as a (C, K, d_v) view.
+
+    A float32 row of d_v < 16 floats is padded to the next power of two (10 -> 16: 40 bytes take a 64-byte line),
+    so that every row lies in one cache line. The value step reads and writes one random row per (sample,
+    codebook), and at the paper's sizes its time is those rows' cache misses: unpadded, half the 40-byte rows
+    straddle two lines (bench/bottleneck_step.py times the step on both layouts). The padding is never read or
+    written; state dicts hold the rows alone. Other devices, and rows that already tile a line, are copied as
+    they are (contiguous).
+    """
+    d = values.shape[-1]
+    row = 1 << (d - 1).bit_length()  # the next power of two
+    item = values.element_size()
+    if values.device.type != "cpu" or d * item >= CACHE_LINE or row == d:
+        return values.contiguous()
+    table = torch.zeros(*values.shape[:-1], row, dtype=values.dtype)
+    table[..., :d] = values
+    return table[..., :d]
+
+
 class KeyValueBottleneck(nn.Module):
     """C codebooks of K (key, value) pairs behind fixed random projections; values are the trained tensor."""
 
@@ -79,7 +101,7 @@ class KeyValueBottleneck(nn.Module):
         self.register_buffer("keys", torch.randn(num_codebooks, num_keys, key_dim, generator=gen))  # (C, K, d_k)
         self.register_buffer("usage", torch.zeros(num_codebooks, num_keys, dtype=torch.long))  # selections
         self.register_buffer("alive", torch.ones(num_codebooks, num_keys, dtype=torch.bool))  # False once pruned
-        self.values = nn.Parameter(torch.zeros(num_codebooks, num_keys, value_dim))  # (C, K, d_v)
+        self.values = nn.Parameter(value_table(torch.zeros(num_codebooks, num_keys, value_dim)))  # (C, K, d_v)
         self.mask_unused = False  # set by the owner: at evaluation, never-selected keys cannot be fetched
         # Selections counted but not yet added to `usage`: adding many batches in one bincount is ~5x cheaper
         # than one scatter per step; reading `usage` (or the state) adds them first, so counts stay exact.
@@ -157,6 +179,8 @@ class KeyValueBottleneck(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.flush_usage()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars and not destination[prefix + "values"].is_contiguous():  # the rows, not their padding
+            destination[prefix + "values"] = destination[prefix + "values"].contiguous()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._pending, self._pending_entries = [], 0  # the loaded counters replace everything counted so far
@@ -197,7 +221,7 @@ class KeyValueBottleneck(nn.Module):
         self.keys = gather(self.keys)
         self.usage = gather(self.usage)
         self.alive = gather(keep)
-        self.values = nn.Parameter(gather(self.values.data))
+        self.values = nn.Parameter(value_table(gather(self.values.data)))
         log.info("pruned %d never-selected key-value pairs; %d keys per codebook remain", removed, new_k)
         return removed
 
@@ -210,7 +234,7 @@ class KeyValueBottleneck(nn.Module):
             self.keys = torch.empty(c, k, self.key_dim, device=self.keys.device)
             self.usage = torch.empty(c, k, dtype=torch.long, device=self.usage.device)
             self.alive = torch.empty(c, k, dtype=torch.bool, device=self.alive.device)
-            self.values = nn.Parameter(torch.empty(c, k, self.value_dim, device=self.values.device))
+            self.values = nn.Parameter(value_table(torch.zeros(c, k, self.value_dim, device=self.values.device)))
 
 
 # --- key learning ---------------------------------------------------------------------------------------------

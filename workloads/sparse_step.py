@@ -5,7 +5,8 @@ writing only the selected value rows, gradient clipped by its norm); this is its
 torch one stays for other devices and dtypes.
 
 Why compiled loops: at the paper's sizes a step selects 65,536 value rows (batch 256 x C=256 codebooks) of a
-40 MB table, and the step's time is the cache misses of reading and writing them. Torch's gather, sort, sparse
+40 MB table, and the step's time is the cache misses of reading and writing them (the bottleneck pads each
+40-byte row to its own 64-byte cache line, bottleneck.value_table: one miss a row instead of 1.5). Torch's gather, sort, sparse
 product and scatter walk the rows in sample order, one kernel after another. Here each phase walks them codebook
 by codebook, one class column at a time: the first column's loop is short enough to keep many misses in
 flight, the others find the codebook's rows in cache, gradients are summed in a (d_v, K) buffer that stays in
@@ -170,9 +171,11 @@ def _compile():
 
 
 def supports(values: torch.Tensor, idx: torch.Tensor) -> bool:
-    """Whether this step can run on these tensors: a contiguous float32 (C, K, d_v) table on the CPU."""
+    """Whether this step can run on these tensors: a float32 (C, K, d_v) table on the CPU whose rows are evenly
+    spaced (contiguous, or each row padded: see bottleneck.value_table)."""
     return (values.device.type == "cpu" and idx.device.type == "cpu" and values.dtype == torch.float32
-            and values.dim() == 3 and values.is_contiguous())
+            and values.dim() == 3 and values.stride(2) == 1 and values.stride(1) >= values.shape[2]
+            and values.stride(0) == values.shape[1] * values.stride(1))
 
 
 def _buffers(b: int, c: int, k: int, d: int, num_keys: int, threads: int) -> dict:
@@ -209,7 +212,7 @@ def sparse_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr
     block_logits, vote_loss, block_norm, block_update = _compile()
     b, c, k = idx.shape
     num_keys, d = values.shape[1], values.shape[2]
-    table = values.detach().view(-1, d).numpy()
+    table = values.detach().numpy().reshape(-1, d)  # (C * K, d_v) rows, a view (supports: rows evenly spaced)
     sel = idx.numpy() if idx.is_contiguous() else idx.contiguous().numpy()
     labels = y.numpy() if y.dtype == torch.int64 else y.long().numpy()
     counts = usage.view(-1).numpy() if usage is not None else _NO_COUNTS
