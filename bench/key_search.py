@@ -149,6 +149,13 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, sec in epoch.items():
         print(f"| {name} | {sec:.2f} | {base / sec:.1f}x |")
+    # the update alone, on one batch's assignments: the epochs above differ by it, within their noise
+    assign = nearest_keys(zb, keys, 1)[..., 0]
+    state = torch.ones(c, k), keys.clone()  # updated in place, call after call: the same work each time
+    update = {name: median_time(lambda: fn(zb, assign, *state, 0.95), warmup=1, repeats=5)
+              for name, fn in (("dense", dense_ema_update), ("sparse", _ema_batch))}
+    print(f"EMA update of one batch alone: dense {update['dense'] * 1e3:.1f} ms, sparse {update['sparse'] * 1e3:.1f} "
+          f"ms ({update['dense'] / update['sparse']:.2f}x; the batch's search {times['new top-1'] * s.batch / n * 1e3:.0f} ms)")
 
     # A stage's fixed cost: index the stage's training inputs, then look every test input up under the mask.
     # Keys drawn from stage 1's inputs (2 of 10 classes), the mask from what stage 1's training inputs selected:

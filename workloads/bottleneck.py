@@ -65,8 +65,8 @@ def value_table(values: torch.Tensor) -> torch.Tensor:
     so that every row lies in one cache line. The value step reads and writes one random row per (sample,
     codebook), and at the paper's sizes its time is those rows' cache misses: unpadded, half the 40-byte rows
     straddle two lines (bench/bottleneck_step.py times the step on both layouts). The padding is never read or
-    written; state dicts hold the rows alone. Other devices, and rows that already tile a line, are copied as
-    they are (contiguous).
+    written; state dicts hold the rows alone. On other devices, and where rows already tile a line, the table is
+    `values` itself, made contiguous.
     """
     d = values.shape[-1]
     row = 1 << (d - 1).bit_length()  # the next power of two
@@ -252,8 +252,8 @@ def _sample_rows(z: torch.Tensor, num_keys: int, gen: torch.Generator) -> torch.
 @functools.cache
 def _add_rows_compiled():
     """table[rows[i]] += src[i] for i in order, as compiled loops: torch's index_add_ adds one row per tensor
-    operation (about 0.3 us each: 90 ms for one EMA batch at the paper's sizes, 4 s for a k-means epoch).
-    Made at the first call of a process (numba)."""
+    operation, and one EMA batch at the paper's sizes adds 262,144 rows of 14 floats (bench/key_search.py times
+    the update both ways). Made at the first call of a process (numba)."""
     import numba
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
