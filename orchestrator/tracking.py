@@ -507,8 +507,6 @@ class MLflowTracking(tune.Callback):
                             may_drop=True)
 
     def _complete(self, trial) -> None:
-        from orchestrator.uploads import Upload
-
         run_id = self.child_run(trial)
         self._queue_matrices(trial, run_id)
         if self.options.log_model:
