@@ -6,8 +6,8 @@ torch one stays for other devices and dtypes.
 
 Why compiled loops: at the paper's sizes a step selects 65,536 value rows (batch 256 x C=256 codebooks) of a
 40 MB table, and the step's time is the cache misses of reading and writing them (the bottleneck pads each
-40-byte row to its own 64-byte cache line, bottleneck.value_table: one miss a row instead of 1.5). Torch's gather, sort, sparse
-product and scatter walk the rows in sample order, one kernel after another. Here each phase walks them codebook
+40-byte row to its own 64-byte cache line, bottleneck.value_table: one miss a row instead of 1.5). Torch's
+gather, sort, sparse product and scatter walk the rows in sample order, one kernel after another. Here each phase walks them codebook
 by codebook, one class column at a time: the first column's loop is short enough to keep many misses in
 flight, the others find the codebook's rows in cache, gradients are summed in a (d_v, K) buffer that stays in
 cache, and nothing of the batch's size is sorted.
