@@ -78,6 +78,26 @@ def test_tiny_tiles_give_the_same_indices(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(whole, tiled))
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_heads_searched_in_parts_give_the_one_thread_answer(monkeypatch, k):
+    # tiles of 1 head (7 samples): 5 head tiles split 2 + 3 over two parts, each part on one torch thread
+    gen = torch.Generator().manual_seed(6)
+    z, keys = grid(gen, 40, 5, 3), grid(gen, 5, 48, 3)
+    allowed = masks(gen, 5, 48)
+    monkeypatch.setattr("workloads.keysearch.TILE_FLOATS", {"cpu": 48 * 7, "cuda": 48 * 7})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = [nearest_keys(z, keys, k), nearest_keys(z, keys, k, allowed)]
+        torch.set_num_threads(2)
+        parts = [nearest_keys(z, keys, k), nearest_keys(z, keys, k, allowed)]
+        assert torch.get_num_threads() == 2  # the parts' one thread each does not outlive the call
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(parts[0], serial[0]) and torch.equal(parts[1], serial[1])
+    assert torch.equal(parts[0], reference(z, keys, k)) and torch.equal(parts[1], reference(z, keys, k, allowed))
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_candidates_answer_any_mask_exactly(k):
     gen = torch.Generator().manual_seed(3)
