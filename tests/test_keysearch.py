@@ -132,3 +132,26 @@ def test_keys_changed_in_place_are_searched_as_they_are_now():
     keys.mul_(-1.0)  # the same tensor, new values: nothing computed for the old values may be reused
     assert torch.equal(nearest_keys(z, keys, 2), reference(z, keys, 2))
     assert not torch.equal(nearest_keys(z, keys, 2), before)
+
+
+def test_augmented_keys_are_minus_twice_the_key_and_its_squared_norm_summed_in_order():
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(3, 50, 6, generator=gen)
+    expected_norm = keys[..., 0] * keys[..., 0]
+    for j in range(1, 6):
+        expected_norm = expected_norm + keys[..., j] * keys[..., j]  # float32, dimension 0 first
+    fresh = keysearch.augmented_keys(keys)
+    assert torch.equal(fresh[..., :6], -2 * keys) and torch.equal(fresh[..., 6], expected_norm)
+    out = torch.full((3, 50, 7), float("nan"))
+    assert keysearch.augmented_keys(keys, out=out) is out and torch.equal(out, fresh)
+    assert torch.allclose(keysearch.augmented_keys(keys.double())[..., 6], expected_norm.double())  # torch path
+
+
+def test_keys_changed_in_place_again_and_again_reuse_one_augmented_buffer():
+    gen = torch.Generator().manual_seed(8)
+    z, keys = torch.randn(30, 2, 5, generator=gen), torch.randn(2, 40, 5, generator=gen)
+    first = keysearch._augmented(keys, torch.float32)
+    for _ in range(3):
+        keys.add_(torch.randn(2, 40, 5, generator=gen))  # key learning's batches: new values, the same tensor
+        assert torch.equal(nearest_keys(z, keys, 3), reference(z, keys, 3))
+        assert keysearch._augmented(keys, torch.float32) is first  # written again, not allocated again
