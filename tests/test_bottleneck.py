@@ -116,6 +116,23 @@ def test_compiled_row_sums_equal_index_add():
     assert torch.equal(_add_rows(torch.zeros(50, 7), rows, src), torch.zeros(50, 7).index_add_(0, rows, src))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_sums_split_over_codebooks_equal_index_add(threads):
+    # 5 codebooks of 10 keys, 800 inputs sample-major: the split gives each part its codebooks' rows
+    from workloads.bottleneck import _add_rows, table_rows
+
+    gen = torch.Generator().manual_seed(1)
+    assign, src = torch.randint(10, (800, 5), generator=gen), torch.randn(4000, 7, generator=gen) * 1e3
+    rows = table_rows(assign, 10)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = _add_rows(torch.zeros(50, 7), rows, src, codebooks=5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, torch.zeros(50, 7).index_add_(0, rows, src))
+
+
 @pytest.mark.parametrize("d_v,row", [(10, 16), (5, 8), (4, 4), (16, 16), (20, 20)])
 def test_value_rows_start_cache_lines_and_state_dicts_hold_the_rows_alone(d_v, row):
     b = KeyValueBottleneck(32, 4, 16, 3, d_v)

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from workloads import keysearch, sparse_step
+from workloads import compiled, keysearch, sparse_step
 from workloads.progress import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -257,23 +257,33 @@ def _add_rows_compiled():
     import numba
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
-    def add_rows(table, rows, src):
-        # table (R, d), rows (n,) int64 in [0, R) (checked by the caller), src (n, d): float32 adds in row order,
-        # the order index_add_ adds in, so the sums have its bits
+    def add_rows(table, rows, src, codebooks, c0, c1):
+        # table (R, d), rows (n,) int64 in [0, R) (checked by the caller), src (n, d), inputs sample-major over
+        # `codebooks`: the inputs of codebooks c0:c1 only, each row's in input order (index_add_'s order, so the
+        # sums have its bits)
         d = src.shape[1]
-        for i in range(len(rows)):
-            out, row = table[rows[i]], src[i]
-            for j in range(d):
-                out[j] += row[j]
+        for b in range(len(rows) // codebooks):
+            for c in range(c0, c1):
+                i = b * codebooks + c
+                out, row = table[rows[i]], src[i]
+                for j in range(d):
+                    out[j] += row[j]
 
     return add_rows
 
 
-def _add_rows(table: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """table.index_add_(0, rows, src), compiled for float32 CPU tensors (the same sums, bit for bit)."""
+def _add_rows(table: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, codebooks: int = 1) -> torch.Tensor:
+    """table.index_add_(0, rows, src), compiled for float32 CPU tensors (the same sums, bit for bit).
+
+    codebooks > 1: the n inputs are sample-major over that many codebooks (input i belongs to codebook
+    i % codebooks), and no row takes inputs of two codebooks (table_rows' rows, or their ranks among the
+    selected ones): the codebooks are then split over torch's threads, each part adding its own rows."""
     if (table.device.type == "cpu" and table.dtype == src.dtype == torch.float32 and table.is_contiguous()
-            and len(rows) and 0 <= int(rows.min()) and int(rows.max()) < len(table)):
-        _add_rows_compiled()(table.numpy(), rows.to(torch.long).numpy(), src.contiguous().numpy())
+            and len(rows) and len(rows) % codebooks == 0 and 0 <= int(rows.min()) and int(rows.max()) < len(table)):
+        fn, args = _add_rows_compiled(), (table.numpy(), rows.to(torch.long).numpy(), src.contiguous().numpy())
+        parts = min(compiled.threads(), codebooks)
+        compiled.run_parts(lambda p: fn(*args, codebooks, codebooks * p // parts, codebooks * (p + 1) // parts),
+                           parts)
         return table
     return table.index_add_(0, rows, src)
 
@@ -282,7 +292,7 @@ def _cluster_sums(z: torch.Tensor, assign: torch.Tensor, num_keys: int) -> tuple
     """Per codebook: sum of assigned inputs (C, K, d_k) and their count (C, K)."""
     n, c, d = z.shape
     flat = table_rows(assign, num_keys)  # (N*C,)
-    sums = _add_rows(torch.zeros(c * num_keys, d, device=z.device), flat, z.reshape(-1, d))
+    sums = _add_rows(torch.zeros(c * num_keys, d, device=z.device), flat, z.reshape(-1, d), c)
     counts = torch.bincount(flat, minlength=c * num_keys).to(z.dtype)
     return sums.view(c, num_keys, d), counts.view(c, num_keys)
 
@@ -300,7 +310,7 @@ def _ema_batch(z: torch.Tensor, assign: torch.Tensor, ema_count: torch.Tensor, e
     n, c, d = z.shape
     flat = table_rows(assign, ema_count.shape[1])  # (B*C,)
     rows, inverse = torch.unique(flat, return_inverse=True)  # the selected rows, ascending
-    sums = _add_rows(torch.zeros(len(rows), d, device=z.device), inverse, z.reshape(-1, d))
+    sums = _add_rows(torch.zeros(len(rows), d, device=z.device), inverse, z.reshape(-1, d), c)
     counts = torch.bincount(flat, minlength=ema_count.numel()).to(z.dtype).view_as(ema_count)
     ema_count.mul_(decay).add_(counts, alpha=1 - decay)
     table = ema_sum.view(-1, d)
