@@ -56,6 +56,18 @@ def test_both_top1_reductions_pick_the_first_minimum(num_keys):
     assert torch.equal(keysearch._first_min(tile.double()), expected)
 
 
+@pytest.mark.parametrize("num_keys,k", [(4096, 16), (100, 3), (40, 40)])
+def test_both_top_k_reductions_rank_by_score_then_index(num_keys, k):
+    # the compiled one (float32 on the CPU) and the torch one (any other device or dtype); masked keys +inf
+    gen = torch.Generator().manual_seed(num_keys + k)
+    tile = torch.randint(0, 5, (3, num_keys, 70), generator=gen).float()  # ties everywhere
+    tile[:, torch.rand(num_keys, generator=gen) < 0.5] = float("inf")
+    tile[1, : num_keys - 2] = float("inf")  # head 1: two finite keys, then +inf keys by index
+    expected = tile.double().sort(dim=1, stable=True).indices[:, :k].transpose(1, 2)
+    assert torch.equal(keysearch._first_k(tile, k), expected)
+    assert torch.equal(keysearch._first_k(tile.double(), k), expected)
+
+
 def test_duplicate_keys_go_to_the_lowest_index_and_masked_keys_come_last():
     keys = torch.zeros(1, 10, 2)
     keys[0, 3] = keys[0, 7] = keys[0, 8] = torch.tensor([1.0, 1.0])  # three copies of the nearest key
