@@ -7,7 +7,9 @@ codebooks of K=4096 keys (d_k=14) learned by EMA k-means, 10 epochs, on 50,000 u
 each stage. Phases, each through clorch's public functions (a faster key search lands here by itself):
 
   load         synthetic embeddings of the real sizes drawn (or --npz read): measured whole
-  key learning learn_keys(ema) for one epoch on --key-inputs projected inputs, scaled to 50,000 x 10 epochs
+  key learning learn_keys(ema) for one epoch on --key-inputs projected inputs (after a warm-up call), scaled to
+               50,000 x 10 epochs (its fixed cost per call, keys sampled and state made, scaled with it: an
+               overestimate, ~0.15 s per 4096 inputs at paper sizes)
   lookup       the DKVB learner's stage_inputs (projection + nearest keys) on one stage's 10,000, x 5 stages
   epochs       runner.train_stage for --epochs epochs on the index cache, scaled to 2000 x 5 stages, in blocks
                of 5 after an untimed one (as in a run, each epoch follows one on the same table); each block is
@@ -118,6 +120,9 @@ def main() -> None:
     m = min(args.key_inputs, len(unlabelled))
     with torch.no_grad():
         t_proj, z = timed(lambda: bottleneck.project(unlabelled[:m]))
+    # warm-up: the compiled loops load and the search's thread pool starts at a process's first key learning,
+    # a cost the extrapolation below would otherwise count once per --key-inputs inputs (122 times by default)
+    learn_keys(z[: min(m, 1024)], s.keys, "ema", 1, 0.95, 1024)
     t_keys, keys = timed(lambda: learn_keys(z, s.keys, "ema", 1, 0.95, 1024))
     bottleneck.keys.copy_(keys)
     learner = paper_learner(s, bottleneck)
