@@ -44,6 +44,16 @@ class TrackingOptions:
         last = num_stages is not None and stage == num_stages - 1
         return every > 0 and ((stage + 1) % every == 0 or last)
 
+    def codebooks_with_keys(self, stage: int, num_stages: int | None) -> bool:
+        """Whether `stage` is the first whose codebooks are logged (the keys, frozen, are logged with it only)."""
+        return stage == min(int(self.codebooks), num_stages or stage + 1) - 1
+
+    def codebooks_may_drop(self, stage: int, num_stages: int | None) -> bool:
+        """Whether the codebooks of `stage` may be skipped when the upload queue is full: all but the keys' stage
+        and the last, the trained model's own codebooks, which wait for room as matrices and models do."""
+        return not (self.codebooks_with_keys(stage, num_stages)
+                    or (num_stages is not None and stage == num_stages - 1))
+
 
 def parse_tracking(raw: dict) -> TrackingOptions:
     """Validate the `tracking:` block; errors name `tracking.<key>` and what is accepted."""
@@ -481,8 +491,9 @@ class MLflowTracking(tune.Callback):
             self._log_codebooks(trial, stage, last.get("num_stages"), Path(checkpoint.path))
 
     def _log_codebooks(self, trial, stage: int, num_stages: int | None, checkpoint: Path) -> None:
-        """Queue the codebooks of the stage checkpoint in `checkpoint` (dropped, with a warning, when the store
-        is down or the queue is full: codebooks are for inspection, the model and metrics are what count)."""
+        """Queue the codebooks of the stage checkpoint in `checkpoint` (skipped, with a warning, when the store
+        is down, and when the queue is full unless they are the keys' stage's or the last stage's: codebooks in
+        between are for inspection, the model and metrics are what count)."""
         if getattr(self, "_outage", False):
             return
         try:
@@ -493,7 +504,7 @@ class MLflowTracking(tune.Callback):
         spool = self.uploads.spool(checkpoint)
         if spool is None:
             return
-        first = stage == min(int(self.options.codebooks), num_stages or stage + 1) - 1  # keys: logged once
+        first = self.options.codebooks_with_keys(stage, num_stages)  # keys: logged once
         from orchestrator.uploads import Upload
 
         def upload(client) -> None:
@@ -504,7 +515,7 @@ class MLflowTracking(tune.Callback):
                 self.log_codebooks(run_id, stage, state["learner"]["model"], client, with_keys=first)
 
         self.uploads.submit(Upload(f"the codebooks of trial {trial.trial_id} after stage {stage + 1}", upload, spool),
-                            may_drop=True)
+                            may_drop=self.options.codebooks_may_drop(stage, num_stages))
 
     def _complete(self, trial) -> None:
         run_id = self.child_run(trial)

@@ -75,6 +75,15 @@ def test_codebooks_are_logged_after_every_nth_stage_and_the_last():
     assert not any(parse_tracking({"codebooks": False}).codebooks_after(s, 5) for s in range(5))
 
 
+def test_a_full_upload_queue_skips_only_the_codebooks_between_the_keys_stage_and_the_last():
+    # the first logged stage carries the keys, the last the trained values: those wait for room
+    assert [s for s in range(5) if not parse_tracking({}).codebooks_may_drop(s, 5)] == [0, 4]
+    every = parse_tracking({"codebooks": 2})
+    assert [s for s in range(5) if every.codebooks_after(s, 5) and not every.codebooks_may_drop(s, 5)] == [1, 4]
+    assert [s for s in range(5) if every.codebooks_with_keys(s, 5)] == [1]
+    assert parse_tracking({"codebooks": 9}).codebooks_with_keys(4, 5)  # past the stream: the last stage's
+
+
 @pytest.mark.slow
 def test_a_store_that_hangs_on_uploads_holds_up_no_result_and_every_artifact_lands_later(ray_local, tmp_path,
                                                                                          mlflow_server):
