@@ -5,13 +5,15 @@ training inputs and 10,000 test inputs. Rows (all measured in this run, on the s
 
   baseline      the search before workloads/keysearch.py (kept below as the named reference): the full (C, b, K)
                 score tensor by baddbmm in 64M-float chunks, then topk
-  new top-1     workloads.keysearch.nearest_keys, k=1 (cache-sized reused tiles, first-minimum reduction)
-  new top-16    the same, k=16 (the candidates DKVB keeps per evaluation input)
+  new top-1     workloads.keysearch.nearest_keys, k=1 (cache-sized reused tiles, the codebooks in one part per
+                torch thread, a compiled first-minimum reduction)
+  new top-16    the same, k=16 (the candidates DKVB keeps per evaluation input; a compiled top-k reduction)
 
 floor = score FLOPs (2 N C K d_k) / the sgemm rate of a square matmul measured in the same run. Then one EMA
-key-learning epoch (batch 1024, extrapolated from a few batches) with the old and new search, and with the EMA
-update before and after it summed only the selected keys' rows (dense_ema_update, the reference), and a CIFAR-10 stage's fixed cost (look up the
-stage's training inputs, then every test input under the unused-key mask) with and without candidate reuse.
+key-learning epoch (batch 1024, extrapolated from a few batches, its state updated in place as learn_keys has
+it) with the old and new search, and with the EMA update before and after it summed only the selected keys'
+rows (dense_ema_update, the reference), and a CIFAR-10 stage's fixed cost (look up the stage's training inputs,
+then every test input under the unused-key mask) with and without candidate reuse.
 The machine may be shared: the ratios of one run are what to read, not the absolute times.
 
     python bench/key_search.py            # paper sizes (a few minutes)
