@@ -157,6 +157,7 @@ def test_augmented_keys_are_minus_twice_the_key_and_its_squared_norm_summed_in_o
     out = torch.full((3, 50, 7), float("nan"))
     assert keysearch.augmented_keys(keys, out=out) is out and torch.equal(out, fresh)
     assert torch.allclose(keysearch.augmented_keys(keys.double())[..., 6], expected_norm.double())  # torch path
+    assert torch.equal(keysearch.augmented_keys(keys.clone().requires_grad_()), fresh)  # keys a user trains
 
 
 def test_keys_changed_in_place_again_and_again_reuse_one_augmented_buffer():
