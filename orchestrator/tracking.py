@@ -48,12 +48,6 @@ class TrackingOptions:
         """Whether `stage` is the first whose codebooks are logged (the keys, frozen, are logged with it only)."""
         return stage == min(int(self.codebooks), num_stages or stage + 1) - 1
 
-    def codebooks_may_drop(self, stage: int, num_stages: int | None) -> bool:
-        """Whether the codebooks of `stage` may be skipped when the upload queue is full: all but the keys' stage
-        and the last, the trained model's own codebooks, which wait for room as matrices and models do."""
-        return not (self.codebooks_with_keys(stage, num_stages)
-                    or (num_stages is not None and stage == num_stages - 1))
-
 
 def parse_tracking(raw: dict) -> TrackingOptions:
     """Validate the `tracking:` block; errors name `tracking.<key>` and what is accepted."""
@@ -492,8 +486,8 @@ class MLflowTracking(tune.Callback):
 
     def _log_codebooks(self, trial, stage: int, num_stages: int | None, checkpoint: Path) -> None:
         """Queue the codebooks of the stage checkpoint in `checkpoint` (skipped, with a warning, when the store
-        is down, and when the queue is full unless they are the keys' stage's or the last stage's: codebooks in
-        between are for inspection, the model and metrics are what count)."""
+        is down or the queue is full: a finished run's last codebooks and keys are checked for at the sweep's end,
+        those in between are for inspection)."""
         if getattr(self, "_outage", False):
             return
         try:
@@ -515,7 +509,7 @@ class MLflowTracking(tune.Callback):
                 self.log_codebooks(run_id, stage, state["learner"]["model"], client, with_keys=first)
 
         self.uploads.submit(Upload(f"the codebooks of trial {trial.trial_id} after stage {stage + 1}", upload, spool),
-                            may_drop=self.options.codebooks_may_drop(stage, num_stages))
+                            may_drop=True)
 
     def _complete(self, trial) -> None:
         run_id = self.child_run(trial)
@@ -542,6 +536,35 @@ class MLflowTracking(tune.Callback):
                 self.log_matrices(run_id, matrices, client, axis)
 
         self.uploads.submit(Upload(f"the accuracy matrices of trial {trial.trial_id}", upload), may_drop=False)
+
+    def _queue_final_codebooks(self, trial, run_id: str) -> None:
+        """Queue the codebooks after a finished trial's last stage, and its keys, where its run lacks them (an
+        upload skipped on a full queue, failed in an outage, or left queued by a killed driver)."""
+        from orchestrator.uploads import Upload
+
+        result = trial.last_result or {}
+        if "stage" not in result:
+            return
+        stage, num_stages = int(result["stage"]), result.get("num_stages")
+        if not self.options.codebooks_after(stage, num_stages):
+            return
+        folder = (train_run_folder(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
+                  else Path(trial.checkpoint) if trial.checkpoint is not None else None)
+        spool = self.uploads.spool(folder) if folder is not None else None
+        if spool is None:
+            return
+
+        def upload(client) -> None:
+            have = {a.path for a in client.list_artifacts(run_id, "codebooks")}
+            keys = "codebooks/keys.npy" not in have
+            if not keys and f"codebooks/stage_{stage + 1}.npz" in have:
+                return
+            state = load_state(str(spool))
+            if state is not None and state["next_stage"] == stage + 1 and "bottleneck.values" in state["learner"][
+                    "model"]:
+                self.log_codebooks(run_id, stage, state["learner"]["model"], client, with_keys=keys)
+
+        self.uploads.submit(Upload(f"the last codebooks of trial {trial.trial_id}", upload, spool), may_drop=False)
 
     def _queue_model(self, trial, run_id: str) -> None:
         """Queue the trial's final model for its run, from its last checkpoint (a Train run's for trials on
@@ -617,11 +640,13 @@ class MLflowTracking(tune.Callback):
 
     def _end(self, trials) -> None:
         parent = self.parent_run()
-        # what an upload that failed (an outage) or a killed driver's queue left out: matrices and final models
+        # what an upload that failed (an outage) or a killed driver's queue left out: matrices, the last
+        # codebooks and final models
         runs = self._load_map()["trials"]
         for trial in trials:
             if trial.status == "TERMINATED" and trial.trial_id in runs:
                 self._queue_matrices(trial, runs[trial.trial_id], if_missing=True)
+                self._queue_final_codebooks(trial, runs[trial.trial_id])
                 if self.options.log_model:
                     self._queue_model(trial, runs[trial.trial_id])
         self.uploads.drain()

@@ -6,11 +6,10 @@ queues the upload; this thread makes it. A stage checkpoint that an upload reads
 folder first (`<sweep state>/uploads`), so that Tune may delete its own copy meanwhile (it keeps one per trial).
 
 The queue is bounded, so a store slower than the sweep cannot grow it (or the spool) without end: past the bound,
-an upload that may be dropped (the codebooks of a stage between the keys' first and the last) is, with a
-warning; one that may not (a final model, an accuracy matrix, the keys' and the last stage's codebooks) waits
-for room. Failures are warnings, as for every artifact: the metrics and run status go
-through the outbox (orchestrator.tracking), and accuracy matrices and final models are checked for and logged
-again at the sweep's end and on `clorch resume`.
+an upload that may be dropped (a stage's codebooks) is, with a warning; one that may not (a final model, an
+accuracy matrix) waits for room. Failures are warnings, as for every artifact: the metrics and run status go
+through the outbox (orchestrator.tracking), and accuracy matrices, the last stage's codebooks (with the keys)
+and final models are checked for and logged again at the sweep's end and on `clorch resume`.
 """
 from __future__ import annotations
 

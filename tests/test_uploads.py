@@ -75,12 +75,9 @@ def test_codebooks_are_logged_after_every_nth_stage_and_the_last():
     assert not any(parse_tracking({"codebooks": False}).codebooks_after(s, 5) for s in range(5))
 
 
-def test_a_full_upload_queue_skips_only_the_codebooks_between_the_keys_stage_and_the_last():
-    # the first logged stage carries the keys, the last the trained values: those wait for room
-    assert [s for s in range(5) if not parse_tracking({}).codebooks_may_drop(s, 5)] == [0, 4]
-    every = parse_tracking({"codebooks": 2})
-    assert [s for s in range(5) if every.codebooks_after(s, 5) and not every.codebooks_may_drop(s, 5)] == [1, 4]
-    assert [s for s in range(5) if every.codebooks_with_keys(s, 5)] == [1]
+def test_the_keys_are_logged_with_the_first_stage_whose_codebooks_are():
+    assert [s for s in range(5) if parse_tracking({}).codebooks_with_keys(s, 5)] == [0]
+    assert [s for s in range(5) if parse_tracking({"codebooks": 2}).codebooks_with_keys(s, 5)] == [1]
     assert parse_tracking({"codebooks": 9}).codebooks_with_keys(4, 5)  # past the stream: the last stage's
 
 
@@ -131,11 +128,13 @@ def test_a_store_that_hangs_on_uploads_holds_up_no_result_and_every_artifact_lan
 
 
 @pytest.mark.slow
-def test_an_accuracy_matrix_the_store_refused_is_logged_at_the_sweeps_end(ray_local, tmp_path, mlflow_server):
-    """An artifact upload that fails is a warning; the run must not end without its matrices for it (as in an
-    outage, or a driver killed with the upload queued): the sweep's end logs what a finished run lacks."""
+@pytest.mark.parametrize("refused", ["accuracy_matrix.json", "keys.npy", "stage_2.npz"])
+def test_an_artifact_the_store_refused_is_logged_at_the_sweeps_end(ray_local, tmp_path, mlflow_server, refused):
+    """An artifact upload that fails is a warning; the run must not end without its matrices, last codebooks
+    or keys for it (as in an outage, a full upload queue, or a driver killed with the upload queued): the
+    sweep's end logs what a finished run lacks. Two stages: the keys go with stage 1's codebooks."""
     server = mlflow_server(f"sqlite:///{tmp_path / 'server.db'}")
-    proxy = HoldingProxy(server.port, refuse_once="accuracy_matrix.json")
+    proxy = HoldingProxy(server.port, refuse_once=refused)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     path = tmp_path / "refused.yaml"
     path.write_text(TWO_TRIALS.replace("[0, 1]", "[0]")
@@ -148,5 +147,7 @@ def test_an_accuracy_matrix_the_store_refused_is_logged_at_the_sweeps_end(ray_lo
         assert child.info.status == "FINISHED"
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"accuracy_matrix.json", "accuracy_matrix_val.png", "accuracy_matrix_test.png"} <= files
+        codebooks = {a.path for a in client.list_artifacts(child.info.run_id, "codebooks")}
+        assert {"codebooks/keys.npy", "codebooks/stage_2.npz", "codebooks/usage_stage_2.png"} <= codebooks
     finally:
         proxy.shutdown()
