@@ -502,11 +502,9 @@ class MLflowTracking(tune.Callback):
         from orchestrator.uploads import Upload
 
         def upload(client) -> None:
-            state = load_state(str(spool))
-            # a Train run's newest checkpoint may still be the previous stage's: only this stage's is logged
-            if state is not None and state["next_stage"] == stage + 1 and "bottleneck.values" in state["learner"][
-                    "model"]:
-                self.log_codebooks(run_id, stage, state["learner"]["model"], client, with_keys=first)
+            model = _stage_model(spool, stage)
+            if model is not None:
+                self.log_codebooks(run_id, stage, model, client, with_keys=first)
 
         self.uploads.submit(Upload(f"the codebooks of trial {trial.trial_id} after stage {stage + 1}", upload, spool),
                             may_drop=True)
@@ -548,9 +546,7 @@ class MLflowTracking(tune.Callback):
         stage, num_stages = int(result["stage"]), result.get("num_stages")
         if not self.options.codebooks_after(stage, num_stages):
             return
-        folder = (train_run_folder(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
-                  else Path(trial.checkpoint) if trial.checkpoint is not None else None)
-        spool = self.uploads.spool(folder) if folder is not None else None
+        spool = self._spool_last_checkpoint(trial)
         if spool is None:
             return
 
@@ -559,21 +555,25 @@ class MLflowTracking(tune.Callback):
             keys = "codebooks/keys.npy" not in have
             if not keys and f"codebooks/stage_{stage + 1}.npz" in have:
                 return
-            state = load_state(str(spool))
-            if state is not None and state["next_stage"] == stage + 1 and "bottleneck.values" in state["learner"][
-                    "model"]:
-                self.log_codebooks(run_id, stage, state["learner"]["model"], client, with_keys=keys)
+            model = _stage_model(spool, stage)
+            if model is not None:
+                self.log_codebooks(run_id, stage, model, client, with_keys=keys)
 
         self.uploads.submit(Upload(f"the last codebooks of trial {trial.trial_id}", upload, spool), may_drop=False)
+
+    def _spool_last_checkpoint(self, trial) -> Path | None:
+        """The trial's last checkpoint (a Train run's for trials on Train workers) linked into the upload spool;
+        None where it has none."""
+        folder = (train_run_folder(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
+                  else Path(trial.checkpoint) if trial.checkpoint is not None else None)
+        return self.uploads.spool(folder) if folder is not None else None
 
     def _queue_model(self, trial, run_id: str) -> None:
         """Queue the trial's final model for its run, from its last checkpoint (a Train run's for trials on
         Train workers); the upload logs it only if the run has no finished model yet (exactly once)."""
         from orchestrator.uploads import Upload
 
-        folder = (train_run_folder(self.state_dir, trial.trial_id) if _runs_train_workers(trial)
-                  else Path(trial.checkpoint) if trial.checkpoint is not None else None)
-        spool = self.uploads.spool(folder) if folder is not None else None
+        spool = self._spool_last_checkpoint(trial)
         if spool is None:
             log.warning("trial %s: no checkpoint to log its final model from", trial.trial_id)
             return
@@ -771,6 +771,15 @@ class MLflowTracking(tune.Callback):
                 path = Path(folder) / f"accuracy_matrix_{split}.png"
                 fig.savefig(path, dpi=100, bbox_inches="tight")
                 client.log_artifact(run_id, str(path))
+
+
+def _stage_model(folder: Path, stage: int) -> dict | None:
+    """The DKVB model tensors of the stage checkpoint in `folder` when it is `stage`'s (a Train run's newest
+    checkpoint may still be the previous stage's), else None."""
+    state = load_state(str(folder))
+    if state is None or state["next_stage"] != stage + 1 or "bottleneck.values" not in state["learner"]["model"]:
+        return None
+    return state["learner"]["model"]
 
 
 def _runs_train_workers(trial) -> bool:
