@@ -281,9 +281,7 @@ def _add_rows(table: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, codebo
     if (table.device.type == "cpu" and table.dtype == src.dtype == torch.float32 and table.is_contiguous()
             and len(rows) and len(rows) % codebooks == 0 and 0 <= int(rows.min()) and int(rows.max()) < len(table)):
         fn, args = _add_rows_compiled(), (table.numpy(), rows.to(torch.long).numpy(), src.contiguous().numpy())
-        parts = min(compiled.threads(), codebooks)
-        compiled.run_parts(lambda p: fn(*args, codebooks, codebooks * p // parts, codebooks * (p + 1) // parts),
-                           parts)
+        compiled.run_ranges(lambda c0, c1: fn(*args, codebooks, c0, c1), codebooks, min(compiled.threads(), codebooks))
         return table
     return table.index_add_(0, rows, src)
 

@@ -41,3 +41,8 @@ def run_parts(part: Callable[[int], None], parts: int) -> None:
             f.exception()
     for f in futures:
         f.result()  # raises a part's error
+
+
+def run_ranges(part: Callable[[int, int], None], n: int, parts: int) -> None:
+    """part(lo, hi) for `parts` contiguous ranges splitting 0..n-1, at once (as run_parts)."""
+    run_parts(lambda p: part(n * p // parts, n * (p + 1) // parts), parts)

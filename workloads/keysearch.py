@@ -84,9 +84,7 @@ def augmented_keys(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch
     if keys.device.type == "cpu" and keys.dtype == out.dtype == torch.float32 and out.is_contiguous():
         # key learning makes new keys every batch, so this runs every batch: rows split over torch's threads
         src, dst = keys.detach().reshape(-1, d).contiguous().numpy(), out.view(-1, d + 1).numpy()
-        parts = compiled.threads()
-        compiled.run_parts(lambda p: _augment_compiled()(src, dst, len(src) * p // parts,
-                                                           len(src) * (p + 1) // parts), parts)
+        compiled.run_ranges(lambda lo, hi: _augment_compiled()(src, dst, lo, hi), len(src), compiled.threads())
         return out
     torch.mul(keys, -2.0, out=out[..., :d])
     out[..., d] = torch.einsum("ckd,ckd->ck", keys, keys)  # one pass, no (C, K, d_k) temporary
