@@ -188,9 +188,9 @@ def _first_k_compiled():
     import numba
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
-    def first_k(tile, out, best, cut):
-        # tile (h, K, b) float32 -> out (h, b, k) int64, in (score, index) order; scratch: best (b, k) float32,
-        # the k best scores so far, and cut (b,) float32, their largest (contiguous, for the scan's compares).
+    def first_k(tile, out, best):
+        # tile (h, K, b) float32 -> out (h, b, k) int64, in (score, index) order; best (b, k) float32 scratch:
+        # each column's k best scores so far.
         # Keys scoring +inf (masked) never enter: where fewer than k keys score below it, the remaining places
         # go to the +inf keys, lowest index first, as the module doc's tie rule has it (and to NaN scores, which
         # finite inputs and keys never give, as +inf).
@@ -199,13 +199,12 @@ def _first_k_compiled():
         for i in range(h):
             t, o = tile[i], out[i]
             best[:] = np.inf
-            cut[:] = np.inf
             o[:] = -1
             for key in range(num_keys):
                 row = t[key]
                 for s in range(b):
                     v = row[s]
-                    if v < cut[s]:
+                    if v < best[s, k - 1]:
                         p = k - 1  # shift the larger ones down; equal scores stay ahead of the newcomer
                         while p > 0 and best[s, p - 1] > v:
                             best[s, p] = best[s, p - 1]
@@ -213,7 +212,6 @@ def _first_k_compiled():
                             p -= 1
                         best[s, p] = v
                         o[s, p] = key
-                        cut[s] = best[s, k - 1]
             for s in range(b):
                 if o[s, k - 1] < 0:  # fewer than k finite scores: +inf keys next, by index
                     p = 0
@@ -234,7 +232,7 @@ def _first_k(tile: torch.Tensor, k: int) -> torch.Tensor:
     h, num_keys, b = tile.shape
     if tile.device.type == "cpu" and tile.dtype == torch.float32 and tile.is_contiguous():
         out = torch.empty(h, b, k, dtype=torch.long)
-        _first_k_compiled()(tile.numpy(), out.numpy(), np.empty((b, k), np.float32), np.empty(b, np.float32))
+        _first_k_compiled()(tile.numpy(), out.numpy(), np.empty((b, k), np.float32))
         return out
     rows = tile.transpose(1, 2)  # (h, b, K)
     kb = _key_block(num_keys, TOPK_KEY_BLOCK)
