@@ -68,16 +68,16 @@ def inspect(folders: list[Path]) -> tuple[dict | None, Path | None, list[str]]:
     return None, None, skipped
 
 
-def newest_valid(folders: list[Path], what: str) -> dict | None:
-    """The state of the newest folder that verifies (folders newest first); None if none does. One warning
-    line when anything was skipped."""
+def newest_valid(folders: list[Path], what: str) -> tuple[dict | None, Path | None]:
+    """(state, folder) of the newest folder that verifies (folders newest first); (None, None) if none does.
+    One warning line when anything was skipped."""
     state, folder, skipped = inspect(folders)
     if skipped and state is not None:
         log.warning("%s: skipped %s; continuing after stage %d from %s", what, "; ".join(skipped),
                     state["next_stage"], folder.name)
     elif skipped:
         log.warning("%s: no stage checkpoint verifies (%s); starting again from stage 1", what, "; ".join(skipped))
-    return state
+    return state, folder
 
 
 def copies_folder(state_dir: str | Path, trial_id: str) -> Path:

@@ -64,7 +64,7 @@ def load_state(folder: str) -> dict | None:
     """The run state in a trial's stage checkpoint folder, if it verifies (None if not)."""
     from orchestrator import checkpoints
 
-    return checkpoints.newest_valid([Path(folder)], "tracking")
+    return checkpoints.newest_valid([Path(folder)], "tracking")[0]
 
 
 def check_experiment_name(tracking_uri: str, name: str) -> None:

@@ -22,6 +22,7 @@ from workloads.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+STAGE_REPORT = "stage_report"  # in a stage checkpoint: the metrics its stage reported (to report them again)
 
 
 def resolve(trial_config: dict):
@@ -67,29 +68,41 @@ def run_workload(trial_config: dict, checkpoint, report: Callable[[dict, Any], N
         config = dataclasses.replace(config, device=device)
         node = ray.get_runtime_context().get_node_id()  # which node ran each stage (`clorch status`, tests)
         copies = checkpoints.copies_folder(trial_config["state_dir"], trial_config["trial_id"])
-        resume_state = None
+        resume_state = resumed_from = None
         if checkpoint is not None:
             # The newest stage checkpoint that verifies (Ray's, else clorch's copies), else from scratch; one
             # warning. Without a checkpoint from Ray the copies stay unused: one written just before a driver
             # died may be of a stage whose report Tune never recorded; resuming after it would skip that report.
-            resume_state = checkpoints.newest_valid(checkpoints.candidates(Path(checkpoint.path), copies),
-                                                    f"trial {trial_config['trial_id']}")
+            resume_state, resumed_from = checkpoints.newest_valid(
+                checkpoints.candidates(Path(checkpoint.path), copies), f"trial {trial_config['trial_id']}")
         fail_at = trial_config.get("fail_at_stage")  # test-only: raise once, at this stage, on the first attempt
         marker = _failure_marker(trial_config["state_dir"], trial_config["trial_id"])
         restarted = _failure_marker(trial_config["state_dir"], "restarted-" + config_digest(trial_config))
 
-        def on_stage_end(stage: int, m: dict, state: dict) -> None:
-            if world()[0] == 0:  # one writer of the copies, whatever the number of data-parallel workers
-                checkpoints.keep_copy(copies, stage, state)
+        def send(stage_report: dict, state: dict) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 checkpoints.write(Path(folder), state)
-                report({**scalar_metrics(stage, m), "node_id": node, "data_parallel_workers": world()[1],
+                report({**stage_report, "node_id": node, "data_parallel_workers": world()[1],
                         "torch_threads": torch.get_num_threads(),
                         "device": device, "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
-                        "warnings": warnings.take(),
-                        **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
-                           for split, scores in state["splits"].items()}},
+                        "warnings": warnings.take()},
                        Checkpoint.from_directory(folder))
+
+        if resumed_from is not None and Path(resumed_from) != Path(checkpoint.path) \
+                and STAGE_REPORT in resume_state:
+            # Resumed from one of clorch's copies, since Ray's checkpoint did not verify or is gone (a killed
+            # driver's experiment state can name one Ray deleted since): the copy's stage report may never have
+            # reached Tune, if the driver died before processing it. It goes again, as it was made at that stage
+            # (older checkpoints hold none); the tracking logs each stage once.
+            send(resume_state[STAGE_REPORT], resume_state)
+
+        def on_stage_end(stage: int, m: dict, state: dict) -> None:
+            state = {**state, STAGE_REPORT: {
+                **scalar_metrics(stage, m), **{f"{split}/accuracy_matrix": json.dumps(scores["accuracy_matrix"])
+                                               for split, scores in state["splits"].items()}}}
+            if world()[0] == 0:  # one writer of the copies, whatever the number of data-parallel workers
+                checkpoints.keep_copy(copies, stage, state)
+            send(state[STAGE_REPORT], state)
             if fail_at is not None and stage + 1 == fail_at and not marker.exists() and not restarted.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()

@@ -161,11 +161,12 @@ def test_a_sweep_survives_killed_trials_a_lost_node_an_mlflow_outage_and_a_kille
     assert len(results) == len(SEEDS) * len(KEYS)
     for trial, rows in results.items():
         stages = [r["stage"] for r in rows]
-        # Every trial ran to its last stage. Tune's result.json is not the record of every stage: Ray writes it in
-        # the driver's staging folder and copies that folder to storage file by file, so a driver killed in the
-        # middle of a copy can leave a newer experiment state (the checkpoint of stage s) beside a result.json
-        # without stage s's line (seen once: stages [0, 1, 3, 4]). clorch's record is MLflow, logged before Tune
-        # registers the checkpoint: every stage exactly once there is checked below.
+        # Every trial ran to its last stage. Tune's result.json is not the record of every stage: a killed driver
+        # can leave an experiment state older than its last processed result, whose checkpoint Ray has deleted
+        # since (it keeps one), so the trial continues from clorch's newest copy, of a stage whose report the
+        # driver may never have processed (seen once: stages [0, 1, 3, 4], and MLflow without stage 3). That copy's
+        # report goes again first (orchestrator.trial), so clorch's record, MLflow, has every stage exactly once,
+        # as checked below.
         assert stages[-1] == STAGES - 1, (trial, stages)
     client, parents, children = runs_of(server.uri, "chaos")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

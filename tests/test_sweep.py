@@ -490,8 +490,20 @@ VERIFY = TWO_TRIALS.replace("epochs: 20", "epochs: 2").replace("classes_per_stag
     .replace("[0, 1]", "[0]") + "tune:\n  fail_at_stage: 3\n"
 
 
+def forget_stage(uri: str, run_id: str, state_dir: Path, trial_id: str, step: int) -> None:
+    """What a driver killed before it processed a stage's report leaves: that stage's metrics were never
+    written to the SQLite store at `uri`, and the run map records the tracking as one stage behind."""
+    import sqlite3
+
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as db:
+        assert db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = ?", (run_id, step)).rowcount > 0
+    runs = json.loads((state_dir / "mlflow_runs.json").read_text())
+    runs["stages_logged"][trial_id] = step - 2  # Tune's stage index of the stage before
+    (state_dir / "mlflow_runs.json").write_text(json.dumps(runs))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+@pytest.mark.parametrize("damage", ["flipped", "deleted", "unreported"])
 def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_run(ray_local, tmp_path, damage,
                                                                                       capsys, caplog):
     from orchestrator import checkpoints
@@ -508,7 +520,16 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
             flip_inside_largest_tensor(folder / checkpoints.STATE_FILE)
             with pytest.raises(checkpoints.CheckpointInvalid, match="does not match its digest"):
                 checkpoints.read(folder)
-        expected = [0, 1, 2, 2, 3, 4]  # stage 3 (index 2) trained again, from stage 2's state
+        # stage 2's report again, from clorch's copy (Tune may never have had it), then stage 3 trained again
+        expected = [0, 1, 2, 1, 2, 3, 4]
+    elif damage == "unreported":  # a driver killed before it processed stage 3's report: Ray's checkpoint of it
+        import shutil  #            never registered (gone, here), MLflow never had stage 3, clorch's copy did
+
+        shutil.rmtree(latest)
+        _, _, (child,) = runs_of(uri, "v")
+        first = MlflowClient(uri).get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
+        forget_stage(uri, child.info.run_id, copies.parent.parent, copies.name, 3)
+        expected = [0, 1, 2, 2, 3, 4]  # stage 3's report again, from clorch's copy, then stages 4 and 5
     else:  # every checkpoint gone: the trial starts again from stage 1
         import shutil
 
@@ -520,6 +541,8 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
     out = capsys.readouterr().out
     if damage == "flipped":
         assert "a resume continues after stage 2 (skipped: checkpoint_000002: state.pt does not match" in out
+    elif damage == "unreported":
+        assert "a resume continues after stage 3 (skipped: checkpoint_000002: state.pt is missing)" in out
     else:
         assert "cannot be continued, no stage checkpoint verifies" in out and "starts it again from stage 1" in out
     with caplog.at_level(logging.WARNING, logger="orchestrator"):
@@ -529,13 +552,19 @@ def test_a_damaged_stage_checkpoint_is_never_used_and_the_result_equals_a_clean_
     client, _, (child,) = runs_of(uri, "v")
     assert child.info.status == "FINISHED"
     # the trial's warning, logged in its Ray worker, reaches the user's console and the trial's MLflow run
-    said = "continuing after stage 2" if damage == "flipped" else "starting again from stage 1"
+    said = {"flipped": "continuing after stage 2", "unreported": "continuing after stage 3"}.get(
+        damage, "starting again from stage 1")
     (shown,) = [r.getMessage() for r in caplog.records if said in r.getMessage()]
     assert shown.startswith(f"trial {child.data.tags['clorch.trial_id']}, stage ")
     (logged,) = client.list_artifacts(child.info.run_id, "warnings")
     assert said in Path(client.download_artifacts(child.info.run_id, logged.path)).read_text()
     matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "accuracy_matrix.json")).read_text())
     assert matrix["test"] == run_stream(load_experiment(path).base).test.accuracy_matrix
+    history = client.get_metric_history(child.info.run_id, "test/accuracy_on_seen_classes")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # each stage once, the unreported one included
+    if damage == "unreported":  # stage 3 logged from its report as first made, not from a second training
+        assert [m.value for m in history if m.step == 3] == [m.value for m in first if m.step == 3]
+        assert {m.step for m in first} == {1, 2, 3}
 
 
 @pytest.mark.slow
