@@ -12,9 +12,10 @@ each stage. Phases, each through clorch's public functions (a faster key search 
                overestimate, ~0.15 s per 4096 inputs at paper sizes)
   lookup       the DKVB learner's stage_inputs (projection + nearest keys) on one stage's 10,000, x 5 stages
   epochs       runner.train_stage for --epochs epochs on the index cache, scaled to 2000 x 5 stages, in blocks
-               of 5 after an untimed one (as in a run, each epoch follows one on the same table); each block is
-               followed by one with the torch value step (the CPU's before the compiled one, on a learner of
-               its own), whose time is printed beside it as the reference measured under the same load
+               of 5 epochs, each one train_stage call (as a run makes one for its 2000) after an untimed epoch
+               (as in a run, each epoch follows one on the same table); each block is followed by one with the
+               torch value step (the CPU's before the compiled one, on a learner of its own), whose time is
+               printed beside it as the reference measured under the same load
   candidates   the DKVB learner's eval_inputs on --eval-inputs test embeddings (their nearest keys, found once
                per run), scaled to 10,000
   evaluation   runner.evaluate on those candidates (each stage's unused-key mask answered from them, a full
@@ -128,10 +129,11 @@ def main() -> None:
     learner = paper_learner(s, bottleneck)
 
     t_lookup, idx = timed(lambda: learner.stage_inputs(stage.x_train))
-    config = parse_run_config({"preset": "dkvb_paper_model", "data": {"validation": 0.0},
-                               "learner": {"name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys,
-                                           "key_dim": s.key_dim},
-                               "train": {"epochs": 1}})  # timed epoch by epoch below
+    def config(epochs: int):
+        return parse_run_config({"preset": "dkvb_paper_model", "data": {"validation": 0.0},
+                                 "learner": {"name": "dkvb", "num_codebooks": s.codebooks, "num_keys": s.keys,
+                                             "key_dim": s.key_dim},
+                                 "train": {"epochs": epochs}})
     # The value step as it runs (compiled on the CPU, on cache-line rows: bottleneck.value_table) and, in turns,
     # the torch step that was the CPU's before it (usage counted deferred), on a learner of its own with the
     # contiguous table it was written for: the same epochs, so their ratio is measured under one load.
@@ -144,14 +146,12 @@ def main() -> None:
     # warm in the caches as in a run), the two steps' blocks in turns; each block starts with one untimed epoch.
     t_epochs = t_torch_epochs = 0.0
     for start in range(0, args.epochs, EPOCH_BLOCK):
-        block = min(EPOCH_BLOCK, args.epochs - start)
-        train_stage(learner, stage, config, n_stages)  # (the first: the compiled step compiled or loaded here)
-        for _ in range(block):
-            t_epochs += timed(lambda: train_stage(learner, stage, config, n_stages))[0]
+        one, block = config(1), config(min(EPOCH_BLOCK, args.epochs - start))
+        train_stage(learner, stage, one, n_stages)  # (the first: the compiled step compiled or loaded here)
+        t_epochs += timed(lambda: train_stage(learner, stage, block, n_stages))[0]
         with torch_value_step():
-            train_stage(torch_learner, stage, config, n_stages)
-            for _ in range(block):
-                t_torch_epochs += timed(lambda: train_stage(torch_learner, stage, config, n_stages))[0]
+            train_stage(torch_learner, stage, one, n_stages)
+            t_torch_epochs += timed(lambda: train_stage(torch_learner, stage, block, n_stages))[0]
     del torch_learner
     learner.end_stage(stage, is_last=False)
     del learner.stage_inputs
@@ -159,7 +159,7 @@ def main() -> None:
     # then every stage's evaluation answers its unused-key mask from them
     x_eval = torch.cat([st.x_test for st in stream])
     t_cand, eval_inputs = timed(lambda: learner.eval_inputs(x_eval))
-    t_eval, _ = timed(lambda: evaluate(learner, stream, "test", config.train.eval_batch_size, inputs=eval_inputs))
+    t_eval, _ = timed(lambda: evaluate(learner, stream, "test", config(1).train.eval_batch_size, inputs=eval_inputs))
 
     rate, bandwidth = sgemm_rate(), memcpy_bandwidth()
     proj_flop = 2 * s.input_dim * s.codebooks * s.key_dim  # per input
@@ -207,7 +207,7 @@ def main() -> None:
     else:
         package = build_package(s, x_train[: max(s.keys, s.batch)])
         params = [p for p in package.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=config.train.lr)
+        opt = torch.optim.SGD(params, lr=config(1).train.lr)
         x, y = x_train[: s.batch], y_train[: s.batch]
         step = median_time(lambda: autograd_step(lambda inp: package(inp.unsqueeze(1))[:, 0], params, opt, x, y),
                            1, args.package_repeats)

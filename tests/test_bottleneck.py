@@ -353,3 +353,30 @@ def test_usage_counted_in_bulk_equals_one_count_per_observed_selection(monkeypat
     learner.observe(cached[:10], y[:10])
     learner.load_state(learner.state())  # counts still pending are part of the state, counted once
     assert int(learner.bottleneck.usage.sum()) == int(expected.sum()) + 10 * 8 * 2
+
+
+def test_a_stage_on_the_index_cache_counts_its_key_usage_once_and_gets_every_steps_count():
+    """train_stage's epochs take each cached row once, so the learner counts the stage's selections x epochs at
+    its end (one count_usage call) instead of at every step: the same counters, the same values."""
+    from workloads.data.streams import make_stream
+    from workloads.runner import train_stage
+
+    options = {**DIGITS_DKVB, "num_codebooks": 8, "num_keys": 64, "topk": 2}
+    train = {"epochs": 3, "batch_size": 30}
+    config = parse_run_config({"learner": options, "train": {"lr": 0.3, "grad_clip": 1.0, "label_smoothing": 0.1,
+                                                             **train}})
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.rand(200, 64, generator=gen), torch.arange(200) % 10
+    stage = make_stream(x, y, x[:20], y[:20], 10, [list(range(10))])[0]
+    bulk, per_step = _learner(options, **train), _learner(options, **train)
+    per_step.begin_epochs = lambda inputs: type(per_step).begin_epochs(per_step, None)  # as with a replay
+    calls = []
+    count = bulk.bottleneck.count_usage
+    bulk.bottleneck.count_usage = lambda idx, times=1: (calls.append((len(idx), times)), count(idx, times))
+    for learner in (bulk, per_step):
+        learner.begin_stage(stage)
+        train_stage(learner, stage, config, 1)
+    assert calls == [(200, 3)]  # the compiled step counted nothing; the stage's 200 rows once, times 3 epochs
+    assert torch.equal(bulk.bottleneck.usage, per_step.bottleneck.usage)
+    assert int(bulk.bottleneck.usage.sum()) == 3 * 200 * 8 * 2
+    assert torch.equal(bulk.bottleneck.values, per_step.bottleneck.values)

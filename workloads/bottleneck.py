@@ -105,7 +105,7 @@ class KeyValueBottleneck(nn.Module):
         self.mask_unused = False  # set by the owner: at evaluation, never-selected keys cannot be fetched
         # Selections counted but not yet added to `usage`: adding many batches in one bincount is ~5x cheaper
         # than one scatter per step; reading `usage` (or the state) adds them first, so counts stay exact.
-        self._pending: list[torch.Tensor] = []
+        self._pending: list[tuple[torch.Tensor, int]] = []  # (selections, times each), see count_usage
         self._pending_entries = 0
 
     def __getattr__(self, name: str):
@@ -147,23 +147,25 @@ class KeyValueBottleneck(nn.Module):
         heads = torch.arange(self.num_codebooks, device=idx.device).view(1, -1, 1)
         return self.values[heads, idx].mean(2)
 
-    def count_usage(self, idx: torch.Tensor) -> None:
-        """Add one selection per (sample, codebook, key) in idx (B, C, k) to the usage counters (deferred: see
-        flush_usage). idx is kept, not copied: the caller must not change it afterwards."""
+    def count_usage(self, idx: torch.Tensor, times: int = 1) -> None:
+        """Add `times` selections per (sample, codebook, key) in idx (B, C, k) to the usage counters (deferred:
+        see flush_usage). idx is kept, not copied: the caller must not change it afterwards."""
         small = self.num_codebooks * self.num_keys < 2**31
-        self._pending.append(idx.to(torch.int32) if small else idx.long())
+        self._pending.append((idx.to(torch.int32) if small else idx.long(), times))
         self._pending_entries += idx.numel()
         if self._pending_entries >= PENDING_SELECTIONS:
             self.flush_usage()
 
     def sgd_step(self, idx: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float | None,
-                 label_smoothing: float) -> float:
-        """One sparse_sgd_step of the vote decoder's loss on the values, its selections idx (B, C, k) counted in
-        `usage`: by the compiled CPU step as it goes, else deferred (count_usage)."""
+                 label_smoothing: float, count: bool = True) -> float:
+        """One sparse_sgd_step of the vote decoder's loss on the values; with `count`, its selections idx
+        (B, C, k) counted in `usage`: by the compiled CPU step as it goes, else deferred (count_usage)."""
         usage = self._buffers["usage"]
         if sparse_step.supports(self.values, idx) and usage.is_contiguous():
-            return sparse_step.sparse_sgd_step(self.values.data, idx, y, lr, grad_clip, label_smoothing, usage)
-        self.count_usage(idx)
+            return sparse_step.sparse_sgd_step(self.values.data, idx, y, lr, grad_clip, label_smoothing,
+                                               usage if count else None)
+        if count:
+            self.count_usage(idx)
         return torch_sparse_sgd_step(self.values.data, idx.long(), y, lr, grad_clip, label_smoothing)
 
     def flush_usage(self) -> None:
@@ -173,8 +175,9 @@ class KeyValueBottleneck(nn.Module):
             return
         usage = self._buffers["usage"]
         heads = torch.arange(self.num_codebooks, device=usage.device).view(1, -1, 1) * self.num_keys
-        flat = torch.cat([(p.to(usage.device) + heads.to(p.dtype)).reshape(-1) for p in pending])
-        usage.view(-1).add_(torch.bincount(flat, minlength=usage.numel()))
+        for times in sorted({t for _, t in pending}):
+            flat = torch.cat([(p.to(usage.device) + heads.to(p.dtype)).reshape(-1) for p, t in pending if t == times])
+            usage.view(-1).add_(torch.bincount(flat, minlength=usage.numel()).mul_(times))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.flush_usage()

@@ -379,6 +379,8 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     gen = torch.Generator().manual_seed(stage_seed(config.seed, stage.index))
     progress = ProgressLog(log)
     mean_loss = float("nan")
+    # every epoch's batches are the stage's inputs, each row once, when nothing joins them (shard_epoch)
+    learner.begin_epochs(inputs if replay is None and world()[1] == 1 else None)
     for epoch in range(t.epochs):
         # float32 sums, as a float32 tensor summed them before: the reported loss keeps its last bits
         loss_sum, samples = np.float32(0), np.float32(0)
@@ -394,6 +396,7 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
             schedule.step(epoch)  # as DyTox's main.py: epoch e > 0 trains at the schedule's lr of e - 1
         progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
                  last=epoch + 1 == t.epochs)
+    learner.end_epochs(t.epochs)
     return mean_loss
 
 

@@ -89,6 +89,14 @@ class Learner(nn.Module):
         (anything with len, slicing and .to(device)); default: the inputs themselves."""
         return x
 
+    def begin_epochs(self, inputs: torch.Tensor | None) -> None:
+        """Before a stage's epochs (runner.train_stage). `inputs` is what stage_inputs gave when every epoch's
+        batches hold each of its rows exactly once and nothing else (no replay, one process), else None: what
+        a learner counts per sample it may then count once per stage (end_epochs)."""
+
+    def end_epochs(self, epochs: int) -> None:
+        """After the `epochs` epochs begun by begin_epochs, all of them run."""
+
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimisation step on a batch; returns the loss."""
         self.train()
