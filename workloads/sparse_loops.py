@@ -133,9 +133,10 @@ def block_update(table, keys, k, num_keys, dlogits, edges, i0, i1, acc, step, us
 
 
 # The same phases over contiguous runs of blocks at once, runs[t]..runs[t + 1] - 1 for each part t, on numba's
-# threads: waking them costs less than a Python pool's hand-off, twice a step (66 vs 57 ms an epoch at the
-# paper's sizes on 2 cores, in turns, with numba's OpenMP layer). They are module functions, not closures, so
-# that numba's cache keeps them (a parallel closure compiles anew in every process, ~4 s).
+# threads: waking them costs less than a Python pool's hand-off, twice a step (bench/bottleneck_step.py, paper
+# sizes, 2 cores, numba's OpenMP layer: a step 1.22x and 1.48x faster, an epoch 1.03x and 1.14x, in two runs).
+# They are module functions, not closures, so that numba's cache keeps them (a parallel closure compiles anew
+# in every process, ~4 s).
 par = numba.njit(nogil=True, cache=True, boundscheck=False, parallel=True)
 
 
