@@ -381,22 +381,26 @@ def train_stage(learner, stage, config: RunConfig, total_stages: int, replay: Re
     mean_loss = float("nan")
     # every epoch's batches are the stage's inputs, each row once, when nothing joins them (shard_epoch)
     learner.begin_epochs(inputs if replay is None and world()[1] == 1 else None)
-    for epoch in range(t.epochs):
-        # float32 sums, as a float32 tensor summed them before: the reported loss keeps its last bits
-        loss_sum, samples = np.float32(0), np.float32(0)
-        for b, (x, y) in enumerate(batches(gen, epoch == 0)):
-            if augment is not None:  # the raw images of the whole batch, replayed ones included
-                x = augment(x, transforms.augment_seed(config.seed, stage.index, epoch, b, rank))
-            with transforms.autocast(precision, device):
-                loss_sum += np.float32(learner.observe(transforms.to_device(x, device), y) * len(y))
-            samples += np.float32(len(y))
-        total = sum_across(torch.tensor([loss_sum, samples], dtype=torch.float32))
-        mean_loss = float(total[0] / total[1].clamp(min=1))
-        if schedule is not None:
-            schedule.step(epoch)  # as DyTox's main.py: epoch e > 0 trains at the schedule's lr of e - 1
-        progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs, mean_loss,
-                 last=epoch + 1 == t.epochs)
-    learner.end_epochs(t.epochs)
+    done = 0  # epochs run in full
+    try:
+        for epoch in range(t.epochs):
+            # float32 sums, as a float32 tensor summed them before: the reported loss keeps its last bits
+            loss_sum, samples = np.float32(0), np.float32(0)
+            for b, (x, y) in enumerate(batches(gen, epoch == 0)):
+                if augment is not None:  # the raw images of the whole batch, replayed ones included
+                    x = augment(x, transforms.augment_seed(config.seed, stage.index, epoch, b, rank))
+                with transforms.autocast(precision, device):
+                    loss_sum += np.float32(learner.observe(transforms.to_device(x, device), y) * len(y))
+                samples += np.float32(len(y))
+            total = sum_across(torch.tensor([loss_sum, samples], dtype=torch.float32))
+            mean_loss = float(total[0] / total[1].clamp(min=1))
+            if schedule is not None:
+                schedule.step(epoch)  # as DyTox's main.py: epoch e > 0 trains at the schedule's lr of e - 1
+            progress("stage %d/%d epoch %d/%d loss %.4f", stage.index + 1, total_stages, epoch + 1, t.epochs,
+                     mean_loss, last=epoch + 1 == t.epochs)
+            done += 1
+    finally:  # an epoch cut short by an error is not counted (its stage is lost anyway)
+        learner.end_epochs(done)
     return mean_loss
 
 

@@ -95,7 +95,7 @@ class Learner(nn.Module):
         a learner counts per sample it may then count once per stage (end_epochs)."""
 
     def end_epochs(self, epochs: int) -> None:
-        """After the `epochs` epochs begun by begin_epochs, all of them run."""
+        """After the epochs begun by begin_epochs, even when one failed: `epochs` of them ran in full."""
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimisation step on a batch; returns the loss."""
