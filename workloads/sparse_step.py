@@ -23,8 +23,9 @@ sums are added in block order: the result does not depend on how many threads ra
 one thread (torch's count), phases 1, 3 and 4 run contiguous runs of blocks at once, as a parallel loop over
 the runs on numba's own threads (its threading layer: OpenMP where present); one step at a time per process.
 
-numba compiles the loops at their first call in a process (about 2 s) and caches the machine code beside this
-file (or in numba's user cache where that is read-only), so later processes load them in well under a second.
+numba compiles the loops (workloads/sparse_loops.py) at their first call in a process (about 5 s) and caches the
+machine code beside that file (or in numba's user cache where that is read-only), so later processes load them
+in under a second.
 """
 from __future__ import annotations
 
