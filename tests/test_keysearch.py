@@ -1,9 +1,19 @@
 """The nearest-key search: exact against a brute-force reference, its tie rule, masks, candidate reuse."""
+import logging
+
 import pytest
 import torch
 
-from workloads import keysearch
+from workloads import keysearch, score_kernel
 from workloads.keysearch import answer_from_candidates, nearest_keys
+
+
+@pytest.fixture(params=["kernel", "bmm"])
+def path(request, monkeypatch):
+    """Each search test on both CPU paths: the compiled score kernel, and bmm tiles (its fallback)."""
+    if request.param == "bmm":
+        monkeypatch.setattr(score_kernel, "kernels", lambda dim: None)
+    return request.param
 
 
 def reference(z, keys, k, allowed=None):
@@ -28,9 +38,11 @@ def masks(gen, c, k):
     return allowed
 
 
-@pytest.mark.parametrize("shape", [(300, 5, 64, 3), (70, 3, 100, 4), (257, 2, 4096, 14)])
+# (257, 2, 4096, 14): the paper's codebooks, inputs not a whole number of lanes; (40, 2, 64, 30): d_k + 1 above
+# score_kernel.MAX_DIM, so bmm on both paths
+@pytest.mark.parametrize("shape", [(300, 5, 64, 3), (70, 3, 100, 4), (257, 2, 4096, 14), (40, 2, 64, 30)])
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_search_matches_brute_force_with_ties_by_lowest_index(shape, k):
+def test_search_matches_brute_force_with_ties_by_lowest_index(shape, k, path):
     gen = torch.Generator().manual_seed(k)
     b, c, num_keys, d = shape
     z, keys = grid(gen, b, c, d), grid(gen, c, num_keys, d)
@@ -40,7 +52,7 @@ def test_search_matches_brute_force_with_ties_by_lowest_index(shape, k):
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_search_matches_brute_force_on_continuous_inputs(k):
+def test_search_matches_brute_force_on_continuous_inputs(k, path):
     gen = torch.Generator().manual_seed(1)
     z, keys = torch.randn(500, 4, 8, generator=gen), torch.randn(4, 512, 8, generator=gen)
     assert torch.equal(nearest_keys(z, keys, k), reference(z, keys, k))
@@ -68,7 +80,7 @@ def test_both_top_k_reductions_rank_by_score_then_index(num_keys, k):
     assert torch.equal(keysearch._first_k(tile.double(), k), expected)
 
 
-def test_duplicate_keys_go_to_the_lowest_index_and_masked_keys_come_last():
+def test_duplicate_keys_go_to_the_lowest_index_and_masked_keys_come_last(path):
     keys = torch.zeros(1, 10, 2)
     keys[0, 3] = keys[0, 7] = keys[0, 8] = torch.tensor([1.0, 1.0])  # three copies of the nearest key
     z = torch.ones(2, 1, 2)
@@ -80,7 +92,7 @@ def test_duplicate_keys_go_to_the_lowest_index_and_masked_keys_come_last():
     assert nearest_keys(z, keys, 4, allowed)[0, 0].tolist() == [8, 5, 0, 1]
 
 
-def test_tiny_tiles_give_the_same_indices(monkeypatch):
+def test_tiny_tiles_give_the_same_indices(monkeypatch, path):
     gen = torch.Generator().manual_seed(2)
     z, keys = grid(gen, 50, 6, 3), grid(gen, 6, 48, 3)
     allowed = masks(gen, 6, 48)
@@ -91,7 +103,7 @@ def test_tiny_tiles_give_the_same_indices(monkeypatch):
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_heads_searched_in_parts_give_the_one_thread_answer(monkeypatch, k):
+def test_heads_searched_in_parts_give_the_one_thread_answer(monkeypatch, k, path):
     # tiles of 1 head (7 samples): 5 head tiles split 2 + 3 over two parts, each part on one torch thread
     gen = torch.Generator().manual_seed(6)
     z, keys = grid(gen, 40, 5, 3), grid(gen, 5, 48, 3)
@@ -111,7 +123,7 @@ def test_heads_searched_in_parts_give_the_one_thread_answer(monkeypatch, k):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_candidates_answer_any_mask_exactly(k):
+def test_candidates_answer_any_mask_exactly(k, path):
     gen = torch.Generator().manual_seed(3)
     for z, keys in [(grid(gen, 200, 4, 3), grid(gen, 4, 96, 3)),
                     (torch.randn(200, 4, 5, generator=gen), torch.randn(4, 96, 5, generator=gen))]:
@@ -120,6 +132,45 @@ def test_candidates_answer_any_mask_exactly(k):
             allowed = torch.rand(4, 96, generator=gen) < density
             assert torch.equal(answer_from_candidates(cand, z, keys, k, allowed), nearest_keys(z, keys, k, allowed))
         assert torch.equal(answer_from_candidates(cand, z, keys, k), nearest_keys(z, keys, k))
+
+
+def test_kernel_scores_do_not_depend_on_the_other_inputs_or_keys_of_their_tile():
+    # what makes top-1, top-m candidates and masked searches agree: one pair's score has the same bits whichever
+    # lane, block or mask it is computed in
+    gen = torch.Generator().manual_seed(9)
+    kernel = score_kernel.kernels(9)
+    w = kernel.lanes
+    ka = keysearch.augmented_keys(torch.randn(1, 300, 8, generator=gen))[0]
+    z = torch.randn(9, 3 * w, generator=gen)
+    z[8] = 1.0
+    scores = torch.empty(300, 3 * w)
+    kernel.scores(ka, z, None, scores)
+    order = torch.randperm(3 * w, generator=gen)
+    moved = torch.empty(300, 3 * w)
+    kernel.scores(ka, z[:, order].contiguous(), None, moved)
+    assert torch.equal(moved, scores[:, order])
+    blocked = torch.rand(300, generator=gen) < 0.4
+    masked = torch.empty(300, 3 * w)
+    kernel.scores(ka, z, blocked, masked)
+    assert torch.equal(masked[~blocked], scores[~blocked]) and bool((masked[blocked] == float("inf")).all())
+    nearest = torch.empty(3 * w, dtype=torch.long)
+    kernel.top1(ka, z, blocked, nearest)
+    assert torch.equal(nearest, masked.double().sort(dim=0, stable=True).indices[0])
+
+
+def test_a_kernel_that_cannot_be_compiled_leaves_the_bmm_path(monkeypatch, caplog):
+    def no_compiler(dim):
+        raise RuntimeError("no target for this CPU")
+
+    monkeypatch.setattr(score_kernel, "Kernels", no_compiler)
+    monkeypatch.setattr(score_kernel, "_kernels", {})
+    gen = torch.Generator().manual_seed(10)
+    z, keys = grid(gen, 60, 3, 5), grid(gen, 3, 80, 5)
+    with caplog.at_level(logging.WARNING, logger="workloads.score_kernel"):
+        assert torch.equal(nearest_keys(z, keys, 2), reference(z, keys, 2))
+        assert torch.equal(nearest_keys(z, keys, 1), reference(z, keys, 1))
+    warnings = [r for r in caplog.records if "no compiled score kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "no target for this CPU" in warnings[0].getMessage()
 
 
 def test_k_beyond_the_codebook_is_refused():

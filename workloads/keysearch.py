@@ -10,12 +10,15 @@ codebook has fewer than k allowed keys, the remaining places go to masked keys, 
 
 Shapes: z (B, C, d_k) inputs, keys (C, K, d_k) codebooks, allowed (C, K) bool; results (B, C, k) int64.
 
-Scores are never materialised for all keys and samples at once: a tile of (heads, K, samples) lives in one
-buffer, allocated once per call and reused for every tile, sized to stay in cache on the CPU. The tiles of a
-call depend on the shapes of z and keys only, never on k or the mask, so searches of the same z for top-1, for
-top-m candidates or under a mask rank keys by bit-identical scores (what candidate reuse at evaluation relies
-on). The full search of the pairs candidates cannot answer runs on smaller tiles: there, exactness relies on
-the matrix kernel giving a score the same bits whatever else is in its tile (it does on the CPU's MKL kernels;
+Scores are never materialised for all keys and samples at once. On the CPU in float32 they are made in vector
+registers by workloads.score_kernel, W inputs at a time, and top-1 keeps each input's first minimum as the
+scores come (nothing is stored); for top-k a codebook's scores of up to 256 inputs go to a tile that a compiled
+reduction ranks. A score there is computed the same way (D - 1 FMAs onto one product, in coordinate order),
+whatever else shares its tile: searches of the same z for top-1, for top-m candidates or under a mask rank keys
+by bit-identical scores (what candidate reuse at evaluation relies on). Elsewhere (a GPU, other dtypes, a key
+dimension above score_kernel.MAX_DIM, or no kernel compiled) a tile of (heads, K, samples) scores is made by
+bmm in one buffer, reused for every tile; there exactness relies on the matrix kernel giving a score the same
+bits whatever else is in its tile (MKL's CPU kernels do, and give the score kernel's bits;
 tests/test_keysearch.py and the DKVB reuse tests check answers against full searches).
 
 On the CPU the heads are split into as many parts as torch has threads, searched at once, each on one thread
@@ -30,7 +33,7 @@ import weakref
 import numpy as np
 import torch
 
-from workloads import compiled
+from workloads import compiled, score_kernel
 
 # Floats in one score tile. CPU: 4 MiB, reduced while still in cache (against 1, 2 and 8 MiB at the paper's
 # sizes: 1 MiB lost to per-call cost, 2 and 8 MiB were within noise). GPU: large tiles, so that one kernel
@@ -42,6 +45,9 @@ KEY_BLOCK = 64
 # Top-k ranks only the k blocks with the smallest minima; smaller blocks leave fewer scores to rank but more
 # minima to choose from: 32 was fastest at K=4096, k=16 (against 8, 16 and 64).
 TOPK_KEY_BLOCK = 32
+# Inputs per call of the compiled top-1 kernel (score_kernel): the part's inputs of that many, D vectors each,
+# stay in cache beside one codebook's keys (1024 x 15 floats and 4096 x 15 at the paper's sizes).
+KERNEL_SAMPLES = 1024
 
 
 def _tile_shape(num_heads: int, num_keys: int, num_samples: int, device: torch.device) -> tuple[int, int]:
@@ -269,15 +275,46 @@ def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
     if n == 0:
         return out
     ka = _augmented(keys, z.dtype)
-    blocked = None if allowed is None or bool(allowed.all()) else ~allowed
+    blocked = None if allowed is None or bool(allowed.all()) else (~allowed).contiguous()
+    kernel = score_kernel.kernels(d + 1) if z.device.type == "cpu" and z.dtype == torch.float32 else None
     heads, samples = _tile_shape(c, num_keys, n, z.device)
-    starts = range(0, c, heads)  # the first head of each tile of a sample block
+    starts = range(0, c, 1 if kernel is not None else heads)  # the first head of each tile of a sample block
     parts = min(compiled.threads(), len(starts)) if z.device.type == "cpu" else 1
     bounds = [starts[len(starts) * p // parts] for p in range(parts)] + [c]  # part p: heads bounds[p]:bounds[p+1]
+
+    def search_kernel(lo: int, hi: int) -> None:
+        """Heads lo:hi through the score kernel, block by block of inputs, each head in one call a block."""
+        w = kernel.lanes
+        block = KERNEL_SAMPLES if k == 1 else samples  # top-k: a head's scores of a block fill one tile
+        width = -(-min(block, n) // w) * w  # a block's inputs, padded to whole lanes
+        z_buf = torch.empty((hi - lo) * (d + 1) * width)
+        found = torch.empty((hi - lo) * width, dtype=torch.long) if k == 1 else None
+        tile = torch.empty(1, num_keys, width) if k > 1 else None
+        for s0 in range(0, n, block):
+            b = min(block, n - s0)
+            bw = -(-b // w) * w
+            # [z, 1] of the block's inputs, coordinate-major per head; padded lanes zero (their answers dropped)
+            za = z_buf[: (hi - lo) * (d + 1) * bw].view(hi - lo, d + 1, bw)
+            za[:, :d, :b].copy_(z[s0:s0 + b, lo:hi].permute(1, 2, 0))
+            za[:, d, :b].fill_(1.0)
+            za[:, :, b:].zero_()
+            if k == 1:
+                nearest = found[: (hi - lo) * bw].view(hi - lo, bw)
+                for h in range(lo, hi):
+                    kernel.top1(ka[h], za[h - lo], None if blocked is None else blocked[h], nearest[h - lo])
+                out[s0:s0 + b, lo:hi, 0] = nearest[:, :b].t()
+                continue
+            scores = tile[..., :bw] if bw == width else tile.view(-1)[: num_keys * bw].view(1, num_keys, bw)
+            for h in range(lo, hi):
+                kernel.scores(ka[h], za[h - lo], None if blocked is None else blocked[h], scores[0])
+                out[s0:s0 + b, h] = _first_k(scores, k)[0, :b]
 
     def search(part: int) -> None:
         """Every sample block of this part's heads, tile by tile, on buffers of its own."""
         lo, hi = bounds[part], bounds[part + 1]
+        if kernel is not None:
+            search_kernel(lo, hi)
+            return
         tile_buf = torch.empty(heads * num_keys * samples, dtype=z.dtype, device=z.device)
         z_buf = torch.empty((hi - lo) * (d + 1) * samples, dtype=z.dtype, device=z.device)
         for s0 in range(0, n, samples):
