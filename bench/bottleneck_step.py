@@ -16,16 +16,15 @@ gradient clipping at norm 1.0. Rows:
   torch step   torch_sparse_sgd_step alone (the step in torch operations, the CPU's step before the compiled
                one and still the GPU's), timed in turns with the index cache row, on the same indices, so that
                their ratio is measured under the same load
-  pool         the compiled step with its parallel phases handed to Python threads (workloads.compiled's pool,
-               as before they ran as numba parallel loops), timed in turns with the index cache row
+  columns      the compiled step as it was before its rows were handled whole (bench/column_step.py: scalar
+               loops, one class column at a time), timed in turns with the index cache row (the same bits)
 The index cache's variants take turns 8 steps at a time (threads left spinning by one variant slow only the
 first step of the next turn).
 
 plus one epoch of a paper CIFAR-10 stage with the index cache (10,000 embeddings, 40 shuffled batches) through
 the runner's stage loop (workloads.runner.train_stage) and the DKVB learner's observe step (usage counters included),
 with sparse_sgd_step and, in turns, with the compiled step on unpadded rows, with the torch step and with the
-phases on the Python pool (each on a learner of its own, the torch step's with the contiguous table it was
-written for).
+column step (each on a learner of its own, the torch step's with the contiguous table it was written for).
 Medians of the timed repeats after warm-up; the speedup column is a ratio to the package (to the dense path
 when the package is not installed).
 
@@ -39,13 +38,13 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
+import column_step  # bench/column_step.py (scripts run from bench/)
 import torch
 import torch.nn.functional as F
 from timing import alternating_median_times, median_time  # bench/timing.py (scripts run from bench/)
 from torch import nn
 
-from workloads import compiled, sparse_step
+from workloads import sparse_step
 from workloads.bottleneck import (KeyValueBottleneck, learn_keys, sparse_sgd_step, torch_sparse_sgd_step,
                                   value_table)
 from workloads.config import parse_run_config
@@ -116,44 +115,13 @@ def build_package(s: Sizes, pool: torch.Tensor) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def pool_value_step():
-    """Within: the DKVB bottleneck's compiled step runs its phases on the Python pool (pool_sgd_step)."""
-    step, sparse_step.sparse_sgd_step = sparse_step.sparse_sgd_step, pool_sgd_step
+def column_value_step():
+    """Within: the DKVB bottleneck's compiled step is the column step it replaced (bench/column_step.py)."""
+    step, sparse_step.sparse_sgd_step = sparse_step.sparse_sgd_step, column_step.sparse_sgd_step
     try:
         yield
     finally:
         sparse_step.sparse_sgd_step = step
-
-
-def pool_sgd_step(values: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float | None,
-                  label_smoothing: float, usage: torch.Tensor | None = None) -> float:
-    """sparse_step.sparse_sgd_step with its parallel phases run through workloads.compiled's Python thread pool
-    instead of numba's threads (as before numba ran them): the same loops on the same blocks, the same bits."""
-    from workloads import sparse_loops as loops
-
-    b, c, k = idx.shape
-    num_keys, d = values.shape[1], values.shape[2]
-    table, sel, labels = values.numpy().reshape(-1, d), idx.contiguous().numpy(), y.long().numpy()
-    blocks = min(sparse_step.BLOCKS, c)
-    threads = min(compiled.threads(), blocks)
-    ws = sparse_step._buffers(b, c, k, d, num_keys, threads)
-    edges, keys, runs, ok, acc = ws["edges"], ws["keys"], ws["runs"], ws["ok"], ws["acc"]
-
-    def parts(phase: Callable[[int, int, int], object]) -> None:
-        compiled.run_parts(lambda t: phase(runs[t], runs[t + 1], t), threads)
-
-    parts(lambda i0, i1, t: ok.__setitem__(t, loops.block_logits(table, sel, num_keys, edges, i0, i1, keys,
-                                                                  ws["partials"])))
-    assert ok.all(), "a key index lies outside [0, K)"
-    loss, squares = loops.vote_loss(ws["partials"], labels, c * k, label_smoothing, ws["dlogits"])
-    step = np.float32(lr)
-    if grad_clip is not None and np.sqrt(c * b * k * k * squares) * (1 + 1e-4) + 1e-6 > grad_clip:
-        parts(lambda i0, i1, t: loops.block_norm(keys, k, ws["dlogits"], edges, i0, i1, acc[t], ws["norms"]))
-        step = np.float32(lr * min(1.0, grad_clip / (np.sqrt(ws["norms"].sum()) + 1e-6)))
-    counts = usage.view(-1).numpy() if usage is not None else np.zeros(0, np.int64)
-    parts(lambda i0, i1, t: loops.block_update(table, keys, k, num_keys, ws["dlogits"], edges, i0, i1, acc[t],
-                                               step, counts))
-    return float(loss)
 
 
 def paper_learner(s: Sizes, bottleneck: KeyValueBottleneck) -> DKVB:
@@ -216,7 +184,7 @@ def main() -> None:
     # Each step on its own copy of the values, so that both always see the same kind of table.
     step_batches = [cache[i:i + s.batch] for i in range(0, s.stage - s.batch + 1, s.batch)]
     tables = {"compiled": value_table(values.data), "unpadded": values.data.contiguous(),
-              "torch": values.data.contiguous(), "pool": value_table(values.data)}
+              "torch": values.data.contiguous(), "columns": value_table(values.data)}
     turn = dict.fromkeys(tables, 0)
 
     def cached(name: str, fn: Callable[..., float]) -> Callable[[], None]:
@@ -231,23 +199,24 @@ def main() -> None:
     # first step of the next turn
     paired = {name: sec / TURN_STEPS for name, sec in alternating_median_times(
         {"compiled": cached("compiled", sparse_sgd_step), "unpadded": cached("unpadded", sparse_sgd_step),
-         "torch": cached("torch", torch_sparse_sgd_step), "pool": cached("pool", pool_sgd_step)},
+         "torch": cached("torch", torch_sparse_sgd_step),
+         "columns": cached("columns", column_step.sparse_sgd_step)},
         args.warmup, args.repeats).items()}
     rows["clorch index cache (sparse step only)"] = paired["compiled"]
     rows["clorch index cache, unpadded rows"] = paired["unpadded"]
     rows["clorch index cache, torch step"] = paired["torch"]
-    rows["clorch index cache, phases on a Python pool"] = paired["pool"]
+    rows["clorch index cache, column step"] = paired["columns"]
     # the same steps on the same batches: the same bits but for the torch step, which agrees to float32 rounding
     # (its sums in other orders)
     assert torch.equal(tables["compiled"], tables["unpadded"]), "padding the rows changed the values"
-    assert torch.equal(tables["compiled"], tables["pool"]), "the Python pool's hand-off changed the values"
+    assert torch.equal(tables["compiled"], tables["columns"]), "whole rows changed the values of the column step"
     drift = float((tables["compiled"] - tables["torch"]).abs().max())
     moved = float((tables["torch"] - values.data).abs().max())
     assert drift <= 1e-3 * moved, f"the compiled step's values drift from the torch step's: {drift:.3g} of {moved:.3g}"
 
     # The epoch goes through the runner's stage loop and the DKVB learner (index cache, usage counters, sparse
     # step), as in a run; the stage's lookup is done once here, outside the timed epochs.
-    learners = {name: paper_learner(s, bottleneck) for name in ("compiled", "unpadded", "torch", "pool")}
+    learners = {name: paper_learner(s, bottleneck) for name in ("compiled", "unpadded", "torch", "columns")}
     stage_idx, stage_y = learners["compiled"].stage_inputs(pool[: s.stage]), labels[: s.stage]
     stage = Stage(0, tuple(range(s.value_dim)), pool[: s.stage], stage_y, pool[:0], stage_y[:0])
     for name, learner in learners.items():
@@ -261,16 +230,16 @@ def main() -> None:
         with torch_value_step():
             return train_stage(learners["torch"], stage, one_epoch, 1)
 
-    def pool_epoch() -> float:
-        with pool_value_step():
-            return train_stage(learners["pool"], stage, one_epoch, 1)
+    def column_epoch() -> float:
+        with column_value_step():
+            return train_stage(learners["columns"], stage, one_epoch, 1)
 
     epochs = alternating_median_times(
         {"compiled": lambda: train_stage(learners["compiled"], stage, one_epoch, 1),
          "unpadded": lambda: train_stage(learners["unpadded"], stage, one_epoch, 1), "torch": torch_epoch,
-         "pool": pool_epoch},
+         "columns": column_epoch},
         args.warmup, args.repeats)
-    assert torch.equal(learners["compiled"].bottleneck.values, learners["pool"].bottleneck.values)
+    assert torch.equal(learners["compiled"].bottleneck.values, learners["columns"].bottleneck.values)
     epoch_s = epochs["compiled"]
 
     base = next(iter(rows.values()))
@@ -287,9 +256,9 @@ def main() -> None:
           f"torch step {epochs['torch']:.4f} s ({epochs['torch'] / epoch_s:.2f}x; step alone "
           f"{paired['torch'] / paired['compiled']:.2f}x); the compiled and torch steps' values agree to "
           f"{drift:.1e} (rows moved by up to {moved:.1e})")
-    print(f"the step's phases on a Python pool, in turns: an epoch {epochs['pool']:.4f} s "
-          f"({epochs['pool'] / epoch_s:.2f}x; step alone {paired['pool'] / paired['compiled']:.2f}x) against the "
-          f"step on numba's threads ({torch.get_num_threads()} threads; the same bits)")
+    print(f"the column step (bench/column_step.py), in turns: an epoch {epochs['columns']:.4f} s "
+          f"({epochs['columns'] / epoch_s:.2f}x; step alone {paired['columns'] / paired['compiled']:.2f}x) against "
+          f"the step on whole rows ({torch.get_num_threads()} threads; the same bits)")
 
 
 if __name__ == "__main__":
