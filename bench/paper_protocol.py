@@ -9,7 +9,7 @@ each stage. Phases, each through clorch's public functions (a faster key search 
   load         synthetic embeddings of the real sizes drawn (or --npz read): measured whole
   key learning learn_keys(ema) for one epoch on --key-inputs projected inputs (after a warm-up call), scaled to
                50,000 x 10 epochs (its fixed cost per call, keys sampled and state made, scaled with it: an
-               overestimate, ~0.15 s per 4096 inputs at paper sizes)
+               overestimate, ~0.1 s per call at paper sizes, so about 3 s of the default's 16,384 x 31)
   lookup       the DKVB learner's stage_inputs (projection + nearest keys) on one stage's 10,000, x 5 stages
   epochs       runner.train_stage for --epochs epochs on the index cache, scaled to 2000 x 5 stages, in blocks
                of 5 epochs, each one train_stage call (as a run makes one for its 2000) after an untimed epoch
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="toy sizes for a quick smoke run")
     parser.add_argument("--npz", help="cached embeddings instead of synthetic ones (x_train y_train x_test y_test)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of one stage timed (scaled to 2000 x 5)")
-    parser.add_argument("--key-inputs", type=int, default=4096, help="inputs of the timed key-learning epoch")
+    parser.add_argument("--key-inputs", type=int, default=16384, help="inputs of the timed key-learning epoch")
     parser.add_argument("--eval-inputs", type=int, default=2000, help="test inputs of the timed evaluation")
     parser.add_argument("--package", action="store_true", help="time the reference package at paper sizes too")
     parser.add_argument("--package-repeats", type=int, default=1, help="timed package steps (after 1 warm-up)")
@@ -122,7 +122,7 @@ def main() -> None:
     with torch.no_grad():
         t_proj, z = timed(lambda: bottleneck.project(unlabelled[:m]))
     # warm-up: the compiled loops load and the search's thread pool starts at a process's first key learning,
-    # a cost the extrapolation below would otherwise count once per --key-inputs inputs (122 times by default)
+    # a cost the extrapolation below would otherwise count once per --key-inputs inputs (31 times by default)
     learn_keys(z[: min(m, 1024)], s.keys, "ema", 1, 0.95, 1024)
     t_keys, keys = timed(lambda: learn_keys(z, s.keys, "ema", 1, 0.95, 1024))
     bottleneck.keys.copy_(keys)
