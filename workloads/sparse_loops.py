@@ -19,6 +19,8 @@ from numba.extending import intrinsic
 from workloads.sparse_step import LANES
 
 jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+# the per-row helpers, inlined into their loops (as calls, each row paid a call and a chunk loop's set-up)
+row_op = numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
 
 
 def _element(context, builder, sig, args, a):
@@ -108,9 +110,13 @@ def prefetch_rows(table, base, sel, write):
             prefetch_read(table, base + sel[e], 0)
 
 
-@jit
+@row_op
 def add_row(out, i, src, r, width):
     # out[i, :width] (float64) += src[r, :width] (float32)
+    if width == 2 * LANES:  # d_v 9..16 on padded rows (CIFAR-10's 10 classes): two operations, no loop
+        add_wide(out, i, 0, src, r, 0)
+        add_wide(out, i, LANES, src, r, LANES)
+        return
     full = width // LANES * LANES
     for c in range(0, full, LANES):
         add_wide(out, i, c, src, r, c)
@@ -118,9 +124,13 @@ def add_row(out, i, src, r, width):
         out[i, v] += np.float64(src[r, v])
 
 
-@jit
+@row_op
 def add_grad(acc, key, g, s, width):
     # acc[key, :width] += g[s, :width] (float32)
+    if width == 2 * LANES:
+        add_lanes(acc, key, 0, g, s, 0)
+        add_lanes(acc, key, LANES, g, s, LANES)
+        return
     full = width // LANES * LANES
     for c in range(0, full, LANES):
         add_lanes(acc, key, c, g, s, c)
@@ -128,7 +138,22 @@ def add_grad(acc, key, g, s, width):
         acc[key, v] += g[s, v]
 
 
-@jit
+@row_op
+def descend_row(table, row, acc, key, step, width):
+    # table[row, :width] -= step * acc[key, :width]; acc[key, :width] = 0
+    if width == 2 * LANES:
+        descend(table, row, 0, acc, key, 0, step)
+        descend(table, row, LANES, acc, key, LANES, step)
+        return
+    full = width // LANES * LANES
+    for c in range(0, full, LANES):
+        descend(table, row, c, acc, key, c, step)
+    for v in range(full, width):
+        table[row, v] -= step * acc[key, v]
+        acc[key, v] = 0.0
+
+
+@row_op
 def scatter_grads(acc, sel, g, k, width):
     # acc[sel[s * k + j]] += g[s] for every sample s and selection j, in that order
     for s in range(len(g)):
@@ -143,13 +168,16 @@ def block_logits(table, idx, num_keys, edges, i0, i1, keys, partials, width):
     # codebooks select, in codebook order. Returns False, having read no value, where a key index lies
     # outside [0, K) (the caller raises: a parallel part cannot).
     b, _, k = idx.shape
-    for s in range(b):
+    # in tiles of 16 samples: each codebook's run of 16 selections is one line written, and the 16 lines of idx
+    # read stay in cache from one codebook to the next (sample by sample, every write went to another line)
+    for s0 in range(0, b, 16):
         for h in range(edges[i0], edges[i1]):
-            for j in range(k):
-                key = idx[s, h, j]
-                if key < 0 or key >= num_keys:  # before any value is read or written
-                    return False
-                keys[h, s * k + j] = key
+            for s in range(s0, min(s0 + 16, b)):
+                for j in range(k):
+                    key = idx[s, h, j]
+                    if key < 0 or key >= num_keys:  # before any value is read or written
+                        return False
+                    keys[h, s * k + j] = key
     for i in range(i0, i1):
         out = partials[i]
         out[:] = 0.0
@@ -227,14 +255,8 @@ def block_update(table, keys, k, num_keys, dlogits, edges, i0, i1, acc, step, us
             prefetch_rows(table, (h - 1) * num_keys, keys[h - 1], True)
         base, sel = h * num_keys, keys[h]
         scatter_grads(acc, sel, dlogits, k, width)
-        full = width // LANES * LANES
         for e in range(len(sel)):
-            key = sel[e]
-            for c in range(0, full, LANES):
-                descend(table, base + key, c, acc, key, c, step)
-            for v in range(full, width):
-                table[base + key, v] -= step * acc[key, v]
-                acc[key, v] = 0.0
+            descend_row(table, base + sel[e], acc, sel[e], step, width)
         if count:
             counts = usage[base:base + num_keys]
             for e in range(len(sel)):
