@@ -134,28 +134,35 @@ def test_candidates_answer_any_mask_exactly(k, path):
         assert torch.equal(answer_from_candidates(cand, z, keys, k), nearest_keys(z, keys, k))
 
 
-def test_kernel_scores_do_not_depend_on_the_other_inputs_or_keys_of_their_tile():
-    # what makes top-1, top-m candidates and masked searches agree: one pair's score has the same bits whichever
-    # lane, block or mask it is computed in
+def test_kernel_answers_do_not_depend_on_the_other_inputs_of_their_block():
+    # what makes top-1, top-m candidates and masked searches agree: one input's answer is the same whichever lane
+    # or block it is searched in, and top-1 is top-k's first
     gen = torch.Generator().manual_seed(9)
     kernel = score_kernel.kernels(9)
     w = kernel.lanes
     ka = keysearch.augmented_keys(torch.randn(1, 300, 8, generator=gen))[0]
     z = torch.randn(9, 3 * w, generator=gen)
     z[8] = 1.0
-    scores = torch.empty(300, 3 * w)
-    kernel.scores(ka, z, None, scores)
-    order = torch.randperm(3 * w, generator=gen)
-    moved = torch.empty(300, 3 * w)
-    kernel.scores(ka, z[:, order].contiguous(), None, moved)
-    assert torch.equal(moved, scores[:, order])
     blocked = torch.rand(300, generator=gen) < 0.4
-    masked = torch.empty(300, 3 * w)
-    kernel.scores(ka, z, blocked, masked)
-    assert torch.equal(masked[~blocked], scores[~blocked]) and bool((masked[blocked] == float("inf")).all())
-    nearest = torch.empty(3 * w, dtype=torch.long)
-    kernel.top1(ka, z, blocked, nearest)
-    assert torch.equal(nearest, masked.double().sort(dim=0, stable=True).indices[0])
+    order = torch.randperm(3 * w, generator=gen)
+    moved = z[:, order].contiguous()
+    for mask in (None, blocked):
+        top1, moved1 = torch.empty(3 * w, dtype=torch.long), torch.empty(3 * w, dtype=torch.long)
+        topk, movedk = torch.empty(3 * w, 5, dtype=torch.long), torch.empty(3 * w, 5, dtype=torch.long)
+        kernel.top1(ka, z, mask, top1)
+        kernel.top1(ka, moved, mask, moved1)
+        kernel.topk(ka, z, mask, topk, torch.empty(w, 5))
+        kernel.topk(ka, moved, mask, movedk, torch.empty(w, 5))
+        assert torch.equal(moved1, top1[order]) and torch.equal(movedk, topk[order])
+        assert torch.equal(topk[:, 0], top1)
+        scores = (ka.double() @ z.double()).masked_fill(blocked.unsqueeze(1) if mask is not None else
+                                                          torch.zeros(300, 1, dtype=torch.bool), float("inf"))
+        assert torch.equal(topk, scores.sort(dim=0, stable=True).indices[:5].t())
+    only = torch.ones(300, dtype=torch.bool)
+    only[[7, 250]] = False  # two keys allowed: the kernel ranks those, and leaves -1 for keysearch to fill
+    few = torch.empty(3 * w, 5, dtype=torch.long)
+    kernel.topk(ka, z, only, few, torch.empty(w, 5))
+    assert bool((few[:, 2:] == -1).all()) and set(few[0, :2].tolist()) == {7, 250}
 
 
 def test_a_kernel_that_cannot_be_compiled_leaves_the_bmm_path(monkeypatch, caplog):

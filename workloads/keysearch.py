@@ -11,11 +11,11 @@ codebook has fewer than k allowed keys, the remaining places go to masked keys, 
 Shapes: z (B, C, d_k) inputs, keys (C, K, d_k) codebooks, allowed (C, K) bool; results (B, C, k) int64.
 
 Scores are never materialised for all keys and samples at once. On the CPU in float32 they are made in vector
-registers by workloads.score_kernel, W inputs at a time, and top-1 keeps each input's first minimum as the
-scores come (nothing is stored); for top-k a codebook's scores of up to 256 inputs go to a tile that a compiled
-reduction ranks. A score there is computed the same way (D - 1 FMAs onto one product, in coordinate order),
-whatever else shares its tile: searches of the same z for top-1, for top-m candidates or under a mask rank keys
-by bit-identical scores (what candidate reuse at evaluation relies on). Elsewhere (a GPU, other dtypes, a key
+registers by workloads.score_kernel, W inputs at a time, and used as they come: top-1 keeps each input's first
+minimum, top-k each input's k best so far (nothing is stored). A score there is computed the same way (D - 1
+FMAs onto one product, in coordinate order), whatever else shares its block: searches of the same z for top-1,
+for top-m candidates or under a mask rank keys by bit-identical scores (what candidate reuse at evaluation
+relies on). Elsewhere (a GPU, other dtypes, a key
 dimension above score_kernel.MAX_DIM, or no kernel compiled) a tile of (heads, K, samples) scores is made by
 bmm in one buffer, reused for every tile; there exactness relies on the matrix kernel giving a score the same
 bits whatever else is in its tile (MKL's CPU kernels do, and give the score kernel's bits;
@@ -45,8 +45,8 @@ KEY_BLOCK = 64
 # Top-k ranks only the k blocks with the smallest minima; smaller blocks leave fewer scores to rank but more
 # minima to choose from: 32 was fastest at K=4096, k=16 (against 8, 16 and 64).
 TOPK_KEY_BLOCK = 32
-# Inputs per call of the compiled top-1 kernel (score_kernel): the part's inputs of that many, D vectors each,
-# stay in cache beside one codebook's keys (1024 x 15 floats and 4096 x 15 at the paper's sizes).
+# Inputs per call of the score kernel (score_kernel): the part's inputs of that many, D vectors each, stay in
+# cache beside one codebook's keys (1024 x 15 floats and 4096 x 15 at the paper's sizes).
 KERNEL_SAMPLES = 1024
 
 
@@ -233,6 +233,36 @@ def _first_k_compiled():
     return first_k
 
 
+@functools.cache
+def _fill_by_index():
+    """The score kernel's top-k leaves -1 where fewer than k keys scored below +inf: those places go to the
+    other keys (masked, +inf; or NaN), lowest index first, as the module doc's tie rule has it. Made at the first
+    call of a process (numba)."""
+    import numba
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def fill(out):
+        # out (n, k) int64, each row's ranked keys first, then -1s
+        n, k = out.shape
+        for s in range(n):
+            if out[s, k - 1] >= 0:
+                continue
+            p = 0
+            while out[s, p] >= 0:
+                p += 1
+            key = 0
+            while p < k:
+                taken = False
+                for q in range(p):
+                    taken |= out[s, q] == key
+                if not taken:
+                    out[s, p] = key
+                    p += 1
+                key += 1
+
+    return fill
+
+
 def _first_k(tile: torch.Tensor, k: int) -> torch.Tensor:
     """(h, K, b) scores -> (h, b, k) indices of the k smallest, in (score, index) order."""
     h, num_keys, b = tile.shape
@@ -285,29 +315,28 @@ def nearest_keys(z: torch.Tensor, keys: torch.Tensor, k: int = 1,
     def search_kernel(lo: int, hi: int) -> None:
         """Heads lo:hi through the score kernel, block by block of inputs, each head in one call a block."""
         w = kernel.lanes
-        block = KERNEL_SAMPLES if k == 1 else samples  # top-k: a head's scores of a block fill one tile
-        width = -(-min(block, n) // w) * w  # a block's inputs, padded to whole lanes
+        width = -(-min(KERNEL_SAMPLES, n) // w) * w  # a block's inputs, padded to whole lanes
         z_buf = torch.empty((hi - lo) * (d + 1) * width)
-        found = torch.empty((hi - lo) * width, dtype=torch.long) if k == 1 else None
-        tile = torch.empty(1, num_keys, width) if k > 1 else None
-        for s0 in range(0, n, block):
-            b = min(block, n - s0)
+        found = torch.empty((hi - lo) * width * k, dtype=torch.long)
+        best = torch.empty(w, k)  # top-k: the lanes' k best scores so far
+        for s0 in range(0, n, KERNEL_SAMPLES):
+            b = min(KERNEL_SAMPLES, n - s0)
             bw = -(-b // w) * w
             # [z, 1] of the block's inputs, coordinate-major per head; padded lanes zero (their answers dropped)
             za = z_buf[: (hi - lo) * (d + 1) * bw].view(hi - lo, d + 1, bw)
             za[:, :d, :b].copy_(z[s0:s0 + b, lo:hi].permute(1, 2, 0))
             za[:, d, :b].fill_(1.0)
             za[:, :, b:].zero_()
-            if k == 1:
-                nearest = found[: (hi - lo) * bw].view(hi - lo, bw)
-                for h in range(lo, hi):
-                    kernel.top1(ka[h], za[h - lo], None if blocked is None else blocked[h], nearest[h - lo])
-                out[s0:s0 + b, lo:hi, 0] = nearest[:, :b].t()
-                continue
-            scores = tile[..., :bw] if bw == width else tile.view(-1)[: num_keys * bw].view(1, num_keys, bw)
+            nearest = found[: (hi - lo) * bw * k].view(hi - lo, bw, k)
             for h in range(lo, hi):
-                kernel.scores(ka[h], za[h - lo], None if blocked is None else blocked[h], scores[0])
-                out[s0:s0 + b, h] = _first_k(scores, k)[0, :b]
+                mask = None if blocked is None else blocked[h]
+                if k == 1:
+                    kernel.top1(ka[h], za[h - lo], mask, nearest[h - lo, :, 0])
+                else:
+                    kernel.topk(ka[h], za[h - lo], mask, nearest[h - lo], best)
+            if k > 1:  # places no key scored below +inf for (masked keys): filled by index
+                _fill_by_index()(nearest.view(-1, k).numpy())
+            out[s0:s0 + b, lo:hi] = nearest[:, :b].transpose(0, 1)
 
     def search(part: int) -> None:
         """Every sample block of this part's heads, tile by tile, on buffers of its own."""
