@@ -165,6 +165,19 @@ def test_kernel_answers_do_not_depend_on_the_other_inputs_of_their_block():
     assert bool((few[:, 2:] == -1).all()) and set(few[0, :2].tolist()) == {7, 250}
 
 
+def test_the_kernel_refuses_tensors_of_another_shape_or_layout():
+    kernel = score_kernel.kernels(9)
+    w = kernel.lanes
+    ka, z, out = torch.zeros(30, 9), torch.zeros(9, w), torch.zeros(w, dtype=torch.long)
+    kernel.top1(ka, z, None, out)
+    for bad in [(torch.zeros(30, 8), z, out), (ka, torch.zeros(9, w + 1), out), (ka, z, torch.zeros(w)),
+                (ka.t().contiguous().t(), z, out), (ka, z, torch.zeros(w - 1, dtype=torch.long))]:
+        with pytest.raises(ValueError, match="score_kernel.top1"):
+            kernel.top1(bad[0], bad[1], None, bad[2])
+    with pytest.raises(ValueError, match="score_kernel.top1"):
+        kernel.top1(ka, z, torch.zeros(29, dtype=torch.bool), out)
+
+
 def test_a_kernel_that_cannot_be_compiled_leaves_the_bmm_path(monkeypatch, caplog):
     def no_compiler(dim):
         raise RuntimeError("no target for this CPU")

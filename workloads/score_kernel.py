@@ -11,9 +11,10 @@ compute a score by the same instructions, so they rank keys by the same bits.
 
 Why: with the scores first written by torch.bmm (MKL) into a 4 MiB tile and then read back by a reduction,
 one tile of 256 inputs x 4096 keys of d_k=14 took 0.52 ms on one core of this project's 2-core machine, plus
-~0.1 ms of Python per tile; this kernel takes 0.23 ms, close to the sgemm rate for the same FLOPs (top-16: 1.1 ms, against 2.0 ms
-for the scores written out and ranked). A score is computed the same way whatever else shares its block, so
-searches of any tiling, mask or k agree bit for bit (and with MKL's bmm, which gives the same bits).
+~0.1 ms of Python per tile; this kernel takes 0.23 ms, close to the sgemm rate for the same FLOPs (top-16:
+1.1 ms, against 2.0 ms for the scores written out and ranked). A score is computed the same way whatever else
+shares its block, so searches of any tiling, mask or k agree bit for bit (and with MKL's bmm, which gave the
+same bits in every check: tests/test_keysearch.py runs the search tests on both).
 
 The kernel is LLVM IR generated for one D (the loop over coordinates unrolled, so that the inputs stay in
 registers; W = 16 lanes where the CPU has AVX-512, else 8), compiled for this CPU by llvmlite (numba's
@@ -48,7 +49,7 @@ def lanes() -> int:
 
 
 def _score(dim: int, w: int) -> list[str]:
-    """IR of one key's scores for the W inputs of a block: %acc{dim-1} (<W x float>), +inf where %blocked."""
+    """IR of key %k's scores for the W inputs of a block (%zv0.. in registers): %acc{dim-1} (<W x float>)."""
     vec = f"<{w} x float>"
     lines = ["  %kbase = mul i64 %k, " + str(dim)]
     for j in range(dim):
@@ -225,7 +226,7 @@ def module_ir(dim: int, w: int) -> str:
 
 
 class Kernels:
-    """The compiled kernels of one `dim`: call top1 / scores with torch tensors."""
+    """The compiled kernels of one `dim`: call top1 / topk with torch tensors (checked: they take raw pointers)."""
 
     def __init__(self, dim: int):
         import llvmlite.binding as llvm
@@ -245,10 +246,24 @@ class Kernels:
     def _call(self, name: str, ka: torch.Tensor, z: torch.Tensor, blocked: torch.Tensor | None,
               out: torch.Tensor, best: torch.Tensor | None = None) -> None:
         num_keys, stride = ka.shape[0], z.shape[1]
+        k = 1 if best is None else out.shape[1]
+        # the kernel reads and writes through raw pointers: a wrong shape or layout must stop here
+        ok = (ka.dtype == z.dtype == torch.float32 and ka.shape == (num_keys, self.dim) and ka.is_contiguous()
+              and z.shape[0] == self.dim and z.is_contiguous() and stride % self.lanes == 0 and num_keys > 0
+              and stride > 0 and out.dtype == torch.int64 and out.is_contiguous() and out.numel() == stride * k
+              and (blocked is None or (blocked.dtype == torch.bool and blocked.shape == (num_keys,)
+                                       and blocked.is_contiguous()))
+              and (best is None or (best.dtype == torch.float32 and best.is_contiguous()
+                                    and best.numel() == self.lanes * k)))
+        if not ok:
+            raise ValueError(f"score_kernel.{name}: ka (K, {self.dim}) float32, z ({self.dim}, n) float32 with n a "
+                             f"multiple of {self.lanes}, out (n[, k]) int64, blocked (K,) bool, all contiguous; got "
+                             f"ka {tuple(ka.shape)} {ka.dtype}, z {tuple(z.shape)} {z.dtype}, out {tuple(out.shape)} "
+                             f"{out.dtype}")
         self._fn[name + ("_masked" if blocked is not None else "")](
             ka.data_ptr(), z.data_ptr(), stride, num_keys, stride // self.lanes,
-            None if blocked is None else blocked.data_ptr(), out.data_ptr(),
-            1 if best is None else out.shape[1], None if best is None else best.data_ptr())
+            None if blocked is None else blocked.data_ptr(), out.data_ptr(), k,
+            None if best is None else best.data_ptr())
 
     def top1(self, ka: torch.Tensor, z: torch.Tensor, blocked: torch.Tensor | None, out: torch.Tensor) -> None:
         """ka (K, dim) float32 contiguous, z (dim, n) float32 contiguous with n a multiple of `lanes`, blocked
