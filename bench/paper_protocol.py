@@ -214,7 +214,13 @@ def main() -> None:
         ours = t_epochs * EPOCHS_PER_STAGE * n_stages / args.epochs
         print(f"{name}: {step:.3f} s a step, the protocol's epochs in {step * steps / 60:.1f} min "
               f"({step * steps / ours:.0f}x clorch's)")
-    print("official DKVB module (the paper's code): not available offline")
+    # The authors' module (key_value_bottleneck.core.KeyValueBottleneck, repository
+    # ftraeuble/discrete_key_value_bottleneck) is installed from its git repository only, not from a package
+    # index, so this offline machine has never had it to time; like the package, its forward builds the full
+    # (C, B, K) distance tensor of every step, and with frozen keys a one-hot (C, B, K) count of the selections.
+    print("official DKVB module (key_value_bottleneck, the authors' repository "
+          "ftraeuble/discrete_key_value_bottleneck): not timed: it installs from git only, which this offline "
+          "machine cannot reach")
 
 
 if __name__ == "__main__":
