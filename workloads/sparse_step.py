@@ -11,8 +11,9 @@ sparse product and scatter walk the rows in sample order, one kernel after anoth
 codebook by codebook: a row is read or written whole, LANES floats per vector operation (workloads/sparse_loops.py
 says why numba's scalar loops did not do), while the lines of the next codebook's rows are prefetched, so that
 its cache misses overlap this codebook's work; gradients are summed in a (K, width) buffer that stays in cache,
-and nothing of the batch's size is sorted. (Class column by class column, scalar, as before, an epoch of a
-paper CIFAR-10 stage took 1.43x as long: bench/bottleneck_step.py.)
+and nothing of the batch's size is sorted. (Class column by class column in scalar loops, as before, an epoch
+of a paper CIFAR-10 stage took 1.57x as long, 0.0655 s against 0.0418 s, in turns in one run of
+bench/bottleneck_step.py, which keeps that step as bench/column_step.py.)
 
 Phases of one step (b samples, C codebooks, k keys each, d_v classes):
   1. logits: per block of codebooks, the sum of the selected values (b, d_v), in float64;
