@@ -64,8 +64,9 @@ def value_table(values: torch.Tensor) -> torch.Tensor:
     A float32 row of d_v < 16 floats is padded to the next power of two (10 -> 16: 40 bytes take a 64-byte line),
     so that every row lies in one cache line. The value step reads and writes one random row per (sample,
     codebook), and at the paper's sizes its time is those rows' cache misses: unpadded, half the 40-byte rows
-    straddle two lines (bench/bottleneck_step.py times the step on both layouts). The padding is never read or
-    written; state dicts hold the rows alone. On other devices, and where rows already tile a line, the table is
+    straddle two lines (bench/bottleneck_step.py times the step on both layouts). The padding is zero and stays
+    zero (the compiled step reads a row with its padding, 8 floats at a time, and writes back 0 - lr x 0 there);
+    state dicts hold the rows alone. On other devices, and where rows already tile a line, the table is
     `values` itself, made contiguous.
     """
     d = values.shape[-1]

@@ -15,11 +15,11 @@ registers by workloads.score_kernel, W inputs at a time, and used as they come: 
 minimum, top-k each input's k best so far (nothing is stored). A score there is computed the same way (D - 1
 FMAs onto one product, in coordinate order), whatever else shares its block: searches of the same z for top-1,
 for top-m candidates or under a mask rank keys by bit-identical scores (what candidate reuse at evaluation
-relies on). Elsewhere (a GPU, other dtypes, a key
-dimension above score_kernel.MAX_DIM, or no kernel compiled) a tile of (heads, K, samples) scores is made by
-bmm in one buffer, reused for every tile; there exactness relies on the matrix kernel giving a score the same
-bits whatever else is in its tile (MKL's CPU kernels do, and give the score kernel's bits;
-tests/test_keysearch.py and the DKVB reuse tests check answers against full searches).
+relies on). Elsewhere (a GPU, other dtypes, a key dimension above score_kernel.MAX_DIM, or no kernel
+compiled) a tile of (heads, K, samples) scores is made by bmm in one buffer, reused for every tile; there
+exactness relies on the matrix kernel giving a score the same bits whatever else is in its tile (MKL's CPU
+kernels do, and give the score kernel's bits; tests/test_keysearch.py runs its search tests on both paths, and
+the DKVB reuse tests check answers against full searches).
 
 On the CPU the heads are split into as many parts as torch has threads, searched at once, each on one thread
 with buffers of its own. For the call's duration torch's thread count is 1: torch work on another Python thread

@@ -5,15 +5,16 @@ writing only the selected value rows, gradient clipped by its norm); this is its
 torch one stays for other devices and dtypes.
 
 Why compiled loops: at the paper's sizes a step selects 65,536 value rows (batch 256 x C=256 codebooks) of a
-40 MB table, and the step's time is reading and writing them at random places (the bottleneck pads each 40-byte
-row to its own 64-byte cache line, bottleneck.value_table: one miss a row instead of 1.5). Torch's gather, sort,
-sparse product and scatter walk the rows in sample order, one kernel after another. Here each phase walks them
-codebook by codebook: a row is read or written whole, LANES floats per vector operation (workloads/sparse_loops.py
-says why numba's scalar loops did not do), while the lines of the next codebook's rows are prefetched, so that
-its cache misses overlap this codebook's work; gradients are summed in a (K, width) buffer that stays in cache,
-and nothing of the batch's size is sorted. (Class column by class column in scalar loops, as before, an epoch
-of a paper CIFAR-10 stage took 1.57x as long, 0.0655 s against 0.0418 s, in turns in one run of
-bench/bottleneck_step.py, which keeps that step as bench/column_step.py.)
+40 MB table (67 MB in padded rows), and the step's time is reading and writing them at random places (the
+bottleneck pads each 40-byte row to its own 64-byte cache line, bottleneck.value_table: one miss a row instead
+of 1.5). Torch's gather, sort, sparse product and scatter walk the rows in sample order, one kernel after
+another. Here each phase walks them codebook by codebook: a row is read or written whole, LANES floats per
+vector operation (workloads/sparse_loops.py says why numba's scalar loops did not do), while the lines of the
+next codebook's rows are prefetched, so that their cache misses overlap this codebook's work; gradients are
+summed in a (K, width) buffer that stays in cache, and nothing of the batch's size is sorted. (Class column by
+class column in scalar loops, as before, an epoch of a paper CIFAR-10 stage took 1.57x as long, 0.0655 s
+against 0.0418 s, in turns in one run of bench/bottleneck_step.py, which keeps that step as
+bench/column_step.py.)
 
 Phases of one step (b samples, C codebooks, k keys each, d_v classes):
   1. logits: per block of codebooks, the sum of the selected values (b, d_v), in float64;
